@@ -1,0 +1,14 @@
+"""lmmarg: Bayesian linear mixed models with the random effects integrated out analytically.
+
+The marginal density p(y | β, σ, Σ) is evaluated in time linear in the number of observations (Woodbury identity
+and matrix determinant lemma over a tree of random-effect classes); NumPyro's NUTS samples what is left and the
+random effects are recovered exactly afterwards. Method: Lai, Domke & Sheldon, NeurIPS 2024 (arXiv 2410.24079).
+"""
+from . import datasets
+from .design import Design, DesignError, RandomTerm, build_design
+from .formula import FormulaError, parse_formula
+from .model import Model
+
+__version__ = "0.1.0"
+__all__ = ["Model", "Design", "DesignError", "FormulaError", "RandomTerm", "build_design", "parse_formula",
+           "datasets", "__version__"]

@@ -1,0 +1,26 @@
+"""The README's main job: Reaction ~ Days + (Days | Subject) on the bundled sleepstudy data."""
+from __future__ import annotations
+
+import argparse
+
+from . import datasets
+from .model import Model
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m lmmarg", description=__doc__)
+    ap.add_argument("--draws", type=int, default=1000)
+    ap.add_argument("--warmup", type=int, default=1000)
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
+    print(model)
+    print()
+    if hasattr(model, "sample"):
+        fit = model.sample(draws=args.draws, warmup=args.warmup, chains=args.chains, seed=args.seed)
+        print(fit.summary().to_string())
+    else:  # until the sampler lands
+        print("log marginal likelihood at lme4's ML estimates:", model.log_marginal(
+            [251.405105, 10.467286], 25.5918,
+            {"Subject": [[23.7806**2, 0.0813 * 23.7806 * 5.7168], [0.0813 * 23.7806 * 5.7168, 5.7168**2]]}))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .design import Design, build_design
+from .design import Design, DesignError, build_design
 
 __all__ = ["Model"]
 
@@ -36,10 +36,24 @@ class Model:
     dtype: "float64" (default; turns on ``jax_enable_x64``) or "float32".
     """
 
-    def __init__(self, formula: str, data, *, na_action: str = "raise", dtype: str = "float64"):
+    def __init__(self, formula: str, data, *, family: str = "gaussian", na_action: str = "raise",
+                 dtype: str = "float64"):
         self.dtype = _ensure_dtype(dtype)
         self.design: Design = build_design(formula, data, na_action=na_action)
+        if family not in ("gaussian", "lognormal"):
+            raise ValueError(f"family must be 'gaussian' or 'lognormal', got {family!r}")
+        self.family = family
+        y = self.design.y
+        if family == "lognormal":
+            if (y <= 0).any():
+                row = int(np.flatnonzero(y <= 0)[0])
+                raise DesignError(f"family='lognormal' needs a positive response, but {self.design.response!r} "
+                                  f"is {y[row]} at row {row}")
+            y = np.log(y)
+        self.y = y  # (N,) the Gaussian-scale response (log y for lognormal)
+        self.log_jacobian = float(-np.log(self.design.y).sum()) if family == "lognormal" else 0.0
         self._plans: dict = {}
+        self._jitted: dict = {}
 
     # -- names (contract) ---------------------------------------------------------------------------------------
     @property
@@ -64,3 +78,110 @@ class Model:
 
     def __repr__(self) -> str:
         return self.design.summary()
+
+    # -- marginal engine --------------------------------------------------------------------------------------
+    def resolve_marginalize(self, marginalize="all") -> tuple[int, ...]:
+        """Term indices to integrate out: "all", "none", "auto" (largest set with a small dense block) or names."""
+        names = [t.name for t in self.terms]
+        if isinstance(marginalize, str):
+            if marginalize == "all":
+                return tuple(range(len(names)))
+            if marginalize == "none":
+                return ()
+            if marginalize == "auto":
+                from .marginal import auto_marginalize
+                return tuple(sorted(auto_marginalize(self.class_specs())))
+            marginalize = [marginalize]
+        out = []
+        for name in marginalize:
+            if name not in names:
+                raise ValueError(f"cannot marginalize unknown term {name!r}; terms are {names}")
+            out.append(names.index(name))
+        return tuple(sorted(set(out)))
+
+    def class_specs(self):
+        """The terms as engine inputs (lmmarg.marginal.ClassSpec), in term order."""
+        from .marginal import ClassSpec
+        return [ClassSpec(name=t.name, Z=t.Z, codes=t.codes, n_groups=t.n_groups) for t in self.terms]
+
+    def plan(self, marginalize="all", marginalize_beta: bool = False):
+        """The (cached) precomputed plan of the marginal kernels for this marginalization choice."""
+        from .marginal import build_plan
+        key = (self.resolve_marginalize(marginalize), bool(marginalize_beta))
+        if key not in self._plans:
+            self._plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
+                                          marginalize_beta=key[1], dtype=self.dtype)
+        return self._plans[key]
+
+    def _scales(self, cov: dict) -> tuple:
+        """Lower-triangular factors Λ (Σ = ΛΛᵀ) of the covariance dict, in term order; None if not PSD."""
+        missing = [t.name for t in self.terms if t.name not in cov]
+        unknown = [k for k in cov if k not in {t.name for t in self.terms}]
+        if missing or unknown:
+            raise ValueError(f"cov must have one (d, d) matrix per term {[t.name for t in self.terms]}; "
+                             f"missing {missing}, unknown {unknown}")
+        scales = []
+        for t in self.terms:
+            S = np.atleast_2d(np.asarray(cov[t.name], dtype=float))
+            if S.shape != (t.d, t.d):
+                raise ValueError(f"cov[{t.name!r}] must be {t.d}x{t.d} (columns {t.columns}), got {S.shape}")
+            if not np.isfinite(S).all() or not np.allclose(S, S.T):
+                return None
+            try:
+                L = np.linalg.cholesky(S)
+            except np.linalg.LinAlgError:
+                w, V = np.linalg.eigh(S)
+                if w.min() < -1e-10 * max(w.max(), 1.0):
+                    return None
+                L = np.linalg.qr((V * np.sqrt(np.clip(w, 0, None))).T, mode="r").T  # lower-tri, LLᵀ = S
+            scales.append(L)
+        return tuple(scales)
+
+    def _kernel(self, name: str):
+        from .marginal import kernels
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(getattr(kernels, name))
+        return self._jitted[name]
+
+    def log_marginal(self, beta, sigma, cov) -> float:
+        """log p(y | β, σ, Σ) with every random-effect term integrated out (lme4's ML logLik at its estimates).
+
+        beta: (p,) in `fixed_names` order; sigma: residual SD; cov: {term.name: (d, d) covariance}.
+        For family="lognormal" the density is of y itself (Jacobian of log y included).
+        Returns -inf for a covariance that is not positive semi-definite.
+        """
+        scales = self._scales(cov)
+        if scales is None:
+            return -np.inf
+        beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
+        if beta.shape != (len(self.fixed_names),):
+            raise ValueError(f"beta must have {len(self.fixed_names)} entries {self.fixed_names}")
+        val = self._kernel("log_marginal")(self.plan("all"), beta, jnp.asarray(sigma, self.dtype),
+                                           tuple(jnp.asarray(L, self.dtype) for L in scales))
+        return float(val) + self.log_jacobian
+
+    def ranef_mean(self, beta, sigma, cov) -> dict:
+        """Conditional means E[u | y, β, σ, Σ] (lme4's conditional modes): {term.name: (n_groups, d)}."""
+        scales = self._scales(cov)
+        if scales is None:
+            raise ValueError("cov is not positive semi-definite")
+        beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
+        means = self._kernel("conditional_mean")(self.plan("all"), beta, jnp.asarray(sigma, self.dtype),
+                                                 tuple(jnp.asarray(L, self.dtype) for L in scales))
+        return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
+
+    # -- inference (each lives in its own module) ---------------------------------------------------------------
+    def fit_ml(self, reml: bool = False, **kwargs):
+        """Maximum likelihood (or REML) estimates with lme4 parity; see lmmarg.inference.ml."""
+        from .inference.ml import fit_ml
+        return fit_ml(self, reml=reml, **kwargs)
+
+    def fit_map(self, **kwargs):
+        """Posterior mode of the global parameters on the marginal; see lmmarg.inference.mapvi."""
+        from .inference.mapvi import fit_map
+        return fit_map(self, **kwargs)
+
+    def fit_vi(self, guide: str = "normal", **kwargs):
+        """Variational fit (NumPyro SVI, AutoGuide) on the marginal; see lmmarg.inference.mapvi."""
+        from .inference.mapvi import fit_vi
+        return fit_vi(self, guide=guide, **kwargs)

@@ -1,0 +1,1 @@
+"""Inference on the marginal: NUTS, ML/REML, MAP and VI."""

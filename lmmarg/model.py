@@ -34,10 +34,14 @@ class Model:
     data: pandas DataFrame (or dict of columns).
     na_action: "raise" (default) or "drop" (drop rows with NaN/inf in used columns, with a warning).
     dtype: "float64" (default; turns on ``jax_enable_x64``) or "float32".
+    priors: {brms-like name: NumPyro distribution or number (fixes it)}; see lmmarg.priors and ``model.priors``.
+    sigma_by: grouping column(s) ("g" or "a:b"): one residual SD per level.
+    sigma: distributional formula for log(residual SD), e.g. "~ cond + (cond | subj)".
     """
 
     def __init__(self, formula: str, data, *, family: str = "gaussian", na_action: str = "raise",
-                 dtype: str = "float64"):
+                 dtype: str = "float64", priors: dict | None = None, sigma_by: str | None = None,
+                 sigma: str | None = None):
         self.dtype = _ensure_dtype(dtype)
         self.design: Design = build_design(formula, data, na_action=na_action)
         if family not in ("gaussian", "lognormal"):
@@ -54,6 +58,10 @@ class Model:
         self.log_jacobian = float(-np.log(self.design.y).sum()) if family == "lognormal" else 0.0
         self._plans: dict = {}
         self._jitted: dict = {}
+        from .priors import build_priors, build_sigma_spec
+        self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma)
+        self._priors = build_priors(self, priors)
+        self._potentials: dict = {}
 
     # -- names (contract) ---------------------------------------------------------------------------------------
     @property
@@ -75,6 +83,11 @@ class Model:
     @property
     def n_obs(self) -> int:
         return self.design.n_obs
+
+    @property
+    def priors(self):
+        """The prior table (lmmarg.priors.PriorSet): ``print(model.priors)``."""
+        return self._priors
 
     def __repr__(self) -> str:
         return self.design.summary()
@@ -169,6 +182,26 @@ class Model:
         means = self._kernel("conditional_mean")(self.plan("all"), beta, jnp.asarray(sigma, self.dtype),
                                                  tuple(jnp.asarray(L, self.dtype) for L in scales))
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
+
+    # -- Bayesian inference on the marginal ------------------------------------------------------------------
+    def potential(self, marginalize="all", parameterization=None):
+        """Drop-in NumPyro potential (lmmarg.potential.Potential): potential_fn, init_params, constrain, recover."""
+        from .potential import Potential
+        key = (self.resolve_marginalize(marginalize), repr(parameterization))
+        if key not in self._potentials:
+            self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization)
+        return self._potentials[key]
+
+    def numpyro_model(self, marginalize="all", parameterization=None):
+        """A plain NumPyro model (no arguments; marginal log-likelihood as numpyro.factor) for Predictive/SVI."""
+        return self.potential(marginalize, parameterization).model_fn
+
+    def sample(self, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
+               chain_method: str = "vectorized", progress_bar: bool = True, **nuts_kwargs):
+        """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample."""
+        from .inference.nuts import sample
+        return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
+                      chain_method=chain_method, progress_bar=progress_bar, **nuts_kwargs)
 
     # -- inference (each lives in its own module) ---------------------------------------------------------------
     def fit_ml(self, reml: bool = False, **kwargs):

@@ -1,0 +1,359 @@
+"""The marginalized model as a NumPyro model and as a drop-in ``potential_fn`` for NumPyro's samplers.
+
+>>> pot = model.potential(marginalize="all")
+>>> kernel = numpyro.infer.NUTS(potential_fn=pot.potential_fn)
+>>> mcmc = numpyro.infer.MCMC(kernel, num_warmup=500, num_samples=500, num_chains=4, chain_method="vectorized")
+>>> mcmc.run(key, init_params=pot.init_params(key, num_chains=4))
+>>> draws = pot.constrain(mcmc.get_samples(group_by_chain=True))   # dict, same keys as model.sample()
+>>> effects = pot.recover(draws, key)                               # {"u_<term>": (chains, draws, G, d)}
+
+Sample sites (unconstrained dict keys): b_<fixed>, sigma, sd_<term>__<col>, cor_<term> (Cholesky factor of the
+correlation, d > 1), z_<term> (noncentered) or u_<term> (centered) for terms left to HMC, and for a sigma formula
+b_sigma_<name>, sd_sigma_<term>__<col>, cor_sigma_<term>, z_sigma_<term>. Fixed parameters are not sites.
+Outputs of ``constrain`` (leading dims kept): beta (p,), sigma () or (K,) for sigma_by, sd_<term> (d,),
+corr_<term> (d, d) for d > 1, u_<term> (G, d) for terms left to HMC; b_sigma, sd_sigma_<term>, corr_sigma_<term>,
+u_sigma_<term> for a sigma formula.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from numpyro.distributions.transforms import biject_to
+from numpyro.infer.util import constrain_fn, log_density, potential_energy
+
+from .marginal import kernels
+
+__all__ = ["Potential", "make_model_fn"]
+
+
+def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
+    names = [t.name for t in model.terms]
+    out = {n: "noncentered" for n in hmc}
+    if parameterization is None:
+        return out
+    if isinstance(parameterization, str):
+        parameterization = {n: parameterization for n in hmc}
+    for n, v in parameterization.items():
+        if n not in names:
+            raise ValueError(f"parameterization: unknown term {n!r}; terms are {names}")
+        if v not in ("centered", "noncentered"):
+            raise ValueError(f"parameterization[{n!r}] must be 'centered' or 'noncentered', got {v!r}")
+        if n in out:
+            out[n] = v
+    return out
+
+
+class _Parts:
+    """Constant arrays and metadata shared by the NumPyro model, recovery and prediction."""
+
+    def __init__(self, model, marg: tuple, centered: dict):
+        dt = model.dtype
+        self.model, self.marg, self.dtype = model, marg, dt
+        self.terms = model.terms
+        self.Z = [jnp.asarray(t.Z, dt) for t in self.terms]
+        self.codes = [jnp.asarray(t.codes, jnp.int32) for t in self.terms]
+        self.centered = centered  # term name -> "centered"/"noncentered", HMC terms only
+        self.sspec = model.sigma_spec
+        if self.sspec.kind == "by":
+            self.by_codes = jnp.asarray(self.sspec.codes, jnp.int32)
+        if self.sspec.kind == "formula":
+            sd_ = self.sspec.design
+            self.sX = jnp.asarray(sd_.X, dt)
+            self.sZ = [jnp.asarray(t.Z, dt) for t in sd_.terms]
+            self.scodes = [jnp.asarray(t.codes, jnp.int32) for t in sd_.terms]
+
+    def offset(self, u: dict):
+        """Σ_h Z_h u_h[codes_h] over the terms left to HMC (u: {term name: (G, d)}) -> (N,) or None."""
+        off = None
+        for h, t in enumerate(self.terms):
+            if h not in self.marg:
+                c = jnp.sum(self.Z[h] * u[t.name][self.codes[h]], -1)
+                off = c if off is None else off + c
+        return off
+
+    def sigma_obs(self, c: dict):
+        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula."""
+        k = self.sspec.kind
+        if k == "constant":
+            return c["sigma"]
+        if k == "by":
+            return c["sigma"][self.by_codes]
+        eta = self.sX @ c["b_sigma"]
+        for j, t in enumerate(self.sspec.design.terms):
+            eta = eta + jnp.sum(self.sZ[j] * c[f"u_sigma_{t.name}"][self.scodes[j]], -1)
+        return jnp.exp(eta)
+
+
+# jitted so eager uses (initialize_model, Predictive, tracing) compile the kernel once instead of op by op;
+# inlined when called under an outer jit/grad/vmap
+_log_marginal_jit = jax.jit(kernels.log_marginal)
+
+
+def _lam(sd, corr_chol):
+    return sd[:, None] * corr_chol
+
+
+def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None = None):
+    """A plain NumPyro model (no arguments) of the marginalized LMM; the marginal log-likelihood is a factor."""
+    pri = model.priors
+    parts = parts or _Parts(model, marg, centered)
+    dt = model.dtype
+    log_jac = float(model.log_jacobian)
+
+    def site(p):
+        if p.is_fixed:
+            return jnp.asarray(p.fixed, dt)
+        return numpyro.sample(p.site, p.dist)
+
+    def term_scale(t, sfx):
+        sd = jnp.stack([site(pri[f"sd_{sfx}{t.name}__{c}"]) for c in t.columns])
+        numpyro.deterministic(f"sd_{sfx}{t.name}", sd)
+        if t.d == 1:
+            return _lam(sd, jnp.ones((1, 1), dt))
+        pc = pri[f"cor_{sfx}{t.name}"]
+        if pc.is_fixed:
+            Lc = jnp.asarray(pc.fixed, dt)
+        else:
+            Lc = numpyro.sample(pc.site, dist.LKJCholesky(t.d, pc.dist.eta))
+        numpyro.deterministic(f"corr_{sfx}{t.name}", Lc @ Lc.T)
+        return _lam(sd, Lc)
+
+    def hmc_effect(t, Lam, name, centered_):
+        G, d = t.n_groups, t.d
+        if centered_:
+            return numpyro.sample(f"u_{name}", dist.MultivariateNormal(jnp.zeros(d, dt), scale_tril=Lam)
+                                  .expand([G]).to_event(1))
+        z = numpyro.sample(f"z_{name}", dist.Normal(jnp.zeros((G, d), dt), 1.0).to_event(2))
+        return numpyro.deterministic(f"u_{name}", z @ Lam.T)
+
+    def model_fn():
+        beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
+            else jnp.zeros((0,), dt)
+        numpyro.deterministic("beta", beta)
+        scales, u = [], {}
+        for h, t in enumerate(model.terms):
+            Lam = term_scale(t, "")
+            if h in marg:
+                scales.append(Lam)
+            else:
+                u[t.name] = hmc_effect(t, Lam, t.name, centered.get(t.name) == "centered")
+        c = {}
+        sk = parts.sspec.kind
+        if sk in ("constant", "by"):
+            p = pri["sigma"]
+            if sk == "constant":
+                c["sigma"] = site(p)
+            else:
+                K = len(parts.sspec.levels)
+                c["sigma"] = (jnp.full((K,), float(p.fixed), dt) if p.is_fixed
+                              else numpyro.sample("sigma", p.dist.expand([K]).to_event(1)))
+            if p.is_fixed:
+                numpyro.deterministic("sigma", c["sigma"])
+        else:
+            sd_ = parts.sspec.design
+            c["b_sigma"] = numpyro.deterministic("b_sigma", jnp.stack([site(pri[f"b_sigma_{n}"])
+                                                                       for n in sd_.fixed_names]))
+            for t in sd_.terms:
+                c[f"u_sigma_{t.name}"] = hmc_effect(t, term_scale(t, "sigma_"), f"sigma_{t.name}", False)
+        sigma = parts.sigma_obs(c)
+        ll = _log_marginal_jit(plan, beta, sigma, tuple(scales), parts.offset(u))
+        numpyro.factor("loglik", ll + log_jac)
+
+    return model_fn
+
+
+class Potential:
+    """Unnormalized negative log posterior on unconstrained space, plus init / constrain / recover helpers.
+
+    marginalize: "all" | "none" | "auto" | list of term names (terms integrated out analytically).
+    parameterization: "centered" | "noncentered" (default) or {term: ...} for terms left to HMC.
+    """
+
+    def __init__(self, model, marginalize="all", parameterization=None):
+        self.model = model
+        self.marg = model.resolve_marginalize(marginalize)
+        self.plan = model.plan(marginalize)
+        hmc = [t.name for h, t in enumerate(model.terms) if h not in self.marg]
+        self.centered = _resolve_parameterization(model, hmc, parameterization)
+        self.parts = _Parts(model, self.marg, self.centered)
+        self.model_fn = make_model_fn(model, self.marg, self.centered, self.plan, self.parts)
+        # trace abstractly (eager tracing would compile every primitive separately)
+        self.sites, det = {}, []
+
+        def _trace(key):
+            tr = numpyro.handlers.trace(numpyro.handlers.seed(self.model_fn, key)).get_trace()
+            for n, s in tr.items():
+                if s["type"] == "sample" and not s["is_observed"]:
+                    self.sites[n] = {"support": s["fn"].support, "shape": tuple(jnp.shape(s["value"]))}
+                elif s["type"] == "deterministic":
+                    det.append(n)
+            return 0
+
+        jax.eval_shape(_trace, jax.random.PRNGKey(0))
+        self.transforms = {n: biject_to(s["support"]) for n, s in self.sites.items()}
+        self.unc_shapes = {n: tuple(self.transforms[n].inverse_shape(s["shape"])) for n, s in self.sites.items()}
+        public = ["beta", "sigma", "b_sigma"]
+        for sfx, terms in (("", model.terms), ("sigma_", getattr(model.sigma_spec.design, "terms", []))):
+            for t in terms:
+                public += [f"sd_{sfx}{t.name}", f"corr_{sfx}{t.name}", f"u_{sfx}{t.name}"]
+        self.output_keys = [n for n in public if n in self.sites or n in det]
+        self.marginalized_terms = [model.terms[h].name for h in self.marg]
+        self.hmc_terms = hmc
+        self._constrain_jit = jax.jit(jax.vmap(self._constrain_one))
+        self._recover_jit = {}
+        self._pe_jit = None
+
+    # -- NumPyro interface --------------------------------------------------------------------------------------
+    def potential_fn(self, params: dict):
+        """-log p(params, y) on unconstrained space (Jacobians included); params: {site: array}. Jit-friendly."""
+        return potential_energy(self.model_fn, (), {}, params)
+
+    def log_density(self, values: dict):
+        """log joint density at constrained site values (no Jacobian): priors + marginal log-likelihood."""
+        return log_density(self.model_fn, (), {}, values)[0]
+
+    def unconstrain(self, values: dict) -> dict:
+        """Constrained site values -> unconstrained (inverse of the sites' bijections)."""
+        return {n: self.transforms[n].inv(jnp.asarray(values[n])) for n in self.sites}
+
+    def _constrain_one(self, params: dict) -> dict:
+        out = constrain_fn(self.model_fn, (), {}, params, return_deterministic=True)
+        return {k: out[k] for k in self.output_keys}
+
+    def _lead(self, samples: dict) -> tuple:
+        n = next(iter(self.sites))
+        x = samples[n]
+        return tuple(jnp.shape(x)[: jnp.ndim(x) - len(self.unc_shapes[n])])
+
+    def constrain(self, samples: dict) -> dict:
+        """Unconstrained samples with any leading dims -> dict of public parameters (numpy), same leading dims."""
+        missing = [n for n in self.sites if n not in samples]
+        if missing:
+            raise KeyError(f"samples lack the site(s) {missing}; sites are {list(self.sites)}")
+        lead = self._lead(samples)
+        S = math.prod(lead)
+        flat = {n: jnp.reshape(jnp.asarray(samples[n]), (S,) + tuple(self.unc_shapes[n])) for n in self.sites}
+        out = self._constrain_jit(flat)
+        return {k: np.asarray(v).reshape(lead + v.shape[1:]) for k, v in out.items()}
+
+    # -- initial values -----------------------------------------------------------------------------------------
+    def _center(self) -> tuple[dict, dict]:
+        """Data-scaled constrained starting point per site and its unconstrained jitter half-width."""
+        m = self.model
+        X, y = np.asarray(m.design.X), np.asarray(m.y, float)
+        ols = np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else np.zeros(0)
+        rsd = float(np.std(y - X @ ols)) if len(y) > 1 else 1.0
+        rsd = rsd if rsd > 0 else 1.0
+        sy = float(np.std(y)) or 1.0
+        center, width = {}, {}
+        cols = {f"sd_{t.name}__{c}": t.Z[:, j] for t in m.terms for j, c in enumerate(t.columns)}
+        for n, s in self.sites.items():
+            shape = s["shape"]
+            if n.startswith("b_sigma_"):
+                v, w = (np.log(rsd) if n == "b_sigma_Intercept" else 0.0), 0.2
+            elif n.startswith("b_"):
+                j = m.fixed_names.index(n[2:])
+                sx = float(np.std(X[:, j]))
+                v, w = ols[j], 0.1 * sy / (sx if sx > 0 else 1.0)
+            elif n == "sigma":
+                v, w = rsd, 0.5
+            elif n.startswith("sd_sigma_"):
+                v, w = 0.3, 0.5
+            elif n.startswith("sd_"):
+                z = cols.get(n)
+                rms = float(np.sqrt(np.mean(z**2))) if z is not None else 1.0
+                v, w = 0.5 * rsd / (rms if rms > 0 else 1.0), 0.5
+            elif n.startswith("cor_"):
+                center[n], width[n] = None, 0.5
+                continue
+            elif n.startswith("z_"):
+                v, w = 0.0, 0.5
+            elif n.startswith("u_"):
+                v, w = 0.0, 0.1 * rsd
+            else:
+                center[n], width[n] = None, 2.0
+                continue
+            center[n], width[n] = np.full(shape, v), w
+        return center, width
+
+    def init_params(self, key, num_chains: int | None = 4) -> dict:
+        """Starting points: a data-scaled centre (OLS β, residual SD, ...) jittered in unconstrained space.
+
+        Returns {site: (num_chains, *unconstrained shape)} (no leading dim if num_chains is None).
+        """
+        center, width = self._center()
+        n = 1 if num_chains is None else int(num_chains)
+        keys = jax.random.split(key, len(self.sites))
+        out = {}
+        for k, (name, shape) in zip(keys, self.unc_shapes.items()):
+            base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
+                    else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
+            out[name] = base + width[name] * jax.random.uniform(k, (n,) + tuple(shape), self.model.dtype, -1.0, 1.0)
+        if self._pe_jit is None:
+            self._pe_jit = jax.jit(jax.vmap(self.potential_fn))
+        pe = self._pe_jit(out)
+        bad = ~np.isfinite(np.asarray(pe))
+        if bad.any():  # fall back to the un-jittered centre for chains whose start is invalid
+            for name, shape in self.unc_shapes.items():
+                base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
+                        else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
+                out[name] = jnp.where(jnp.asarray(bad).reshape((n,) + (1,) * len(shape)), base, out[name])
+        if num_chains is None:
+            out = {k: v[0] for k, v in out.items()}
+        return out
+
+    # -- recovery of the marginalized random effects -------------------------------------------------------------
+    def _recover_one(self, key, c: dict):
+        parts = self.parts
+        scales, u = [], {}
+        for h, t in enumerate(self.model.terms):
+            sd = c[f"sd_{t.name}"]
+            L = jnp.linalg.cholesky(c[f"corr_{t.name}"]) if t.d > 1 else jnp.ones((1, 1), sd.dtype)
+            if h in self.marg:
+                scales.append(_lam(sd, L))
+            else:
+                u[t.name] = c[f"u_{t.name}"]
+        if not scales:
+            return {}
+        draws = kernels.conditional_sample(self.plan, key, c["beta"], parts.sigma_obs(c), tuple(scales),
+                                           parts.offset(u))
+        return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
+
+    def recover(self, draws: dict, key, batch_size: int | None = None) -> dict:
+        """Exact draws of every marginalized term's effects given each posterior draw (one key per draw).
+
+        draws: output of ``constrain`` (any leading dims). Returns {"u_<term>": (*lead, G, d)} for every term
+        (terms left to HMC are passed through from ``draws``).
+        """
+        lead = tuple(np.shape(draws["beta"])[:-1])
+        S = math.prod(lead)
+        needed = ["beta", "sigma", "b_sigma"] + [k for k in draws if k.startswith(("sd_", "corr_", "u_"))]
+        flat = {k: jnp.reshape(jnp.asarray(draws[k]), (S,) + np.shape(draws[k])[len(lead):])
+                for k in needed if k in draws}
+        keys = jax.random.split(key, S)
+        out = {}
+        if self.marg:
+            if batch_size is None:  # bound the per-batch working memory (~N doubles per draw and term)
+                per = self.model.n_obs * (2 + sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
+                batch_size = int(max(1, min(S, 2e8 // (8 * max(per, 1)))))
+            batch_size = int(min(batch_size, S))
+            n_b = -(-S // batch_size)
+            pad = n_b * batch_size - S
+            if batch_size not in self._recover_jit:
+                one = jax.vmap(self._recover_one)
+                self._recover_jit[batch_size] = jax.jit(lambda k, c: jax.lax.map(lambda a: one(*a), (k, c)))
+            if pad:  # repeat the last draw so every batch has the same shape (one compilation)
+                keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, 0)])
+                flat = {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad, 0)]) for k, v in flat.items()}
+            shaped = jax.tree.map(lambda v: v.reshape((n_b, batch_size) + v.shape[1:]), (keys, flat))
+            res = self._recover_jit[batch_size](*shaped)
+            res = {k: v.reshape((n_b * batch_size,) + v.shape[2:])[:S] for k, v in res.items()}
+            out.update({k: np.asarray(v).reshape(lead + v.shape[1:]) for k, v in res.items()})
+        for name in self.hmc_terms:
+            out[f"u_{name}"] = np.asarray(draws[f"u_{name}"])
+        return {f"u_{t.name}": out[f"u_{t.name}"] for t in self.model.terms}

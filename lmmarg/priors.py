@@ -1,0 +1,309 @@
+"""Global parameters of a model, their priors (brms-like names and data-scaled defaults) and the residual scale.
+
+Parameters (site names of the NumPyro model in lmmarg.potential):
+  b_<fixed name>          one per fixed-effect column (assembled to "beta" (p,))
+  sigma                   residual SD (scalar), or (K,) one per level of ``sigma_by``
+  sd_<term>__<column>     one SD per random-effect column (assembled to "sd_<term>" (d,))
+  cor_<term>              Cholesky factor of the (d, d) correlation matrix, d > 1 (LKJ prior)
+  distributional sigma (``sigma="~ x + (x | g)"``, log link): b_sigma_<name>, sd_sigma_<term>__<column>,
+  cor_sigma_<term>; its random effects are always sampled (noncentered).
+
+Default priors (weakly informative, scaled to the Gaussian-scale response y; y = log y for lognormal):
+  Intercept            student_t(3, median(y), max(2.5, mad(y)))            (brms)
+  b_<x>                normal(0, 2.5 sd(y) / sd(x))                         (rstanarm-style; brms uses flat)
+  sigma, sd            half-student_t(3, 0, max(2.5, mad(y)))               (brms)
+  cor                  lkj(1)                                               (brms)
+  sigma formula:       Intercept student_t(3, 0, 2.5); b normal(0, 1 / sd(x)); sd half-student_t(3, 0, 2.5).
+Note the intercept prior is on the raw intercept (brms puts it on the intercept of centred predictors).
+
+Override by name (``priors={...}``): "Intercept", "b", "b_<name>", "sigma", "sd", "sd_<term>",
+"sd_<term>__<col>", "cor", "cor_<term>", and for a sigma formula "Intercept_sigma", "b_sigma", "b_sigma_<name>",
+"sd_sigma", "sd_sigma_<term>", "sd_sigma_<term>__<col>", "cor_sigma", "cor_sigma_<term>". The most specific name
+wins. A value is a NumPyro distribution (scalar), ``LKJ(eta)`` / a NumPyro LKJ(Cholesky) for correlations, or a
+number (or array, for cor) that fixes the parameter.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpyro.distributions as dist
+import pandas as pd
+from numpyro.distributions import constraints
+
+from .design import DesignError, _grouping, build_design
+
+__all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec"]
+
+
+@dataclass(frozen=True)
+class LKJ:
+    """LKJ(eta) prior on a correlation matrix (sampled through its Cholesky factor)."""
+
+    eta: float = 1.0
+
+
+def half_student_t(df: float, scale: float):
+    """|t| with t ~ Student-t(df, 0, scale): the brms default for SDs."""
+    return dist.FoldedDistribution(dist.StudentT(df, 0.0, scale))
+
+
+@dataclass
+class Prior:
+    """One scalar (or correlation) parameter: site name, display name, prior or fixed value, where it came from."""
+
+    site: str
+    label: str  # brms-like name shown in tables (e.g. sd_Subject__Days)
+    kind: str  # "b" | "sigma" | "sd" | "cor" | "b_sigma" | "sd_sigma" | "cor_sigma"
+    dist: object = None  # numpyro distribution (None if fixed)
+    fixed: object = None  # number / array if fixed
+    source: str = "default"
+    text: str = ""
+    dim: int = 1  # d for correlation parameters
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.fixed is not None
+
+
+@dataclass
+class SigmaSpec:
+    """Residual scale: kind "constant" | "by" (codes (N,), levels) | "formula" (design of log sigma)."""
+
+    kind: str = "constant"
+    by: str | None = None
+    codes: np.ndarray | None = None
+    levels: list = field(default_factory=list)
+    level_keys: list = field(default_factory=list)
+    design: object = None  # lmmarg.design.Design of the sigma formula (dummy response)
+    formula: str | None = None
+
+
+class PriorSet:
+    """The model's prior table; ``print(model.priors)`` shows parameter, prior and source (default/user)."""
+
+    def __init__(self, entries: list[Prior]):
+        self.entries = entries
+        self.by_site = {e.site: e for e in entries}
+
+    def __getitem__(self, site: str) -> Prior:
+        return self.by_site[site]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def table(self) -> pd.DataFrame:
+        return pd.DataFrame({"parameter": [e.label for e in self.entries],
+                             "prior": [e.text for e in self.entries],
+                             "source": [e.source for e in self.entries]})
+
+    def __str__(self) -> str:
+        return self.table.to_string(index=False)
+
+    __repr__ = __str__
+
+    def _repr_html_(self):
+        return self.table.to_html(index=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text
+
+
+def _fmt(x) -> str:
+    x = float(x)
+    return f"{x:.4g}"
+
+
+def describe(d) -> str:
+    """Short brms-like text for a NumPyro distribution."""
+    if isinstance(d, dist.FoldedDistribution) and isinstance(d.base_dist, dist.StudentT):
+        b = d.base_dist
+        return f"half_student_t({_fmt(b.df)}, {_fmt(b.loc)}, {_fmt(b.scale)})"
+    if isinstance(d, LKJ):
+        return f"lkj({_fmt(d.eta)})"
+    names = {dist.StudentT: ("student_t", ["df", "loc", "scale"]), dist.Normal: ("normal", ["loc", "scale"]),
+             dist.HalfNormal: ("half_normal", ["scale"]), dist.HalfCauchy: ("half_cauchy", ["scale"]),
+             dist.Exponential: ("exponential", ["rate"]), dist.Cauchy: ("cauchy", ["loc", "scale"]),
+             dist.Gamma: ("gamma", ["concentration", "rate"]), dist.LogNormal: ("lognormal", ["loc", "scale"])}
+    for cls, (name, args) in names.items():
+        if type(d) is cls:
+            try:
+                return f"{name}({', '.join(_fmt(getattr(d, a)) for a in args)})"
+            except TypeError:
+                break
+    params = []
+    for a in getattr(d, "arg_constraints", {}):
+        v = getattr(d, a, None)
+        if v is not None and np.ndim(v) == 0:
+            params.append(f"{a}={_fmt(v)}")
+    return f"{type(d).__name__}({', '.join(params)})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# residual scale
+
+
+def build_sigma_spec(design, sigma_by=None, sigma=None) -> SigmaSpec:
+    """Residual-SD structure from ``sigma_by`` (grouping column(s), "a" or "a:b") or ``sigma`` (formula)."""
+    if sigma_by is not None and sigma is not None:
+        raise ValueError("give at most one of sigma_by= and sigma= (a sigma formula can contain the grouping)")
+    if sigma_by is not None:
+        if not isinstance(sigma_by, str):
+            raise TypeError(f"sigma_by must be a column name, got {type(sigma_by).__name__}")
+        factors = tuple(f.strip() for f in sigma_by.split(":"))
+        for f in factors:
+            if f not in design.data.columns:
+                raise DesignError(f"unknown column {f!r} in sigma_by; columns are {list(design.data.columns)}")
+        codes, labels, keys = _grouping(design.data, factors)
+        return SigmaSpec(kind="by", by=sigma_by, codes=codes, levels=labels, level_keys=keys)
+    if sigma is not None:
+        if not isinstance(sigma, str) or "~" not in sigma:
+            raise ValueError(f"sigma must be a formula string like '~ x + (x | g)', got {sigma!r}")
+        rhs = sigma.split("~", 1)[1].strip()
+        dummy = "lmmarg_sigma_response_"
+        data = design.data.copy()
+        data[dummy] = 0.0
+        sdesign = build_design(f"{dummy} ~ {rhs}", data)
+        return SigmaSpec(kind="formula", design=sdesign, formula="~ " + rhs)
+    return SigmaSpec()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# priors
+
+
+def _mad(y) -> float:
+    return float(1.4826 * np.median(np.abs(y - np.median(y))))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _cor_fixed(v, d: int, where: str) -> np.ndarray:
+    """A fixed correlation (number r: all off-diagonals r; or a (d, d) matrix) -> its Cholesky factor."""
+    R = np.full((d, d), float(v)) if np.ndim(v) == 0 else np.asarray(v, float)
+    if np.ndim(v) == 0:
+        np.fill_diagonal(R, 1.0)
+    if R.shape != (d, d) or not np.allclose(R, R.T) or not np.allclose(np.diag(R), 1.0):
+        raise ValueError(f"fixed value of {where!r} must be a number or a {d}x{d} correlation matrix")
+    try:
+        return np.linalg.cholesky(R)
+    except np.linalg.LinAlgError:
+        raise ValueError(f"fixed value of {where!r} is not a positive-definite correlation matrix") from None
+
+
+def _check_value(v, kind: str, name: str):
+    """Validate a user prior value for a parameter of this kind; returns (dist, fixed)."""
+    if kind.startswith("cor"):
+        if isinstance(v, LKJ):
+            return v, None
+        if isinstance(v, (dist.LKJCholesky, dist.LKJ)):
+            return LKJ(float(np.asarray(v.concentration))), None
+        if _is_number(v) or isinstance(v, (np.ndarray, list)):
+            return None, v
+        raise TypeError(f"prior {name!r}: a correlation prior must be lmmarg.priors.LKJ(eta), a NumPyro LKJ "
+                        f"distribution or a fixed correlation, got {type(v).__name__}")
+    if _is_number(v):
+        v = float(v)
+        if kind in ("sigma", "sd", "sd_sigma") and v < 0:
+            raise ValueError(f"prior {name!r}: a fixed standard deviation must be >= 0, got {v}")
+        if kind == "sigma" and v == 0:
+            raise ValueError(f"prior {name!r}: the residual SD cannot be fixed at 0")
+        return None, v
+    if not isinstance(v, dist.Distribution):
+        raise TypeError(f"prior {name!r} must be a NumPyro distribution or a number, got {type(v).__name__}")
+    if v.batch_shape or v.event_shape:
+        raise ValueError(f"prior {name!r} must be a scalar distribution, got batch shape {v.batch_shape} and "
+                         f"event shape {v.event_shape}")
+    if kind in ("sigma", "sd", "sd_sigma"):
+        sup = v.support
+        if sup not in (constraints.positive, constraints.nonnegative) and not isinstance(
+                sup, (constraints.greater_than, type(constraints.positive))):
+            raise ValueError(f"prior {name!r} is for a standard deviation: use a distribution on (0, inf) "
+                             f"such as dist.HalfNormal or dist.Exponential, not {type(v).__name__}")
+    return v, None
+
+
+def build_priors(model, user: dict | None = None) -> PriorSet:
+    """Every global parameter of ``model`` with its prior; ``user`` overrides by brms-like name (see module doc)."""
+    user = dict(user or {})
+    y = np.asarray(model.y, float)
+    sy = float(np.std(y, ddof=1)) if len(y) > 1 else 1.0
+    sy = sy if sy > 0 else 1.0
+    s_mad = max(2.5, _mad(y))
+    X = model.design.X
+    entries: list[tuple[Prior, list[str]]] = []  # (prior, candidate keys most specific first)
+
+    def col_sd(x):
+        s = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
+        return s if s > 0 else 1.0
+
+    for j, name in enumerate(model.fixed_names):
+        if name == "Intercept":
+            d = dist.StudentT(3.0, float(np.median(y)), s_mad)
+            keys = ["b_Intercept", "Intercept"]
+        else:
+            d = dist.Normal(0.0, 2.5 * sy / col_sd(X[:, j]))
+            keys = [f"b_{name}", "b"]
+        entries.append((Prior(site=f"b_{name}", label=f"b_{name}", kind="b", dist=d), keys))
+
+    sspec = model.sigma_spec
+    if sspec.kind == "constant":
+        entries.append((Prior(site="sigma", label="sigma", kind="sigma", dist=half_student_t(3.0, s_mad)), ["sigma"]))
+    elif sspec.kind == "by":
+        label = f"sigma[{sspec.by}: {len(sspec.levels)} levels]"
+        entries.append((Prior(site="sigma", label=label, kind="sigma", dist=half_student_t(3.0, s_mad)), ["sigma"]))
+
+    def add_terms(terms, sfx: str, sd_dist):
+        # sfx "" for the mean part, "sigma_" for the sigma formula
+        for t in terms:
+            for c in t.columns:
+                keys = [f"sd_{sfx}{t.name}__{c}", f"sd_{sfx}{t.name}"]
+                if t.group != t.name:
+                    keys += [f"sd_{sfx}{t.group}__{c}", f"sd_{sfx}{t.group}"]
+                keys.append(f"sd_{sfx}".rstrip("_"))
+                label = f"sd_{t.group}__{'sigma_' if sfx else ''}{c}"
+                entries.append((Prior(site=f"sd_{sfx}{t.name}__{c}", label=label, kind=f"sd{'_sigma' if sfx else ''}",
+                                      dist=sd_dist), keys))
+            if t.d > 1:
+                keys = [f"cor_{sfx}{t.name}"] + ([f"cor_{sfx}{t.group}"] if t.group != t.name else []) + \
+                       [f"cor_{sfx}".rstrip("_")]
+                entries.append((Prior(site=f"cor_{sfx}{t.name}", label=f"cor_{t.group}" + (" (sigma)" if sfx else ""),
+                                      kind=f"cor{'_sigma' if sfx else ''}", dist=LKJ(1.0), dim=t.d), keys))
+
+    add_terms(model.terms, "", half_student_t(3.0, s_mad))
+    if sspec.kind == "formula":
+        sd_ = sspec.design
+        for j, name in enumerate(sd_.fixed_names):
+            if name == "Intercept":
+                d, keys = dist.StudentT(3.0, 0.0, 2.5), ["b_sigma_Intercept", "Intercept_sigma"]
+            else:
+                d, keys = dist.Normal(0.0, 1.0 / col_sd(sd_.X[:, j])), [f"b_sigma_{name}", "b_sigma"]
+            entries.append((Prior(site=f"b_sigma_{name}", label=f"b_sigma_{name}", kind="b_sigma", dist=d), keys))
+        add_terms(sd_.terms, "sigma_", half_student_t(3.0, 2.5))
+
+    valid = sorted({k for _, keys in entries for k in keys})
+    unknown = [k for k in user if k not in valid]
+    if unknown:
+        raise ValueError(f"unknown prior name(s) {unknown}; valid names for this model are {valid}")
+    out = []
+    for p, keys in entries:
+        for k in keys:
+            if k in user:
+                d, fixed = _check_value(user[k], p.kind, k)
+                p.dist, p.fixed, p.source = d, fixed, "user"
+                if fixed is not None:
+                    p.text = ("fixed " + _fmt(fixed)) if np.ndim(fixed) == 0 else "fixed (matrix)"
+                    if p.kind.startswith("cor"):
+                        p.fixed = _cor_fixed(fixed, p.dim, k)
+                break
+        if not p.is_fixed:
+            p.text = describe(p.dist)
+        out.append(p)
+    return PriorSet(out)

@@ -7,6 +7,7 @@ import time
 import jax
 import numpy as np
 from numpyro.infer import MCMC, NUTS
+from tqdm.auto import tqdm
 
 __all__ = ["sample"]
 
@@ -34,6 +35,78 @@ def _compile_timer():
             pass
 
 
+class _Driver:
+    """NUTS for `chains` vectorized chains, compiled once per (potential, warmup, chains, NUTS options).
+
+    Iterations run as jitted chunks of a `lax.scan` over `kernel.sample` (adaptation happens inside the kernel
+    while the iteration count is below `warmup`), so the progress bar costs nothing and a repeated sample() on
+    the same model reuses the compiled chunk.
+    """
+
+    def __init__(self, pot, warmup: int, chains: int, nuts_kwargs: dict):
+        self.kernel = NUTS(potential_fn=pot.potential_fn, **nuts_kwargs)
+        self.warmup = warmup
+        kernel = self.kernel
+
+        def init(keys, params):
+            return jax.vmap(lambda k, p: kernel.init(k, warmup, p, (), {}))(keys, params)
+
+        def chunk(state, n_iter):
+            def step(st, _):
+                st = jax.vmap(lambda s: kernel.sample(s, (), {}))(st)
+                return st, (st.z, st.diverging, st.num_steps, st.adapt_state.step_size, st.accept_prob,
+                            st.potential_energy)
+            return jax.lax.scan(step, state, None, length=n_iter)
+
+        self.init = jax.jit(init)
+        self.chunk = jax.jit(chunk, static_argnums=1)
+
+    def run(self, key, init_params, draws: int, progress_bar: bool):
+        chains = next(iter(init_params.values())).shape[0]
+        state = self.init(jax.random.split(key, chains), init_params)
+        total = self.warmup + draws
+        size = max(1, min(total, max(50, total // 20)))
+        outs, done = [], 0
+        bar = tqdm(total=total, desc="NUTS (warmup)", disable=not progress_bar, leave=False)
+        while done < total:
+            n = min(size, total - done)
+            state, out = self.chunk(state, size)  # fixed chunk length: one compilation
+            outs.append(jax.tree.map(lambda x: x[:n], out))
+            done += n
+            bar.update(n)
+            if done >= self.warmup:
+                bar.set_description("NUTS (sampling)")
+        bar.close()
+        out = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], 0), *outs)
+        # (iterations, chains, ...) -> (chains, draws, ...), warmup dropped
+        return jax.tree.map(lambda x: np.swapaxes(x[self.warmup:], 0, 1), out)
+
+
+def _driver(pot, warmup, chains, nuts_kwargs) -> _Driver:
+    """The driver cached on the potential (a fresh one when the options are not hashable)."""
+    try:
+        key = (warmup, chains, tuple(sorted(nuts_kwargs.items())))
+        hash(key)
+    except TypeError:  # e.g. an array-valued inverse_mass_matrix
+        return _Driver(pot, warmup, chains, nuts_kwargs)
+    cache = pot.__dict__.setdefault("_driver_cache", {})
+    if key not in cache:
+        cache[key] = _Driver(pot, warmup, chains, nuts_kwargs)
+    return cache[key]
+
+
+def _numpyro_mcmc(pot, key, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs):
+    """NumPyro's own MCMC driver, for chain_method "sequential" / "parallel"."""
+    if chains == 1:
+        init = {k: v[0] for k, v in init.items()}
+    mcmc = MCMC(NUTS(potential_fn=pot.potential_fn, **nuts_kwargs), num_warmup=warmup, num_samples=draws,
+                num_chains=chains, chain_method=chain_method, progress_bar=progress_bar)
+    mcmc.run(key, init_params=init, extra_fields=_EXTRA)
+    ex = mcmc.get_extra_fields(group_by_chain=True)
+    raw = jax.tree.map(np.asarray, mcmc.get_samples(group_by_chain=True))
+    return raw, *(np.asarray(ex[k]) for k in _EXTRA)
+
+
 def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
            chain_method: str = "vectorized", progress_bar: bool = True, parameterization=None,
            recover: bool = True, **nuts_kwargs):
@@ -55,17 +128,15 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         raise ValueError("every parameter is fixed by the priors: nothing to sample")
     k_init, k_mcmc, k_rec = jax.random.split(jax.random.PRNGKey(seed), 3)
     init = pot.init_params(k_init, num_chains=chains)
-    if chains == 1:
-        init = {k: v[0] for k, v in init.items()}
     nuts_kwargs.setdefault("target_accept_prob", 0.8)
-    kernel = NUTS(potential_fn=pot.potential_fn, **nuts_kwargs)
-    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
-                progress_bar=progress_bar)
     t0 = time.perf_counter()
-    with _compile_timer() as comp:  # one run (warmup + sampling): a separate warmup() would compile twice
-        mcmc.run(k_mcmc, init_params=init, extra_fields=_EXTRA)
-        raw = mcmc.get_samples(group_by_chain=True)
-        jax.block_until_ready(raw)
+    with _compile_timer() as comp:
+        if chain_method == "vectorized":
+            raw, div, n_steps, step_size, accept, pe = _driver(pot, warmup, chains, nuts_kwargs).run(
+                k_mcmc, init, draws, progress_bar)
+        else:
+            raw, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
+                pot, k_mcmc, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
     t2 = time.perf_counter()
     samples = pot.constrain(raw)
     t3 = time.perf_counter()
@@ -73,18 +144,17 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         samples.update(pot.recover(samples, k_rec))
     t4 = time.perf_counter()
 
-    extra = mcmc.get_extra_fields(group_by_chain=True)
-    n_steps = np.asarray(extra["num_steps"])
+    n_steps = np.asarray(n_steps)
     max_depth = nuts_kwargs.get("max_tree_depth", 10)
     max_depth = max_depth[0] if isinstance(max_depth, tuple) else max_depth
     depth = np.ceil(np.log2(n_steps + 1)).astype(int)
     stats = {
-        "diverging": np.asarray(extra["diverging"]),
+        "diverging": np.asarray(div),
         "n_steps": n_steps,
         "tree_depth": depth,
-        "step_size": np.asarray(extra["adapt_state.step_size"]),
-        "acceptance_rate": np.asarray(extra["accept_prob"]),
-        "lp": -np.asarray(extra["potential_energy"]),
+        "step_size": np.asarray(step_size),
+        "acceptance_rate": np.asarray(accept),
+        "lp": -np.asarray(pe),
     }
     diagnostics = {
         "divergences": int(stats["diverging"].sum()),

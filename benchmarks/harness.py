@@ -1,0 +1,271 @@
+"""Shared benchmark harness: one NUTS implementation (NumPyro's) driven identically for every method.
+
+A `Target` is what gets sampled: an unconstrained potential, an initializer, a map to the canonical constrained
+keys ("beta" (…, p), "sigma", "sd_<term>" (…, d), "corr_<term>" (…, d, d), extra globals, "u_<term>" (…, G, d))
+and optionally a recovery step for marginalized random effects. `run_nuts` jit-compiles one chunk of NUTS
+transitions ahead of time (timed as compile), then runs warmup and sampling as repeated calls of that executable,
+so compile, warmup and sampling times are separated exactly. `metrics` turns draws into the benchmark row.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:  # run from a checkout: `python benchmarks/<name>.py` must import this lmmarg
+    sys.path.insert(0, ROOT)
+DATA = os.path.join(HERE, "data")
+RESULTS = os.path.join(HERE, "results")
+
+
+@dataclass
+class Target:
+    """Something NUTS samples.
+
+    potential_fn: unconstrained dict → scalar −log density. init(key) → unconstrained dict (one chain).
+    constrain(z) → canonical constrained dict; z has leading dims (chains, draws).
+    recover(z, key) → {"u_<term>": (chains, draws, G, d)} for marginalized terms, or None.
+    """
+
+    experiment: str
+    method: str
+    potential_fn: Callable
+    init: Callable
+    constrain: Callable
+    recover: Optional[Callable] = None
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _nuts_kernels(potential_fn):
+    from numpyro.infer.hmc import hmc
+    return hmc(potential_fn=potential_fn, algo="NUTS")
+
+
+def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, target_accept=0.8,
+             max_tree_depth=10, chunk=None, dense_mass=False) -> dict:
+    """Run `chains` sequential NUTS chains (one compiled executable reused). Returns timings, draws, stats."""
+    init_kernel, sample_kernel = _nuts_kernels(target.potential_fn)
+    chunk = chunk or _chunk(warmup, draws)
+
+    def init(params, key):
+        return init_kernel(params, num_warmup=warmup, target_accept_prob=target_accept,
+                           max_tree_depth=max_tree_depth, dense_mass=dense_mass, rng_key=key)
+
+    def step(state):
+        def body(s, _):
+            s = sample_kernel(s)
+            return s, (s.z, s.diverging, s.num_steps, s.accept_prob, s.potential_energy)
+        return jax.lax.scan(body, state, None, length=chunk)
+
+    key = jax.random.PRNGKey(seed)
+    t0 = time.perf_counter()
+    k0, key = jax.random.split(key)
+    params0 = target.init(k0)
+    init_c = jax.jit(init).lower(params0, k0).compile()
+    state0 = init_c(params0, k0)
+    step_c = jax.jit(step).lower(state0).compile()
+    compile_s = time.perf_counter() - t0
+
+    zs, div, nsteps, acc, pe = [], [], [], [], []
+    warm_s = samp_s = 0.0
+    warm_div = 0
+    for c in range(chains):
+        kc, key = jax.random.split(key)
+        ki, kr = jax.random.split(kc)
+        state = init_c(target.init(ki) if c else params0, kr)
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        for _ in range(warmup // chunk):
+            state, out = step_c(state)
+            warm_div += int(np.asarray(out[1]).sum())
+        jax.block_until_ready(state)
+        warm_s += time.perf_counter() - t
+        t = time.perf_counter()
+        outs = []
+        for _ in range(max(draws // chunk, 1)):
+            state, out = step_c(state)
+            outs.append(out)
+        jax.block_until_ready(state)
+        samp_s += time.perf_counter() - t
+        outs = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *outs)
+        zs.append(outs[0]); div.append(outs[1]); nsteps.append(outs[2]); acc.append(outs[3]); pe.append(outs[4])
+    z = jax.tree_util.tree_map(lambda *a: np.stack(a), *zs)
+    return dict(z=z, compile_s=compile_s, warmup_s=warm_s, sample_s=samp_s, diverging=np.stack(div),
+                warmup_divergences=warm_div, num_steps=np.stack(nsteps), accept_prob=np.stack(acc),
+                potential_energy=np.stack(pe), step_size=float(state.adapt_state.step_size), chunk=chunk,
+                draws=int(np.stack(div).shape[1]), chains=chains)
+
+
+def _chunk(warmup, draws):
+    g = math.gcd(warmup, draws) if warmup else draws
+    g = g or 1
+    while g > 250 and g % 2 == 0:
+        g //= 2
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+def ess(x: np.ndarray, method="bulk") -> np.ndarray:
+    """Rank-normalized ESS (ArviZ) of x (chains, draws, …) → (…); NaN for constant entries."""
+    import arviz as az
+    shp = x.shape[2:]
+    flat = np.asarray(x, float).reshape(x.shape[0], x.shape[1], -1)
+    if flat.shape[1] < 4:
+        return np.full(shp, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = az.ess(az.convert_to_dataset({"x": flat}), method=method)["x"].values
+        const = np.ptp(flat, axis=(0, 1)) == 0
+        out = np.where(const, np.nan, out)
+    return out.reshape(shp)
+
+
+def rhat(x: np.ndarray) -> np.ndarray:
+    import arviz as az
+    flat = np.asarray(x, float).reshape(x.shape[0], x.shape[1], -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return az.rhat(az.convert_to_dataset({"x": flat}))["x"].values
+
+
+def global_params(samples: dict) -> dict:
+    """Flatten the canonical constrained dict to scalar globals: b[i], sigma, sd_t[j], corr_t[i,j] (i>j), …."""
+    out = {}
+    for k, v in samples.items():
+        if k.startswith("u_") or k.startswith("_"):
+            continue
+        v = np.asarray(v, float)
+        if k.startswith("corr_") and v.ndim >= 4:
+            d = v.shape[-1]
+            for i in range(d):
+                for j in range(i):
+                    out[f"{k}[{i},{j}]"] = v[..., i, j]
+            continue
+        if v.ndim == 2:
+            out[k] = v
+        else:
+            flat = v.reshape(v.shape[0], v.shape[1], -1)
+            for i in range(flat.shape[-1]):
+                out[f"{k}[{i}]"] = flat[..., i]
+    return {k: v for k, v in out.items() if np.ptp(v) > 0}
+
+
+def metrics(target: Target, run: dict, seed=0, recover=True) -> tuple[dict, dict]:
+    """Benchmark row (ESS, ESS/s, divergences, timings) and the constrained samples."""
+    samples = dict(target.constrain(run["z"]))
+    rec_s = 0.0
+    if recover and target.recover is not None:
+        t = time.perf_counter()
+        rec = target.recover(run["z"], jax.random.PRNGKey(seed + 1000))
+        rec = jax.tree_util.tree_map(np.asarray, rec)
+        rec_s = time.perf_counter() - t
+        samples.update(rec)
+    samples = {k: np.asarray(v) for k, v in samples.items()}
+    glob = global_params(samples)
+    names = sorted(glob)
+    bulk = np.array([float(ess(glob[k], "bulk")) for k in names]) if names else np.array([np.nan])
+    tail = np.array([float(ess(glob[k], "tail")) for k in names]) if names else np.array([np.nan])
+    n_iter = run["draws"] * run["chains"]
+    samp = run["sample_s"]
+    total = run["compile_s"] + run["warmup_s"] + run["sample_s"] + rec_s
+    u_ess = [ess(v, "bulk").ravel() for k, v in samples.items() if k.startswith("u_")]
+    u_ess = np.concatenate(u_ess) if u_ess else np.array([np.nan])
+    row = dict(
+        experiment=target.experiment, method=target.method, seed=seed, chains=run["chains"], draws=run["draws"],
+        compile_s=run["compile_s"], warmup_s=run["warmup_s"], sample_s=samp, recover_s=rec_s, total_s=total,
+        iter_per_s=n_iter / samp, leapfrog_per_draw=float(run["num_steps"].mean()),
+        ms_per_gradient=1e3 * samp / max(float(run["num_steps"].sum()), 1.0),
+        step_size=run["step_size"], divergences=int(run["diverging"].sum()),
+        warmup_divergences=run["warmup_divergences"],
+        n_global=len(names), min_ess_bulk=np.nanmin(bulk), mean_ess_bulk=np.nanmean(bulk),
+        min_ess_tail=np.nanmin(tail), mean_ess_tail=np.nanmean(tail),
+        worst_param=names[int(np.nanargmin(bulk))] if names else "",
+        min_ess_per_s=np.nanmin(bulk) / samp, mean_ess_per_s=np.nanmean(bulk) / samp,
+        min_ess_per_s_total=np.nanmin(bulk) / total,
+        min_ess_per_iter=np.nanmin(bulk) / n_iter, mean_ess_per_iter=np.nanmean(bulk) / n_iter,
+        u_min_ess=np.nanmin(u_ess) if np.isfinite(u_ess).any() else np.nan,
+        u_median_ess=np.nanmedian(u_ess) if np.isfinite(u_ess).any() else np.nan,
+        u_median_ess_per_s=(np.nanmedian(u_ess) / (samp + rec_s)) if np.isfinite(u_ess).any() else np.nan,
+        max_rhat=float(np.nanmax([np.nanmax(rhat(glob[k])) for k in names])) if run["chains"] > 1 and names
+        else np.nan,
+        note=target.note,
+    )
+    return row, samples
+
+
+def benchmark(target: Target, *, seed=0, **kw) -> tuple[dict, dict]:
+    """run_nuts + metrics, with failures turned into a row carrying the error message."""
+    try:
+        run = run_nuts(target, seed=seed, **kw)
+        row, samples = metrics(target, run, seed=seed)
+        samples["_diverging"] = run["diverging"]
+        return row, samples
+    except Exception as e:  # noqa: BLE001 — a benchmark row must record failures, not abort the suite
+        return dict(experiment=target.experiment, method=target.method, seed=seed,
+                    error=f"{type(e).__name__}: {e}"[:300]), {}
+
+
+def to_markdown(df, cols, floatfmt=".3g") -> str:
+    """A plain markdown table (no tabulate dependency)."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            if isinstance(v, (float, np.floating)):
+                cells.append("" if not np.isfinite(v) else format(v, floatfmt))
+            else:
+                cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None, description="", default_seeds=5):
+    import argparse
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="tiny warmup/draws, 1 seed, subsampled data (smoke)")
+    ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--draws", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--chains", type=int, default=1)
+    ap.add_argument("--experiments", default="all", help="comma-separated experiment names")
+    ap.add_argument("--methods", default="all", help="comma-separated method names (see --list)")
+    ap.add_argument("--tag", default="", help="suffix for result file names")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--list", action="store_true")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.seeds = a.seeds or 1
+        a.draws = a.draws or 20
+        a.warmup = a.warmup or 20
+    a.seeds = a.seeds or default_seeds
+    a.draws = a.draws or 2000
+    a.warmup = a.warmup if a.warmup is not None else 1000
+    return a
+
+
+def versions() -> dict:
+    import platform
+    import numpyro
+    out = dict(python=platform.python_version(), jax=jax.__version__, numpyro=numpyro.__version__,
+               numpy=np.__version__, cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+               backend=jax.default_backend())
+    try:
+        import lmmarg
+        out["lmmarg"] = lmmarg.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return out

@@ -1,0 +1,386 @@
+r"""Kernels: exact Gaussian marginal likelihood and conditionals of random effects.
+
+Model (marginalized classes l, standardized effects v_l ~ N(0, I), u_l = Lambda_l v_l):
+
+    y = X beta + offset + sum_l Z_l u_l + e,      e ~ N(0, diag(sigma^2)).
+
+With W = diag(1 / sigma^2), r = y - X beta - offset, Zt = [Z_l Lambda_l]_l,
+
+    F = I + Zt^T W Zt,     h = Zt^T W r,
+    log p(y) = -1/2 [ r^T W r - h^T F^{-1} h + log|F| + sum_i log(2 pi sigma_i^2) ],
+    v | y ~ N(F^{-1} h, F^{-1}).
+
+No Sigma^{-1} is formed, so singular Lambda (zero variances) is fine.  If beta is
+marginalized, beta = mu + S v_beta is one more class (one group, columns X) and
+r uses mu.
+
+F is factorized by block elimination:  per-cell statistics H_k, h_k are summed
+to the nodes of a *chain* of nested classes and eliminated level by level
+(batched small Cholesky factors, tree message passing to the parents); the
+coupling of each cell to the *dense* block (classes not nested in the chain)
+yields fill-in on the dense Schur complement F_DD, which is factorized densely.
+Sampling/means back-substitute through the same factor (root -> leaves).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.scipy.linalg import block_diag, solve_triangular
+
+from .plan import BETA, Plan
+
+__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample"]
+
+_UNROLL_MAX = 6
+_LOG2PI = 1.8378770664093453
+
+
+class Factor(NamedTuple):
+    """Block Cholesky factor of F and the pieces of the log density.
+
+    levels: per chain level j, (Linv (G_j, d_j, d_j), Wm (G_j, d_j, rest_j),
+    z (G_j, d_j), V (n_cells, d_j, m) or None);  LD (dense_size, dense_size)
+    lower Cholesky of the dense Schur block, zD (dense_size,) = LD^{-1} x_D;
+    lams: per-unit Lambda (d_u, d_u); mu: beta prior mean (p,) or None;
+    logdet, quad, rWr, log2pi: scalars;  ok: scalar bool (inputs valid).
+    """
+
+    levels: tuple
+    LD: Optional[jax.Array]
+    zD: Optional[jax.Array]
+    lams: tuple
+    mu: Optional[jax.Array]
+    logdet: jax.Array
+    quad: jax.Array
+    rWr: jax.Array
+    log2pi: jax.Array
+    ok: jax.Array
+
+
+# --------------------------------------------------------------------------- small linear algebra
+
+
+def _chol_inv(A):
+    """Batched Cholesky of SPD (..., d, d) -> (diag L (..., d), L^{-1} (..., d, d)).
+
+    Unrolled elementwise for small d (fast on CPU, differentiable); NaN on failure.
+    """
+    d = A.shape[-1]
+    if d > _UNROLL_MAX:
+        L = jnp.linalg.cholesky(A)
+        eye = jnp.broadcast_to(jnp.eye(d, dtype=A.dtype), A.shape)
+        Linv = lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
+        return jnp.diagonal(L, axis1=-2, axis2=-1), Linv
+    L = [[None] * d for _ in range(d)]
+    for j in range(d):
+        s = A[..., j, j]
+        for k in range(j):
+            s = s - L[j][k] ** 2
+        L[j][j] = jnp.sqrt(s)
+        for i in range(j + 1, d):
+            t = A[..., i, j]
+            for k in range(j):
+                t = t - L[i][k] * L[j][k]
+            L[i][j] = t / L[j][j]
+    Li = [[None] * d for _ in range(d)]
+    for i in range(d):
+        Li[i][i] = 1.0 / L[i][i]
+        for j in range(i):
+            t = L[i][j] * Li[j][j]
+            for k in range(j + 1, i):
+                t = t + L[i][k] * Li[k][j]
+            Li[i][j] = -t * Li[i][i]
+    zero = jnp.zeros_like(A[..., 0, 0])
+    Linv = jnp.stack(
+        [jnp.stack([Li[i][j] if j <= i else zero for j in range(d)], axis=-1) for i in range(d)],
+        axis=-2,
+    )
+    return jnp.stack([L[i][i] for i in range(d)], axis=-1), Linv
+
+
+def _mv(A, x):
+    """Batched matrix-vector product (..., a, b) x (..., b) -> (..., a)."""
+    return jnp.einsum("...ab,...b->...a", A, x)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
+def _prepare(plan: Plan, beta, sigma, scales, offset, beta_prior):
+    """Cast and validate inputs; invalid values are replaced by safe ones.
+
+    Returns (beta_res (p,), sigma () or (N,), lams per unit, offset or None,
+    mu or None, ok scalar bool).  ``beta_res`` is the beta used in the residual.
+    """
+    dt = plan.dtype
+    p = plan.n_fixed
+    scales = tuple(scales) if scales is not None else ()
+    if len(scales) != len(plan.marginalized):
+        raise ValueError(
+            f"scales must have one entry per marginalized class ({len(plan.marginalized)}), "
+            f"got {len(scales)}"
+        )
+    sigma = jnp.asarray(sigma, dt)
+    if sigma.ndim not in (0, 1) or (sigma.ndim == 1 and sigma.shape[0] != plan.n_obs):
+        raise ValueError(f"sigma must be a scalar or ({plan.n_obs},), got {sigma.shape}")
+    ok = _finite(sigma) & jnp.all(sigma > 0)
+    sigma = jnp.where(ok, sigma, jnp.ones_like(sigma))
+    mu, S = None, None
+    if plan.marginalize_beta:
+        if beta_prior is None:
+            raise ValueError("plan marginalizes beta: pass beta_prior=(mean (p,), scale (p, p))")
+        mu = jnp.asarray(beta_prior[0], dt).reshape(p)
+        S = jnp.asarray(beta_prior[1], dt).reshape(p, p)
+        ok = ok & _finite(mu) & _finite(S)
+        beta = mu
+    else:
+        beta = jnp.asarray(beta, dt).reshape(p)
+        ok = ok & _finite(beta)
+    sc = []
+    for src, d in zip(plan.unit_src, plan.unit_dims):
+        lam = S if src == BETA else jnp.asarray(scales[src], dt).reshape(d, d)
+        ok = ok & _finite(lam)
+        sc.append(lam)
+    if offset is not None:
+        offset = jnp.asarray(offset, dt).reshape(plan.n_obs)
+        ok = ok & _finite(offset)
+    # safe substitutes keep values and gradients finite for invalid inputs
+    beta = jnp.where(ok, beta, jnp.zeros_like(beta))
+    lams = tuple(jnp.where(ok, lam, jnp.zeros_like(lam)) for lam in sc)
+    if offset is not None:
+        offset = jnp.where(ok, offset, jnp.zeros_like(offset))
+    if mu is not None:
+        mu = beta
+    return beta, sigma, lams, offset, mu, ok
+
+
+def _segment_columns(plan: Plan, cols):
+    """Sum a list of (N,) columns by cell -> (n_cells, len(cols)).
+
+    Column-wise 1-D segment sums (few columns) or one stacked segment sum; both
+    keep XLA:CPU away from slow minor-axis reductions in the backward pass.
+    """
+    if len(cols) <= 40:
+        return jnp.stack([jax.ops.segment_sum(c, plan.cell, plan.n_cells) for c in cols], axis=1)
+    return jax.ops.segment_sum(jnp.stack(cols, axis=1), plan.cell, plan.n_cells)
+
+
+def _weighted_gram(plan: Plan, w, r):
+    """H_k = sum_i w_i z_i z_i^T (n_cells, D, D) and h_k = sum_i w_i r_i z_i (n_cells, D)."""
+    D = plan.D
+    iu, ju = np.triu_indices(D)
+    T = iu.size
+    wz = [w * plan.Zt[:, a] for a in range(D)]
+    cols = [wz[a] * plan.Zt[:, b] for a, b in zip(iu, ju)] + [wz[a] * r for a in range(D)]
+    S = _segment_columns(plan, cols)
+    E = np.zeros((T, D, D))  # symmetric unpacking by a constant matmul
+    E[np.arange(T), iu, ju] = 1.0
+    E[np.arange(T), ju, iu] = 1.0
+    H = (S[:, :T] @ jnp.asarray(E.reshape(T, D * D), S.dtype)).reshape(-1, D, D)
+    return H, S[:, T:]
+
+
+def _cell_stats(plan: Plan, beta, sigma, lams, offset):
+    """Per-cell H~_k (n_cells, D, D), h~_k (n_cells, D); r^T W r; sum log(2 pi sigma_i^2).
+
+    Raw statistics H_k, h_k are aggregated first (only they touch N), then
+    standardized with Lambda = blockdiag(lams): H~ = Lambda^T H Lambda, h~ = Lambda^T h.
+    """
+    N = plan.n_obs
+    if sigma.ndim == 0:
+        s2 = sigma**2
+        log2pi = N * (_LOG2PI + jnp.log(s2))
+        Hk = plan.S_zz / s2
+        if offset is None:
+            delta = beta - plan.beta0
+            hk = plan.S_zr - _mv(plan.S_zX, delta)
+            rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
+        else:
+            r = plan.y - plan.X @ beta - offset
+            hk = _segment_columns(plan, [plan.Zt[:, a] * r for a in range(plan.D)])
+            rr = r @ r
+        hk, rWr = hk / s2, rr / s2
+    else:
+        w = 1.0 / sigma**2
+        log2pi = jnp.sum(_LOG2PI - jnp.log(w))
+        r = plan.y - plan.X @ beta
+        if offset is not None:
+            r = r - offset
+        Hk, hk = _weighted_gram(plan, w, r)
+        rWr = jnp.sum(w * r * r)
+    Lam = block_diag(*lams)
+    Ht = jnp.einsum("ji,kjl,lm->kim", Lam, Hk, Lam)
+    return Ht, hk @ Lam, rWr, log2pi
+
+
+# --------------------------------------------------------------------------- factorization
+
+
+def _fill(plan: Plan, j: int, F, x, V, z):
+    """Dense fill-in of chain level j -> updated (F, x).
+
+    F_DD -= sum over same-node cell pairs (k, k') of V_k^T V_k' at (idx_k, idx_k');
+    x_D -= sum_k V_k^T z_node(k) at idx_k.  V (n_cells, d_j, m), z (G_j, d_j).
+    """
+    idx, node = plan.dense_idx, plan.cell_node[j]
+    if plan.fills[j] == "pairs":
+        pa, pb = plan.pairs[j]
+        P = jnp.einsum("pim,pin->pmn", V[pa], V[pb])
+        F = F.at[idx[pa][:, :, None], idx[pb][:, None, :]].add(-P)
+        return F, x.at[idx].add(-jnp.einsum("kim,ki->km", V, z[node]))
+    d, G = plan.unit_dims[j], plan.unit_groups[j]
+    rows = node[:, None] * d + jnp.arange(d)[None, :]
+    M = jnp.zeros((G * d, plan.dense_size), F.dtype)  # row block g: L_g^{-1} C_g
+    M = M.at[rows[:, :, None], idx[:, None, :]].add(V)
+    return F - M.T @ M, x - M.T @ z.reshape(-1)
+
+
+def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> Factor:
+    """Block-Cholesky factorize F = I + Zt^T W Zt (see module docstring) -> Factor."""
+    beta, sigma, lams, offset, mu, ok = _prepare(plan, beta, sigma, scales, offset, beta_prior)
+    dt = plan.dtype
+    zero = jnp.zeros((), dt)
+    if plan.D == 0:
+        r = plan.y - plan.X @ beta - (0.0 if offset is None else offset)
+        w = 1.0 / jnp.broadcast_to(sigma, (plan.n_obs,)) ** 2
+        log2pi = jnp.sum(_LOG2PI - jnp.log(w))
+        return Factor((), None, None, lams, mu, zero, zero, jnp.sum(w * r * r), log2pi, ok)
+    Ht, ht, rWr, log2pi = _cell_stats(plan, beta, sigma, lams, offset)
+    K, dims, Dc, m, ds = plan.n_chain_units, plan.unit_dims, plan.chain_dim, plan.m, plan.dense_size
+    idx = plan.dense_idx
+    logdet, quad = zero, zero
+    if m:
+        F = jnp.eye(ds, dtype=dt).at[idx[:, :, None], idx[:, None, :]].add(Ht[:, Dc:, Dc:])
+        x = jnp.zeros(ds, dt).at[idx].add(ht[:, Dc:])
+    levels = []
+    if K:
+        A = jax.ops.segment_sum(Ht[:, :Dc, :Dc], plan.cell_node[0], plan.unit_groups[0])
+        a = jax.ops.segment_sum(ht[:, :Dc], plan.cell_node[0], plan.unit_groups[0])
+        C = Ht[:, :Dc, Dc:]
+    for j in range(K):
+        d, node = dims[j], plan.cell_node[j]
+        diag, Linv = _chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
+        Wm = Linv @ A[:, :d, d:]
+        z = _mv(Linv, a[:, :d])
+        logdet = logdet + 2.0 * jnp.sum(jnp.log(diag))
+        quad = quad + jnp.sum(z * z)
+        V = None
+        if m:
+            V = Linv[node] @ C[:, :d, :]
+            F, x = _fill(plan, j, F, x, V, z)
+            C = C[:, d:, :] - jnp.einsum("kia,kim->kam", Wm[node], V)
+        levels.append((Linv, Wm, z, V))
+        if j + 1 < K:
+            A = A[:, d:, d:] - jnp.einsum("gia,gib->gab", Wm, Wm)
+            a = a[:, d:] - jnp.einsum("gia,gi->ga", Wm, z)
+            G1 = plan.unit_groups[j + 1]
+            A = jax.ops.segment_sum(A, plan.parent[j], G1)
+            a = jax.ops.segment_sum(a, plan.parent[j], G1)
+    LD = zD = None
+    if m:
+        LD = jnp.linalg.cholesky(F)
+        zD = solve_triangular(LD, x, lower=True)
+        logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(LD)))
+        quad = quad + zD @ zD
+    return Factor(tuple(levels), LD, zD, lams, mu, logdet, quad, rWr, log2pi, ok)
+
+
+def _log_density(fac: Factor):
+    val = -0.5 * (fac.rWr - fac.quad + fac.logdet + fac.log2pi)
+    good = fac.ok & jnp.isfinite(val)
+    return jnp.where(good, val, -jnp.inf)
+
+
+def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
+    """log N(y; X beta + offset, sum_l Z_l (I kron Sigma_l) Z_l^T + diag(sigma^2)) -> scalar.
+
+    beta (p,) (ignored if the plan marginalizes beta; then beta_prior=(mean (p,),
+    scale (p, p)) is integrated), sigma () or (N,), scales: tuple of (d_l, d_l)
+    Lambda_l (Sigma_l = Lambda_l Lambda_l^T) in ``plan.marginalized`` order,
+    offset (N,) or None.  Returns -inf for invalid inputs or failed factorizations.
+    """
+    return _log_density(factorize(plan, beta, sigma, scales, offset, beta_prior))
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def _backsolve(plan: Plan, fac: Factor, eps_levels, eps_D):
+    """Solve L^T v = z + eps root -> leaves; returns per-unit v (G_u, d_u)."""
+    K, dims, groups = plan.n_chain_units, plan.unit_dims, plan.unit_groups
+    vD = None
+    if plan.m:
+        vD = solve_triangular(fac.LD, fac.zD + eps_D, lower=True, trans="T")
+    vs = [None] * K
+    for j in reversed(range(K)):
+        Linv, Wm, z, V = fac.levels[j]
+        rhs = z + eps_levels[j]
+        if j + 1 < K:
+            anc, mp = [], plan.parent[j]
+            for l in range(j + 1, K):
+                anc.append(vs[l][mp])
+                if l + 1 < K:
+                    mp = plan.parent[l][mp]
+            rhs = rhs - _mv(Wm, jnp.concatenate(anc, axis=-1))
+        if plan.m:
+            cv = jnp.einsum("kim,km->ki", V, vD[plan.dense_idx])
+            rhs = rhs - jax.ops.segment_sum(cv, plan.cell_node[j], groups[j])
+        vs[j] = jnp.einsum("gij,gi->gj", Linv, rhs)
+    for u in range(K, len(dims)):
+        off = plan.dense_offsets[u - K]
+        vs.append(vD[off : off + groups[u] * dims[u]].reshape(groups[u], dims[u]))
+    return vs
+
+
+def _to_effects(plan: Plan, fac: Factor, vs):
+    """Per-unit standardized v -> tuple (u per marginalized class in caller order[, beta]).
+
+    Invalid inputs (fac.ok False) give NaN effects.
+    """
+    out = [None] * len(plan.marginalized)
+    beta = None
+    nan = jnp.asarray(jnp.nan, plan.dtype)
+    for u, (src, v) in enumerate(zip(plan.unit_src, vs)):
+        eff = jnp.where(fac.ok, v @ fac.lams[u].T, nan)
+        if src == BETA:
+            beta = fac.mu + eff[0]
+        else:
+            out[src] = eff
+    if plan.marginalize_beta:
+        out.append(beta)
+    return tuple(out)
+
+
+def conditional_mean(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
+    """E[u | y, params]: tuple of (n_groups_l, d_l) per marginalized class (plus beta (p,)
+    last if the plan marginalizes beta).  Arguments as in :func:`log_marginal`."""
+    fac = factorize(plan, beta, sigma, scales, offset, beta_prior)
+    dt = plan.dtype
+    eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(plan.n_chain_units)]
+    vs = _backsolve(plan, fac, eps, jnp.zeros(plan.dense_size, dt))
+    return _to_effects(plan, fac, vs)
+
+
+def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_prior=None):
+    """One exact joint draw of u | y, params (same layout as :func:`conditional_mean`).
+
+    ``key`` is a PRNG key; vmap over (key, params) for many posterior draws.
+    """
+    fac = factorize(plan, beta, sigma, scales, offset, beta_prior)
+    dt = plan.dtype
+    K = plan.n_chain_units
+    keys = jax.random.split(key, K + 1)
+    eps = [
+        jax.random.normal(keys[j], (plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)
+    ]
+    eps_D = jax.random.normal(keys[K], (plan.dense_size,), dt)
+    vs = _backsolve(plan, fac, eps, eps_D)
+    return _to_effects(plan, fac, vs)

@@ -1,0 +1,503 @@
+"""Plan: the static, data-dependent part of the marginal likelihood.
+
+``build_plan`` runs once per data set (NumPy, not traced).  It
+
+* stacks the marginalized random-effect classes (and optionally beta) into
+  "units" laid out as ``[chain units (finest first), dense units]``;
+* forms *cells*, the unique combinations of group codes of all marginalized
+  classes (every observation lies in exactly one cell);
+* splits the classes into a *chain* of nested classes, eliminated
+  block-diagonally by tree message passing, and a *dense* block whose Schur
+  complement is factorized densely (size ``dense_size``);
+* precomputes per-cell sufficient statistics (``S_zz``, ``S_zr``, ``S_zX``)
+  so that, for scalar sigma and no offset, a kernel call costs O(n_cells D^3)
+  independently of N;
+* for every chain level chooses how the dense fill-in is computed
+  (``"pairs"``: scatter of same-node cell pairs, ``"mtm"``: ``M^T M``).
+
+The result is a JAX pytree: arrays are leaves, sizes/orders are static.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.sparse as sp
+
+__all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize"]
+
+BETA = -1  # unit source id of the fixed effects when they are marginalized
+
+
+@dataclass(frozen=True, eq=False)
+class ClassSpec:
+    """One random-effect class (term).
+
+    name: label; Z: (N, d) per-observation columns; codes: (N,) ints in
+    [0, n_groups); n_groups: number of groups (unobserved groups allowed).
+    """
+
+    name: str
+    Z: np.ndarray
+    codes: np.ndarray
+    n_groups: int
+
+
+class MarginalTooLarge(ValueError):
+    """The dense Schur block of the requested marginalization exceeds ``dense_limit``."""
+
+
+# --------------------------------------------------------------------------- pytree
+
+
+@dataclass(frozen=True, eq=False)
+class Plan:
+    """Static plan for the kernels in :mod:`lmmarg.marginal.kernels` (a JAX pytree).
+
+    Array leaves (N obs, p fixed effects, D = sum of unit dims, K chain levels,
+    m = per-cell dense dims):
+      X (N, p), y (N,), Zt (N, D) unit columns, cell (N,) int,
+      S_zz (n_cells, D, D), S_zr (n_cells, D), S_zX (n_cells, D, p),
+      XtX (p, p), Xtr (p,), rr (), beta0 (p,)   -- statistics of r0 = y - X beta0,
+      cell_node: K arrays (n_cells,) node of each cell at chain level j,
+      parent: K-1 arrays (G_j,) node at level j+1 of each level-j node,
+      pairs: K entries, None or (pa, pb) same-node cell pairs,
+      dense_idx (n_cells, m) positions of each cell in the dense block.
+    Static: everything else.
+    """
+
+    # --- array leaves
+    X: jax.Array
+    y: jax.Array
+    Zt: jax.Array
+    cell: jax.Array
+    S_zz: jax.Array
+    S_zr: jax.Array
+    S_zX: jax.Array
+    XtX: jax.Array
+    Xtr: jax.Array
+    rr: jax.Array
+    beta0: jax.Array
+    cell_node: tuple
+    parent: tuple
+    pairs: tuple
+    dense_idx: jax.Array
+    # --- static
+    marginalized: tuple = field(default=())
+    chain: tuple = field(default=())
+    dense: tuple = field(default=())
+    beta_block: Optional[str] = None
+    class_names: tuple = ()
+    unit_names: tuple = ()
+    unit_dims: tuple = ()
+    unit_groups: tuple = ()
+    unit_src: tuple = ()
+    n_chain_units: int = 0
+    dense_offsets: tuple = ()
+    dense_size: int = 0
+    n_cells: int = 0
+    n_obs: int = 0
+    n_fixed: int = 0
+    fills: tuple = ()
+    dense_limit: int = 4000
+    dtype_name: str = "float64"
+
+    @property
+    def marginalize_beta(self) -> bool:
+        return self.beta_block is not None
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.dtype_name)
+
+    @property
+    def D(self) -> int:
+        return int(sum(self.unit_dims))
+
+    @property
+    def chain_dim(self) -> int:
+        return int(sum(self.unit_dims[: self.n_chain_units]))
+
+    @property
+    def m(self) -> int:
+        return self.D - self.chain_dim
+
+    def describe(self) -> str:
+        """Human-readable summary of the elimination plan."""
+        lines = [
+            f"Marginal plan: N={self.n_obs}, p={self.n_fixed}, cells={self.n_cells}, "
+            f"dtype={self.dtype_name}",
+        ]
+        if self.D == 0:
+            lines.append("  nothing marginalized (plain Gaussian likelihood)")
+            return "\n".join(lines)
+        K = self.n_chain_units
+        for j in range(K):
+            lines.append(
+                f"  chain level {j + 1}: {self.unit_names[j]!r} "
+                f"({self.unit_groups[j]} groups x d={self.unit_dims[j]}), "
+                f"fill={self.fills[j]}"
+            )
+        if self.dense_size:
+            parts = [
+                f"{self.unit_names[u]!r} ({self.unit_groups[u]} x {self.unit_dims[u]})"
+                for u in range(K, len(self.unit_dims))
+            ]
+            lines.append(f"  dense block: size {self.dense_size} = " + " + ".join(parts))
+        else:
+            lines.append("  dense block: none")
+        return "\n".join(lines)
+
+
+_DATA_FIELDS = [
+    "X", "y", "Zt", "cell", "S_zz", "S_zr", "S_zX", "XtX", "Xtr", "rr", "beta0",
+    "cell_node", "parent", "pairs", "dense_idx",
+]
+_META_FIELDS = [
+    "marginalized", "chain", "dense", "beta_block", "class_names", "unit_names",
+    "unit_dims", "unit_groups", "unit_src", "n_chain_units", "dense_offsets",
+    "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name",
+]
+jax.tree_util.register_dataclass(Plan, data_fields=_DATA_FIELDS, meta_fields=_META_FIELDS)
+
+
+# --------------------------------------------------------------------------- structure
+
+
+def _class_Z(c: ClassSpec, N: int) -> np.ndarray:
+    Z = np.asarray(c.Z, dtype=np.float64)
+    if Z.ndim == 1:
+        Z = Z[:, None]
+    if Z.ndim != 2 or Z.shape[0] != N:
+        raise ValueError(f"class {c.name!r}: Z must be (N={N}, d), got {Z.shape}")
+    return Z
+
+
+def _class_codes(c: ClassSpec, N: int) -> np.ndarray:
+    codes = np.asarray(c.codes).reshape(-1)
+    if codes.shape[0] != N:
+        raise ValueError(f"class {c.name!r}: codes must have length N={N}")
+    if not np.issubdtype(codes.dtype, np.integer):
+        if not np.all(np.equal(np.mod(codes, 1), 0)):
+            raise ValueError(f"class {c.name!r}: codes must be integers")
+    codes = codes.astype(np.int64)
+    if N and (codes.min() < 0 or codes.max() >= int(c.n_groups)):
+        raise ValueError(f"class {c.name!r}: codes must lie in [0, {c.n_groups})")
+    return codes
+
+
+def _dim(c: ClassSpec) -> int:
+    Z = np.asarray(c.Z)
+    return 1 if Z.ndim == 1 else int(Z.shape[1])
+
+
+def _nested(fine: np.ndarray, coarse: np.ndarray, n_coarse: int) -> bool:
+    """True if every observed group of ``fine`` lies in exactly one group of ``coarse``."""
+    if fine.size == 0:
+        return True
+    key = fine.astype(np.int64) * int(n_coarse) + coarse
+    return np.unique(key).size == np.unique(fine).size
+
+
+def _partition(classes: Sequence[ClassSpec], subset: Sequence[int], nested=None):
+    """Split ``subset`` (class indices) into (chain finest-first, dense in given order)."""
+    subset = list(subset)
+    if not subset:
+        return [], []
+
+    def is_nested(a, b):
+        if nested is not None:
+            return nested[a][b]
+        ca, cb = np.asarray(classes[a].codes).reshape(-1), np.asarray(classes[b].codes).reshape(-1)
+        return _nested(ca.astype(np.int64), cb.astype(np.int64), classes[b].n_groups)
+
+    def key(i):
+        c = classes[i]
+        return (-int(c.n_groups), -int(c.n_groups) * _dim(c), subset.index(i))
+
+    order = sorted(subset, key=key)
+    chain = [order[0]]
+    for c in order[1:]:
+        if all(is_nested(a, c) for a in chain):
+            chain.append(c)
+    dense = [i for i in subset if i not in chain]
+    return chain, dense
+
+
+def _dense_size(classes, dense) -> int:
+    return int(sum(int(classes[i].n_groups) * _dim(classes[i]) for i in dense))
+
+
+def _nested_matrix(classes):
+    n = len(classes)
+    codes = [np.asarray(c.codes).reshape(-1).astype(np.int64) for c in classes]
+    return [[(a == b) or _nested(codes[a], codes[b], classes[b].n_groups) for b in range(n)]
+            for a in range(n)]
+
+
+def auto_marginalize(classes: Sequence[ClassSpec], dense_limit: int = 4000) -> list:
+    """Largest set of class indices whose dense Schur block has size <= ``dense_limit``.
+
+    Ties (same number of classes) are broken by the larger number of marginalized
+    random-effect coefficients, then by the smaller dense block.  Exhaustive for
+    up to 12 classes, greedy removal beyond.  Returns sorted indices.
+    """
+    n = len(classes)
+    if n == 0:
+        return []
+    nested = _nested_matrix(classes)
+
+    def score(sub):
+        chain, dense = _partition(classes, sub, nested)
+        ds = _dense_size(classes, dense)
+        total = sum(int(classes[i].n_groups) * _dim(classes[i]) for i in sub)
+        return ds, total
+
+    if n <= 12:
+        for size in range(n, 0, -1):
+            best, best_key = None, None
+            for sub in itertools.combinations(range(n), size):
+                ds, total = score(sub)
+                if ds <= dense_limit and (best_key is None or (-total, ds) < best_key):
+                    best, best_key = list(sub), (-total, ds)
+            if best is not None:
+                return best
+        return []
+    sub = list(range(n))
+    while sub:
+        ds, _ = score(sub)
+        if ds <= dense_limit:
+            return sub
+        _, dense = _partition(classes, sub, nested)
+        worst = max(dense, key=lambda i: int(classes[i].n_groups) * _dim(classes[i]))
+        sub.remove(worst)
+    return []
+
+
+def _too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta=0):
+    def desc(i):
+        c = classes[i]
+        return f"{c.name!r} ({c.n_groups} groups x d={_dim(c)} = {c.n_groups * _dim(c)})"
+
+    sub = [classes[i] for i in marg]
+    keep = [marg[i] for i in auto_marginalize(sub, dense_limit - p_beta)]
+    leave = [i for i in marg if i not in keep]
+    msg = (
+        f"Marginalizing these classes needs a dense Schur block of size {ds} > "
+        f"dense_limit={dense_limit}. Block-diagonal chain: "
+        + (", ".join(desc(i) for i in chain) or "none")
+        + ". Dense block: " + ", ".join(desc(i) for i in dense)
+        + (f", beta ({p_beta} coefficients)" if p_beta else "") + ". "
+    )
+    if leave:
+        msg += (
+            "Suggestion: leave " + ", ".join(repr(classes[i].name) for i in leave)
+            + f" to HMC (marginalize={sorted(keep)}), or raise dense_limit."
+        )
+    else:
+        msg += "Raise dense_limit or marginalize fewer classes."
+    return msg
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _aggregate(cell: np.ndarray, n_cells: int, cols: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """Sum rows of ``cols`` (N, k) by cell -> (n_cells, k), chunked over k."""
+    N, k = cols.shape
+    ind = sp.csr_matrix((np.ones(N), (cell, np.arange(N))), shape=(n_cells, N))
+    out = np.empty((n_cells, k))
+    step = max(1, chunk // max(N, 1))
+    for s in range(0, k, step):
+        out[:, s : s + step] = ind @ cols[:, s : s + step]
+    return out
+
+
+def _outer_stats(cell, n_cells, Zt, chunk=1 << 22):
+    """S_zz (n_cells, D, D) = sum over cells of Zt_i Zt_i^T, chunked over obs."""
+    N, D = Zt.shape
+    chunk_rows = max(1, chunk // max(D * D, 1))
+    out = np.zeros((n_cells, D * D))
+    for s in range(0, N, chunk_rows):
+        Zc = Zt[s : s + chunk_rows]
+        oc = (Zc[:, :, None] * Zc[:, None, :]).reshape(Zc.shape[0], D * D)
+        c = cell[s : s + chunk_rows]
+        ind = sp.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_cells, len(c)))
+        out += ind @ oc
+    return out.reshape(n_cells, D, D)
+
+
+def _same_node_pairs(node: np.ndarray, G: int):
+    """All ordered pairs (a, b) of cells sharing a node -> two (n_pairs,) arrays."""
+    order = np.argsort(node, kind="stable")
+    counts = np.bincount(node, minlength=G)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    ns = node[order]
+    rep = counts[ns]
+    pa = np.repeat(order, rep)
+    t = np.arange(rep.sum()) - np.repeat(np.cumsum(rep) - rep, rep)
+    pb = order[np.repeat(starts[ns], rep) + t]
+    return pa, pb
+
+
+def _choose_fill(n_pairs: int, n_nodes: int, d: int, m: int, dense_size: int, n_cells: int) -> str:
+    """Pick the dense fill-in algorithm of one chain level by estimated cost."""
+    cost_pairs = n_pairs * m * m * (d + 6)
+    cost_mtm = n_nodes * d * dense_size * dense_size + n_cells * d * m * 6
+    if n_nodes * d * dense_size > 1.5e8:  # M would not fit comfortably
+        return "pairs"
+    return "pairs" if cost_pairs < cost_mtm else "mtm"
+
+
+# --------------------------------------------------------------------------- build
+
+
+def build_plan(
+    X,
+    y,
+    classes: list,
+    marginalize: list,
+    *,
+    marginalize_beta: bool = False,
+    dense_limit: int = 4000,
+    dtype=jnp.float64,
+) -> Plan:
+    """Build the static plan.
+
+    X (N, p), y (N,), classes: list of ClassSpec, marginalize: indices of the
+    classes integrated out (their order fixes the order of ``scales`` in the
+    kernels).  With ``marginalize_beta`` beta is integrated out too (prior given
+    per call).  Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if X.ndim == 1:
+        X = X[:, None]
+    N, p = X.shape
+    if y.shape[0] != N:
+        raise ValueError(f"X has {N} rows but y has {y.shape[0]}")
+    classes = list(classes)
+    marg = tuple(int(i) for i in marginalize)
+    if len(set(marg)) != len(marg) or any(i < 0 or i >= len(classes) for i in marg):
+        raise ValueError(f"marginalize must be distinct indices into classes, got {marginalize}")
+    if marginalize_beta and p == 0:
+        marginalize_beta = False
+    dt = jax.dtypes.canonicalize_dtype(dtype)
+    names = tuple(c.name for c in classes)
+
+    chain, dense = _partition(classes, marg)
+    ds = _dense_size(classes, dense)
+    beta_block = None
+    if marginalize_beta:
+        beta_block = "dense" if dense else "chain"
+        if dense:
+            ds += p
+    if ds > dense_limit:
+        p_beta = p if beta_block == "dense" else 0
+        raise MarginalTooLarge(_too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))
+
+    # ---- units: chain (finest first) then dense; beta as a one-group class
+    units = []  # (name, Z (N,d), codes (N,), n_groups, src)
+    for i in chain:
+        c = classes[i]
+        units.append((c.name, _class_Z(c, N), _class_codes(c, N), int(c.n_groups), marg.index(i)))
+    if beta_block == "chain":
+        units.append(("beta", X, np.zeros(N, np.int64), 1, BETA))
+    K = len(units)
+    for i in dense:
+        c = classes[i]
+        units.append((c.name, _class_Z(c, N), _class_codes(c, N), int(c.n_groups), marg.index(i)))
+    if beta_block == "dense":
+        units.append(("beta", X, np.zeros(N, np.int64), 1, BETA))
+    dims = tuple(u[1].shape[1] for u in units)
+    groups = tuple(u[3] for u in units)
+    D = int(sum(dims))
+
+    # ---- cells
+    if units:
+        codes = np.stack([u[2] for u in units], axis=1)
+        cell_codes, cell = np.unique(codes, axis=0, return_inverse=True)
+        cell = np.asarray(cell).reshape(-1)
+    else:
+        cell_codes, cell = np.zeros((1, 0), np.int64), np.zeros(N, np.int64)
+    if N == 0:
+        cell_codes = np.zeros((1, len(units)), np.int64)
+    n_cells = cell_codes.shape[0]
+    Zt = np.concatenate([u[1] for u in units], axis=1) if units else np.zeros((N, 0))
+
+    # ---- sufficient statistics around an OLS beta0 (reduces cancellation)
+    beta0 = np.linalg.lstsq(X, y, rcond=None)[0] if (p and N) else np.zeros(p)
+    r0 = y - X @ beta0
+    S_zz = _outer_stats(cell, n_cells, Zt)
+    S_zr = _aggregate(cell, n_cells, Zt * r0[:, None])
+    S_zX = _aggregate(cell, n_cells, (Zt[:, :, None] * X[:, None, :]).reshape(N, D * p)).reshape(
+        n_cells, D, p
+    ) if D * p else np.zeros((n_cells, D, p))
+
+    # ---- chain structure
+    dense_offsets, off = [], 0
+    for u in range(K, len(units)):
+        dense_offsets.append(off)
+        off += groups[u] * dims[u]
+    assert off == ds
+    cell_node, parent, pairs, fills = [], [], [], []
+    m = int(sum(dims[K:]))
+    for j in range(K):
+        node = cell_codes[:, j].astype(np.int64)
+        cell_node.append(node)
+        if j + 1 < K:
+            par = np.zeros(groups[j], np.int64)
+            par[node] = cell_codes[:, j + 1]
+            parent.append(par)
+        if m:
+            counts = np.bincount(node, minlength=groups[j])
+            n_pairs = int((counts.astype(np.int64) ** 2).sum())
+            fill = _choose_fill(n_pairs, groups[j], dims[j], m, ds, n_cells)
+        else:
+            fill = "none"
+        fills.append(fill)
+        pairs.append(_same_node_pairs(node, groups[j]) if fill == "pairs" else None)
+    if m:
+        dense_idx = np.concatenate(
+            [
+                dense_offsets[u - K] + cell_codes[:, u : u + 1] * dims[u] + np.arange(dims[u])[None, :]
+                for u in range(K, len(units))
+            ],
+            axis=1,
+        )
+    else:
+        dense_idx = np.zeros((n_cells, 0), np.int64)
+
+    f = lambda a: jnp.asarray(a, dtype=dt)  # noqa: E731
+    i32 = lambda a: jnp.asarray(a, dtype=jnp.int32)  # noqa: E731
+    return Plan(
+        X=f(X), y=f(y), Zt=f(Zt), cell=i32(cell),
+        S_zz=f(S_zz), S_zr=f(S_zr), S_zX=f(S_zX),
+        XtX=f(X.T @ X), Xtr=f(X.T @ r0), rr=f(r0 @ r0), beta0=f(beta0),
+        cell_node=tuple(i32(a) for a in cell_node),
+        parent=tuple(i32(a) for a in parent),
+        pairs=tuple(None if pr is None else (i32(pr[0]), i32(pr[1])) for pr in pairs),
+        dense_idx=i32(dense_idx),
+        marginalized=marg,
+        chain=tuple(chain),
+        dense=tuple(dense),
+        beta_block=beta_block,
+        class_names=names,
+        unit_names=tuple(u[0] for u in units),
+        unit_dims=dims,
+        unit_groups=groups,
+        unit_src=tuple(u[4] for u in units),
+        n_chain_units=K,
+        dense_offsets=tuple(dense_offsets),
+        dense_size=int(ds),
+        n_cells=int(n_cells),
+        n_obs=int(N),
+        n_fixed=int(p),
+        fills=tuple(fills),
+        dense_limit=int(dense_limit),
+        dtype_name=jnp.dtype(dt).name,
+    )

@@ -1,0 +1,506 @@
+"""Tests of lmmarg.marginal against a dense O(N^3) Gaussian oracle.
+
+Every kernel call is jitted (eager dispatch compiles each primitive per shape,
+which is far slower for these many small designs), with per-function XLA
+options that cut XLA:CPU compile time several-fold (no global XLA_FLAGS).
+The dense oracle works on tiny matrices, where multi-threaded OpenBLAS only
+spins; one BLAS thread is requested (effective if NumPy is not imported yet).
+"""
+import functools
+import inspect
+import os
+import subprocess
+import sys
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dense_reference import dense_conditional, dense_logpdf  # noqa: E402
+
+import lmmarg.marginal.plan as plan_mod  # noqa: E402
+from lmmarg.marginal import (  # noqa: E402
+    ClassSpec,
+    MarginalTooLarge,
+    auto_marginalize,
+    build_plan,
+)
+from lmmarg.marginal import conditional_mean as _cond_mean  # noqa: E402
+from lmmarg.marginal import conditional_sample  # noqa: E402
+from lmmarg.marginal import log_marginal as _log_marginal  # noqa: E402
+
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
+if "compiler_options" in inspect.signature(jax.jit).parameters:
+    _jit = functools.partial(jax.jit, compiler_options=_FAST_COMPILE)
+else:  # older jax
+    _jit = jax.jit
+
+log_marginal = _jit(_log_marginal)
+conditional_mean = _jit(_cond_mean)
+
+# ----------------------------------------------------------------------------- designs
+
+
+def _Z(rng, N, d):
+    return np.column_stack([np.ones(N)] + [rng.normal(size=N) for _ in range(d - 1)])
+
+
+def _codes(rng, N, G, balanced):
+    if balanced:
+        return rng.permutation(np.arange(N) % G)
+    codes = rng.choice(G - 3, N, p=rng.dirichlet(np.full(G - 3, 0.8)))
+    i = rng.choice(N, 2, replace=False)
+    codes[i] = [G - 3, G - 1]  # two singleton groups; group G - 2 is empty
+    return codes
+
+
+def _crossed(rng, sizes, reps, balanced, N):
+    if balanced:
+        grid = np.stack(np.meshgrid(*[np.arange(g) for g in sizes], indexing="ij"), -1)
+        grid = np.repeat(grid.reshape(-1, len(sizes)), reps, axis=0)
+        return [grid[:, j] for j in range(len(sizes))]
+    return [_codes(rng, N, g, False) for g in sizes]
+
+
+def make_design(kind, seed, dims, balanced):
+    """Random LMM design -> dict(X, y, classes, beta, sigma, lams)."""
+    rng = np.random.default_rng(seed)
+    if kind == "one":
+        codes = [_codes(rng, 90, 9, balanced)]
+        names, groups = ["g"], [9]
+    elif kind == "nested":
+        batch = _codes(rng, 100, 5, balanced)
+        cask = batch * 3 + (rng.permutation(np.arange(100) % 3) if balanced else rng.integers(0, 3, 100))
+        codes, names, groups = [batch, cask], ["batch", "batch:cask"], [5, 15]
+    elif kind == "crossed":
+        codes = _crossed(rng, [10, 6], 2, balanced, 110)
+        names, groups = ["subj", "item"], [10, 6]
+    elif kind == "crossed3":
+        codes = _crossed(rng, [7, 5, 4], 1, balanced, 120)
+        names, groups = ["a", "b", "c"], [7, 5, 4]
+    elif kind == "nested_crossed":
+        N = 120
+        batch = _codes(rng, N, 5, balanced)
+        cask = batch * 3 + rng.integers(0, 3, N)
+        op = _codes(rng, N, 4, balanced)
+        codes, names, groups = [op, batch, cask], ["op", "batch", "batch:cask"], [4, 5, 15]
+    elif kind == "xgrp":  # (1 + x || g): two classes with identical grouping
+        g = _codes(rng, 80, 8, balanced)
+        codes, names, groups = [g, g], ["g", "g.x"], [8, 8]
+    else:
+        raise ValueError(kind)
+    N = len(codes[0])
+    classes = [ClassSpec(n, _Z(rng, N, d), c, G) for n, c, G, d in zip(names, codes, groups, dims)]
+    if kind == "xgrp":
+        classes[1] = ClassSpec("g.x", rng.normal(size=(N, dims[1])), codes[1], groups[1])
+    X = np.column_stack([np.ones(N), rng.normal(size=N)])
+    beta = np.array([0.5, -0.3])
+    lams = [_lam(rng, d) for d in dims]
+    y = X @ beta + 0.7 * rng.normal(size=N)
+    for c, L in zip(classes, lams):
+        u = rng.normal(size=(c.n_groups, L.shape[0])) @ L.T
+        y += np.sum(c.Z * u[c.codes], axis=1)
+    return dict(X=X, y=y, classes=classes, beta=beta, sigma=0.7, lams=lams, rng=rng)
+
+
+def _lam(rng, d):
+    L = np.tril(rng.normal(size=(d, d)) * 0.4)
+    L[np.diag_indices(d)] = rng.uniform(0.3, 1.2, d)
+    return L
+
+
+def _offset(des, others):
+    """Contribution of the classes in ``others`` with random effects drawn once."""
+    rng = np.random.default_rng(99)
+    off = np.zeros(len(des["y"]))
+    for i in others:
+        c = des["classes"][i]
+        u = rng.normal(size=(c.n_groups, c.Z.shape[1]))
+        off += np.sum(c.Z * u[c.codes], axis=1)
+    return off
+
+
+BETA_PRIOR = (np.array([0.2, -0.1]), np.array([[1.5, 0.0], [0.4, 0.8]]))
+
+DESIGNS = [
+    ("one", 0, (1,), True),
+    ("one", 1, (4,), False),
+    ("nested", 2, (1, 2), False),
+    ("nested", 3, (2, 1), True),
+    ("crossed", 4, (2, 2), True),
+    ("crossed", 5, (1, 3), False),
+    ("crossed3", 6, (1, 1, 2), False),
+    ("crossed3", 7, (2, 1, 1), True),
+    ("nested_crossed", 8, (1, 2, 1), False),
+    ("nested_crossed", 9, (2, 1, 2), True),
+    ("xgrp", 10, (1, 1), False),
+]
+
+
+def _rel(a, b):
+    return abs(float(a) - float(b)) / abs(float(b))
+
+
+def _ref(des, marg, beta, sigma, lams, offset=None, beta_prior=None):
+    return dense_logpdf(des["X"], des["y"], des["classes"], marg, beta, sigma, lams, offset, beta_prior)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("case", range(len(DESIGNS)))
+def test_log_marginal_matches_dense(case):
+    kind, seed, dims, balanced = DESIGNS[case]
+    des = make_design(kind, seed, dims, balanced)
+    X, y, classes, beta, lams = des["X"], des["y"], des["classes"], des["beta"], des["lams"]
+    marg = list(range(len(classes)))[::-1]  # caller order != class order
+    sc = tuple(lams[i] for i in marg)
+    N = len(y)
+    plan = build_plan(X, y, classes, marg)
+    assert plan.marginalized == tuple(marg)
+    sig_i = des["rng"].uniform(0.4, 1.3, N)
+    off = des["rng"].normal(size=N)
+    # fast path always; the other kernel paths rotate over the designs (compile time)
+    other = [(0.7, off), (sig_i, None), (sig_i, off)][case % 3]
+    for sigma, offset in [(0.7, None), other]:
+        val = log_marginal(plan, beta, sigma, sc, offset)
+        assert _rel(val, _ref(des, marg, beta, sigma, sc, offset)) < 1e-10
+    planb = build_plan(X, y, classes, marg, marginalize_beta=True)
+    sigma, offset = [(0.7, None), (sig_i, off)][case % 2]
+    val = log_marginal(planb, None, sigma, sc, offset, beta_prior=BETA_PRIOR)
+    assert _rel(val, _ref(des, marg, None, sigma, sc, offset, BETA_PRIOR)) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "kind,seed,dims,marg",
+    [
+        ("crossed3", 11, (1, 2, 1), [2]),
+        ("crossed3", 12, (1, 2, 1), [1, 0]),
+        ("nested_crossed", 13, (2, 1, 1), [2, 1]),
+        ("nested_crossed", 14, (1, 1, 2), [0, 2]),
+    ],
+)
+def test_partial_marginalization(kind, seed, dims, marg):
+    des = make_design(kind, seed, dims, False)
+    others = [i for i in range(len(des["classes"])) if i not in marg]
+    off = _offset(des, others)
+    sc = tuple(des["lams"][i] for i in marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    sigma = 0.8 if seed % 2 else des["rng"].uniform(0.5, 1.0, len(des["y"]))
+    val = log_marginal(plan, des["beta"], sigma, sc, off)
+    assert _rel(val, _ref(des, marg, des["beta"], sigma, sc, off)) < 1e-10
+    planb = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True)
+    val = log_marginal(planb, None, 0.8, sc, off, beta_prior=BETA_PRIOR)
+    assert _rel(val, _ref(des, marg, None, 0.8, sc, off, BETA_PRIOR)) < 1e-10
+
+
+def test_nothing_or_only_beta_marginalized():
+    des = make_design("crossed", 15, (1, 1), False)
+    X, y, classes = des["X"], des["y"], des["classes"]
+    off = _offset(des, [0, 1])
+    sig_i = des["rng"].uniform(0.5, 1.0, len(y))
+    plan = build_plan(X, y, classes, [])
+    assert plan.dense_size == 0 and plan.chain == () and plan.dense == ()
+    for sigma, offset in [(0.9, None), (0.9, off), (sig_i, off)]:
+        val = log_marginal(plan, des["beta"], sigma, (), offset)
+        assert _rel(val, _ref(des, [], des["beta"], sigma, (), offset)) < 1e-10
+    assert conditional_mean(plan, des["beta"], 0.9, (), off) == ()
+    planb = build_plan(X, y, classes, [], marginalize_beta=True)
+    assert planb.beta_block == "chain"
+    for sigma, offset in [(0.9, None), (sig_i, off)]:
+        val = log_marginal(planb, None, sigma, (), offset, beta_prior=BETA_PRIOR)
+        assert _rel(val, _ref(des, [], None, sigma, (), offset, BETA_PRIOR)) < 1e-10
+    mean = conditional_mean(planb, None, sig_i, (), off, beta_prior=BETA_PRIOR)
+    rm, _, _ = dense_conditional(X, y, classes, [], None, sig_i, (), off, BETA_PRIOR)
+    np.testing.assert_allclose(mean[0], rm, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind,seed,dims", [("crossed", 16, (2, 1)), ("nested_crossed", 17, (1, 2, 1))])
+def test_float32(kind, seed, dims):
+    des = make_design(kind, seed, dims, False)
+    marg = list(range(len(dims)))
+    sc = tuple(np.float32(des["lams"][i]) for i in marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, dtype=jnp.float32)
+    assert plan.S_zz.dtype == jnp.float32 and plan.X.dtype == jnp.float32
+    sig_i = des["rng"].uniform(0.5, 1.0, len(des["y"]))
+    off = des["rng"].normal(size=len(des["y"]))
+    for sigma, offset in [(0.7, None), (sig_i, off)]:
+        val = log_marginal(plan, np.float32(des["beta"]), sigma, sc, offset)
+        assert val.dtype == jnp.float32
+        assert _rel(val, _ref(des, marg, des["beta"], sigma, sc, offset)) < 1e-3
+    planb = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True, dtype=jnp.float32)
+    val = log_marginal(planb, None, 0.7, sc, beta_prior=BETA_PRIOR)
+    assert _rel(val, _ref(des, marg, None, 0.7, sc, None, BETA_PRIOR)) < 1e-3
+    mean = conditional_mean(planb, None, 0.7, sc, beta_prior=BETA_PRIOR)
+    assert all(m.dtype == jnp.float32 for m in mean)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize(
+    "kind,seed,dims,mbeta,per_obs",
+    [
+        ("crossed", 18, (2, 1), False, False),
+        ("nested_crossed", 19, (1, 2, 2), False, True),
+        ("nested", 20, (2, 1), True, False),
+        ("crossed3", 21, (1, 1, 2), True, True),
+    ],
+)
+def test_gradients_match_finite_differences(kind, seed, dims, mbeta, per_obs):
+    des = make_design(kind, seed, dims, False)
+    marg = list(range(len(dims)))
+    N = len(des["y"])
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=mbeta)
+    off = des["rng"].normal(size=N) * 0.3 if per_obs else None
+    theta = dict(
+        beta=jnp.asarray(des["beta"]),
+        sigma=jnp.asarray(des["rng"].uniform(0.5, 1.0, N) if per_obs else 0.7),
+        scales=tuple(jnp.asarray(des["lams"][i]) for i in marg),
+        prior=tuple(jnp.asarray(a) for a in BETA_PRIOR),
+    )
+
+    def f(t):
+        return _log_marginal(plan, t["beta"], t["sigma"], t["scales"], off, t["prior"] if mbeta else None)
+
+    g = _jit(jax.grad(f))(theta)
+    f = _jit(f)
+    leaves, tdef = jax.tree_util.tree_flatten(theta)
+    rng = np.random.default_rng(seed)
+    for _ in range(4):
+        dirs = [jnp.asarray(np.tril(rng.normal(size=l.shape)) if l.ndim == 2 else rng.normal(size=l.shape))
+                for l in leaves]
+        v = jax.tree_util.tree_unflatten(tdef, dirs)
+        h = 1e-5
+        plus = jax.tree_util.tree_map(lambda a, b: a + h * b, theta, v)
+        minus = jax.tree_util.tree_map(lambda a, b: a - h * b, theta, v)
+        fd = (f(plus) - f(minus)) / (2 * h)
+        an = sum(jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), dirs))
+        assert abs(float(fd - an)) <= 1e-6 * (1 + abs(float(an))), (float(fd), float(an))
+
+
+# ----------------------------------------------------------------------------- recovery
+
+
+def _flat(tup):
+    return np.concatenate([np.ravel(np.asarray(a)) for a in tup])
+
+
+@pytest.mark.parametrize(
+    "kind,seed,dims,marg,mbeta",
+    [
+        ("one", 22, (3,), [0], False),
+        ("nested", 23, (1, 2), [1, 0], True),
+        ("crossed", 24, (2, 2), [0, 1], True),
+        ("crossed3", 25, (1, 2, 1), [2, 0, 1], False),
+        ("nested_crossed", 26, (2, 1, 1), [0, 1, 2], True),
+        ("nested_crossed", 27, (1, 1, 2), [2, 0], False),
+        ("xgrp", 28, (1, 2), [0, 1], True),
+    ],
+)
+def test_conditional_mean_matches_dense(kind, seed, dims, marg, mbeta):
+    des = make_design(kind, seed, dims, False)
+    N = len(des["y"])
+    others = [i for i in range(len(dims)) if i not in marg]
+    off = _offset(des, others) if others else None
+    sc = tuple(des["lams"][i] for i in marg)
+    sig_i = des["rng"].uniform(0.5, 1.0, N)
+    bp = BETA_PRIOR if mbeta else None
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=mbeta)
+    for sigma in [[0.7, sig_i][seed % 2]]:
+        mean = conditional_mean(plan, des["beta"], sigma, sc, off, bp)
+        rm, _, sizes = dense_conditional(des["X"], des["y"], des["classes"], marg, des["beta"], sigma, sc, off, bp)
+        assert len(mean) == len(marg) + mbeta
+        for a, i in zip(mean, marg):
+            assert a.shape == (des["classes"][i].n_groups, dims[i])
+        if mbeta:
+            assert mean[-1].shape == (2,)
+        np.testing.assert_allclose(_flat(mean), rm, rtol=1e-8, atol=1e-8 * np.abs(rm).max())
+
+
+@pytest.mark.parametrize(
+    "kind,seed,dims,mbeta",
+    [("nested_crossed", 29, (1, 2, 1), True), ("nested", 30, (2, 1), True), ("crossed", 31, (1, 2), False)],
+)
+def test_conditional_sample_moments(kind, seed, dims, mbeta):
+    des = make_design(kind, seed, dims, False)
+    marg = list(range(len(dims)))
+    sc = tuple(des["lams"][i] for i in marg)
+    bp = BETA_PRIOR if mbeta else None
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=mbeta)
+    n = 20000
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    draws = _jit(jax.vmap(lambda k: conditional_sample(plan, k, des["beta"], 0.7, sc, None, bp)))(keys)
+    S = np.concatenate([np.asarray(a).reshape(n, -1) for a in draws], axis=1)
+    rm, rc, _ = dense_conditional(des["X"], des["y"], des["classes"], marg, des["beta"], 0.7, sc, None, bp)
+    sd = np.sqrt(np.diag(rc))
+    assert np.all(np.abs(S.mean(0) - rm) <= 5 * sd / np.sqrt(n))
+    C = np.cov(S, rowvar=False)
+    se = np.sqrt((np.outer(sd**2, sd**2) + rc**2) / n)
+    assert np.all(np.abs(C - rc) <= 6 * se)
+
+
+def test_vmap_over_parameter_draws():
+    des = make_design("nested_crossed", 32, (1, 1, 2), False)
+    marg = [0, 1, 2]
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True)
+    B = 3
+    rng = np.random.default_rng(0)
+    sig = jnp.asarray(rng.uniform(0.5, 1.0, B))
+    scs = tuple(jnp.asarray(np.stack([_lam(rng, des["lams"][i].shape[0]) for _ in range(B)])) for i in marg)
+    mus = jnp.asarray(rng.normal(size=(B, 2)))
+    S = jnp.asarray(BETA_PRIOR[1])
+
+    def one(key, s, sc, mu):
+        return conditional_sample(plan, key, None, s, sc, None, (mu, S))
+
+    keys = jax.random.split(jax.random.PRNGKey(1), B)
+    out = _jit(jax.vmap(one))(keys, sig, scs, mus)
+    assert out[0].shape == (B, 4, 1) and out[-1].shape == (B, 2)
+    lm = _jit(jax.vmap(lambda s, sc, mu: _log_marginal(plan, None, s, sc, None, (mu, S))))(sig, scs, mus)
+    for b in range(B):
+        single = log_marginal(plan, None, sig[b], tuple(a[b] for a in scs), None, (mus[b], S))
+        np.testing.assert_allclose(lm[b], single, rtol=1e-12)
+        ref = _jit(one)(keys[b], sig[b], tuple(a[b] for a in scs), mus[b])
+        np.testing.assert_allclose(_flat([o[b] for o in out]), _flat(ref), rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+def test_singular_scale_is_finite_and_exact():
+    des = make_design("crossed", 33, (2, 2), False)
+    marg = [0, 1]
+    L0 = np.array([[0.8, 0.0], [0.5, 0.0]])  # rank one: zero second column
+    L1 = np.zeros((2, 2))  # class switched off entirely
+    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    vg = _jit(jax.value_and_grad(lambda b, s, sc: _log_marginal(plan, b, s, sc), argnums=(0, 1, 2)))
+    val, g = vg(jnp.asarray(des["beta"]), 0.7, (jnp.asarray(L0), jnp.asarray(L1)))
+    assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(g))
+    sig_i = des["rng"].uniform(0.5, 1.0, len(des["y"]))
+    val_i = log_marginal(plan, des["beta"], sig_i, (L0, L1))
+    for v, sigma in [(val, 0.7), (val_i, sig_i)]:
+        assert np.isfinite(v)
+        assert _rel(v, _ref(des, marg, des["beta"], sigma, (L0, L1))) < 1e-10
+        assert _rel(v, _ref(des, [0], des["beta"], sigma, (L0,))) < 1e-10
+    mean = conditional_mean(plan, des["beta"], 0.7, (L0, L1))
+    assert np.all(mean[1] == 0) and np.all(np.isfinite(mean[0]))
+
+
+def test_nonfinite_inputs_give_minus_inf():
+    des = make_design("crossed", 34, (1, 2), False)
+    marg = [0, 1]
+    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    beta = jnp.asarray(des["beta"])
+    sc = tuple(jnp.asarray(des["lams"][i]) for i in marg)
+    N = len(des["y"])
+    vg = _jit(jax.value_and_grad(lambda b, s, sc, off: _log_marginal(plan, b, s, sc, off), argnums=(0, 1, 2)))
+    sig, off = jnp.full(N, 0.7), jnp.zeros(N)
+    bad_scale = (sc[0], sc[1].at[1, 0].set(jnp.nan))
+    cases = [
+        (beta, jnp.nan, sc, None),  # fast path
+        (beta, 0.7, sc, None),  # valid, fast path
+        (beta, sig.at[3].set(jnp.nan), sc, off),  # general path from here on
+        (beta, sig.at[3].set(-1.0), sc, off),
+        (beta, sig.at[3].set(0.0), sc, off),
+        (beta.at[0].set(jnp.inf), sig, sc, off),
+        (beta, sig, bad_scale, off),
+        (beta, sig, sc, off.at[5].set(jnp.inf)),
+        (beta, sig, sc, off),  # valid
+    ]
+    for k, (b, s, scl, o) in enumerate(cases):
+        val, g = vg(b, jnp.asarray(s), scl, o)
+        assert np.isfinite(val) if k in (1, 8) else val == -jnp.inf
+        assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(g))
+    planb = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True)
+    bad_prior = (jnp.array([jnp.nan, 0.0]), jnp.eye(2))
+    assert log_marginal(planb, None, 0.7, sc, None, bad_prior) == -jnp.inf
+    mean = conditional_mean(planb, None, 0.7, sc, None, bad_prior)
+    assert all(np.all(np.isnan(m)) for m in mean)
+
+
+def test_marginal_too_large_names_classes():
+    rng = np.random.default_rng(35)
+    N = 400
+    classes = [
+        ClassSpec("subj", _Z(rng, N, 2), rng.integers(0, 60, N), 60),
+        ClassSpec("item", _Z(rng, N, 2), rng.integers(0, 50, N), 50),
+        ClassSpec("site", _Z(rng, N, 1), rng.integers(0, 3, N), 3),
+    ]
+    X, y = np.ones((N, 1)), rng.normal(size=N)
+    with pytest.raises(MarginalTooLarge) as exc:
+        build_plan(X, y, classes, [0, 1, 2], dense_limit=50)
+    msg = str(exc.value)
+    assert "item" in msg and "site" in msg and "subj" in msg and "50" in msg
+    assert "HMC" in msg
+    assert isinstance(exc.value, ValueError)
+    build_plan(X, y, classes, [0, 1, 2], dense_limit=103)  # 50 * 2 + 3 fits
+
+
+def test_auto_marginalize_toy():
+    rng = np.random.default_rng(36)
+    N = 300
+    subj = rng.integers(0, 40, N)
+    classes = [
+        ClassSpec("item", _Z(rng, N, 2), rng.integers(0, 30, N), 30),  # 60 dense coefficients
+        ClassSpec("subj", _Z(rng, N, 1), subj, 40),  # finest: chain
+        ClassSpec("site", _Z(rng, N, 1), subj // 10, 4),  # subj nested in site: chain
+        ClassSpec("day", _Z(rng, N, 1), rng.integers(0, 7, N), 7),  # 7 dense coefficients
+    ]
+    assert auto_marginalize(classes, dense_limit=4000) == [0, 1, 2, 3]
+    assert auto_marginalize(classes, dense_limit=20) == [0, 2, 3]  # item in chain, site+day dense
+    assert auto_marginalize(classes, dense_limit=10) == [1, 2, 3]
+    assert auto_marginalize(classes, dense_limit=0) == [1, 2]
+    plan = build_plan(np.ones((N, 1)), rng.normal(size=N), classes, [0, 1, 2, 3])
+    assert plan.chain == (1, 2) and plan.dense == (0, 3) and plan.dense_size == 67
+
+
+def test_plan_structure_pytree_and_jit():
+    des = make_design("nested_crossed", 37, (1, 2, 1), True)
+    plan = build_plan(des["X"], des["y"], des["classes"], [2, 0, 1], marginalize_beta=True)
+    assert plan.chain == (2, 1) and plan.dense == (0,) and plan.beta_block == "dense"
+    assert plan.marginalized == (2, 0, 1)
+    assert plan.dense_size == 4 + 2 and isinstance(plan.n_cells, int)
+    text = plan.describe()
+    assert "batch:cask" in text and "op" in text and "dense" in text
+    leaves, tdef = jax.tree_util.tree_flatten(plan)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    plan2 = jax.tree_util.tree_unflatten(tdef, leaves)
+    assert plan2.chain == plan.chain
+    sc = tuple(des["lams"][i] for i in plan.marginalized)
+    a = log_marginal(plan, None, 0.7, sc, None, BETA_PRIOR)  # plan as a jit argument
+    b = _jit(lambda s: _log_marginal(plan, None, s, sc, None, BETA_PRIOR))(0.7)  # closed over
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    xg = build_plan(*[make_design("xgrp", 38, (1, 1), False)[k] for k in ("X", "y", "classes")], [0, 1])
+    assert xg.dense == () and len(xg.chain) == 2
+    cr = build_plan(*[make_design("crossed", 39, (1, 1), True)[k] for k in ("X", "y", "classes")], [1, 0])
+    assert cr.chain == (0,) and cr.dense == (1,)
+
+
+@pytest.mark.parametrize("mode", ["pairs", "mtm"])
+def test_fill_strategies_agree(mode, monkeypatch):
+    monkeypatch.setattr(plan_mod, "_choose_fill", lambda *a, **k: mode)
+    des = make_design("nested_crossed", 40, (2, 1, 2), False)
+    marg = [0, 1, 2]
+    sc = tuple(des["lams"][i] for i in marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True)
+    assert plan.fills == (mode, mode)
+    sig_i = des["rng"].uniform(0.5, 1.0, len(des["y"]))
+    val = log_marginal(plan, None, sig_i, sc, None, BETA_PRIOR)
+    assert _rel(val, _ref(des, marg, None, sig_i, sc, None, BETA_PRIOR)) < 1e-10
+    mean = conditional_mean(plan, None, sig_i, sc, None, BETA_PRIOR)
+    rm, _, _ = dense_conditional(des["X"], des["y"], des["classes"], marg, None, sig_i, sc, None, BETA_PRIOR)
+    np.testing.assert_allclose(_flat(mean), rm, rtol=1e-8, atol=1e-10)
+
+
+def test_import_does_not_enable_x64():
+    code = "import jax, lmmarg.marginal; assert not jax.config.jax_enable_x64"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -104,7 +104,20 @@ def _chol_inv(A):
 
 def _mv(A, x):
     """Batched matrix-vector product (..., a, b) x (..., b) -> (..., a)."""
-    return jnp.einsum("...ab,...b->...a", A, x)
+    return jnp.sum(A * x[..., None, :], axis=-1)
+
+
+def _bmm(A, B):
+    """Batched small matmul (..., a, b) x (..., b, c) -> (..., a, c) by broadcasting (XLA:CPU's batched dot is
+    slow for tiny matrices and huge batches)."""
+    return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
+
+
+def _sandwich(Lam, H):
+    """Lam^T H_k Lam for a batch H (k, D, D) and one Lam (D, D), as two plain GEMMs."""
+    k, D, _ = H.shape
+    T = (H.reshape(k * D, D) @ Lam).reshape(k, D, D)            # H Lam
+    return (jnp.swapaxes(T, 1, 2).reshape(k * D, D) @ Lam).reshape(k, D, D).swapaxes(1, 2)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -217,7 +230,7 @@ def _cell_stats(plan: Plan, beta, sigma, lams, offset):
         Hk, hk = _weighted_gram(plan, w, r)
         rWr = jnp.sum(w * r * r)
     Lam = block_diag(*lams)
-    Ht = jnp.einsum("ji,kjl,lm->kim", Lam, Hk, Lam)
+    Ht = _sandwich(Lam, Hk)
     return Ht, hk @ Lam, rWr, log2pi
 
 
@@ -243,8 +256,42 @@ def _fill(plan: Plan, j: int, F, x, V, z):
     return F - M.T @ M, x - M.T @ z.reshape(-1)
 
 
-def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> Factor:
-    """Block-Cholesky factorize F = I + Zt^T W Zt (see module docstring) -> Factor."""
+def _lam_sandwich(plan: Plan, lams, M):
+    """Lambda_D^T M Lambda_D for a (ds, ds) matrix in the dense layout (per dense unit pair, no ds^3 work)."""
+    K = plan.n_chain_units
+    units = range(K, len(plan.unit_dims))
+    lo = {u: plan.dense_offsets[u - K] for u in units}
+    hi = {u: lo[u] + plan.unit_groups[u] * plan.unit_dims[u] for u in units}
+    rows = []
+    for u in units:
+        Gu, du = plan.unit_groups[u], plan.unit_dims[u]
+        row = []
+        for v in units:
+            Gv, dv = plan.unit_groups[v], plan.unit_dims[v]
+            B = M[lo[u]:hi[u], lo[v]:hi[v]].reshape(Gu, du, Gv, dv)
+            row.append(jnp.einsum("ai,gahb,bj->gihj", lams[u], B, lams[v]).reshape(Gu * du, Gv * dv))
+        rows.append(jnp.concatenate(row, axis=1))
+    return jnp.concatenate(rows, axis=0)
+
+
+def _structured_dense(plan: Plan, lams, s2, Linv):
+    """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
+
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from plan.bilinear and R_g = Lambda_0 A_g^{-1} Lambda_0^T.
+    """
+    coef, rid, seg, targets = plan.bilinear
+    ds = plan.dense_size
+    Ainv = jnp.einsum("gki,gkj->gij", Linv, Linv)
+    R = jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0]).reshape(-1)
+    Ku = jax.ops.segment_sum(coef * R[rid], seg, plan.n_targets, indices_are_sorted=True)
+    Kf = jnp.zeros(ds * ds, coef.dtype).at[targets].add(Ku, indices_are_sorted=True, unique_indices=True)
+    Kf = Kf.reshape(ds, ds)
+    Kfull = Kf + Kf.T - jnp.diag(jnp.diagonal(Kf))
+    return jnp.eye(ds, dtype=coef.dtype) + _lam_sandwich(plan, lams, plan.S_DD / s2 - Kfull / s2**2)
+
+
+def _eliminate(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
+    """Chain elimination; returns (Factor without the dense factor, F_DD, x_D) (F_DD, x_D None without a dense block)."""
     beta, sigma, lams, offset, mu, ok = _prepare(plan, beta, sigma, scales, offset, beta_prior)
     dt = plan.dtype
     zero = jnp.zeros((), dt)
@@ -252,13 +299,15 @@ def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> 
         r = plan.y - plan.X @ beta - (0.0 if offset is None else offset)
         w = 1.0 / jnp.broadcast_to(sigma, (plan.n_obs,)) ** 2
         log2pi = jnp.sum(_LOG2PI - jnp.log(w))
-        return Factor((), None, None, lams, mu, zero, zero, jnp.sum(w * r * r), log2pi, ok)
+        return Factor((), None, None, lams, mu, zero, zero, jnp.sum(w * r * r), log2pi, ok), None, None
     Ht, ht, rWr, log2pi = _cell_stats(plan, beta, sigma, lams, offset)
     K, dims, Dc, m, ds = plan.n_chain_units, plan.unit_dims, plan.chain_dim, plan.m, plan.dense_size
     idx = plan.dense_idx
     logdet, quad = zero, zero
+    structured = m and K and sigma.ndim == 0 and plan.bilinear is not None
     if m:
-        F = jnp.eye(ds, dtype=dt).at[idx[:, :, None], idx[:, None, :]].add(Ht[:, Dc:, Dc:])
+        if not structured:
+            F = jnp.eye(ds, dtype=dt).at[idx[:, :, None], idx[:, None, :]].add(Ht[:, Dc:, Dc:])
         x = jnp.zeros(ds, dt).at[idx].add(ht[:, Dc:])
     levels = []
     if K:
@@ -268,15 +317,19 @@ def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> 
     for j in range(K):
         d, node = dims[j], plan.cell_node[j]
         diag, Linv = _chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
-        Wm = Linv @ A[:, :d, d:]
+        Wm = _bmm(Linv, A[:, :d, d:])
         z = _mv(Linv, a[:, :d])
         logdet = logdet + 2.0 * jnp.sum(jnp.log(diag))
         quad = quad + jnp.sum(z * z)
         V = None
         if m:
-            V = Linv[node] @ C[:, :d, :]
-            F, x = _fill(plan, j, F, x, V, z)
-            C = C[:, d:, :] - jnp.einsum("kia,kim->kam", Wm[node], V)
+            V = _bmm(Linv[node], C[:, :d, :])
+            if structured and j == 0:
+                F = _structured_dense(plan, lams, sigma**2, Linv)
+                x = x.at[idx].add(-jnp.sum(V * z[node][:, :, None], axis=1))
+            else:
+                F, x = _fill(plan, j, F, x, V, z)
+            C = C[:, d:, :] - _bmm(jnp.swapaxes(Wm[node], 1, 2), V)
         levels.append((Linv, Wm, z, V))
         if j + 1 < K:
             A = A[:, d:, d:] - jnp.einsum("gia,gib->gab", Wm, Wm)
@@ -284,13 +337,49 @@ def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> 
             G1 = plan.unit_groups[j + 1]
             A = jax.ops.segment_sum(A, plan.parent[j], G1)
             a = jax.ops.segment_sum(a, plan.parent[j], G1)
-    LD = zD = None
-    if m:
-        LD = jnp.linalg.cholesky(F)
-        zD = solve_triangular(LD, x, lower=True)
-        logdet = logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(LD)))
-        quad = quad + zD @ zD
-    return Factor(tuple(levels), LD, zD, lams, mu, logdet, quad, rWr, log2pi, ok)
+    fac = Factor(tuple(levels), None, None, lams, mu, logdet, quad, rWr, log2pi, ok)
+    return (fac, F, x) if m else (fac, None, None)
+
+
+def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> Factor:
+    """Block-Cholesky factorize F = I + Zt^T W Zt (see module docstring) -> Factor."""
+    fac, F, x = _eliminate(plan, beta, sigma, scales, offset, beta_prior)
+    if F is None:
+        return fac
+    LD = jnp.linalg.cholesky(F)
+    zD = solve_triangular(LD, x, lower=True)
+    return fac._replace(LD=LD, zD=zD, logdet=fac.logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(LD))),
+                        quad=fac.quad + zD @ zD)
+
+
+@jax.custom_vjp
+def _dense_logdet_quad(F, x):
+    """log|F| - x^T F^{-1} x for SPD F (n, n); reverse mode via F^{-1} (JAX's Cholesky VJP is slow on CPU)."""
+    return _dense_fwd(F, x)[0]
+
+
+def _dense_fwd(F, x):
+    L = jnp.linalg.cholesky(F)
+    z = solve_triangular(L, x, lower=True)
+    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) - z @ z, L
+
+
+def _dense_fwd_res(F, x):
+    val, L = _dense_fwd(F, x)
+    return val, (L, x)
+
+
+def _dense_bwd_res(res, g):
+    L, x = res
+    Finv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(L.shape[0], dtype=L.dtype))
+    w = Finv @ x
+    return g * (Finv + jnp.outer(w, w)), -2.0 * g * w
+
+
+_dense_logdet_quad.defvjp(_dense_fwd_res, _dense_bwd_res)
+
+
+
 
 
 def _log_density(fac: Factor):
@@ -307,7 +396,11 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     Lambda_l (Sigma_l = Lambda_l Lambda_l^T) in ``plan.marginalized`` order,
     offset (N,) or None.  Returns -inf for invalid inputs or failed factorizations.
     """
-    return _log_density(factorize(plan, beta, sigma, scales, offset, beta_prior))
+    fac, F, x = _eliminate(plan, beta, sigma, scales, offset, beta_prior)
+    if F is not None:
+        ldq = _dense_logdet_quad(F, x)  # logdet_D - quad_D
+        fac = fac._replace(logdet=fac.logdet + ldq)
+    return _log_density(fac)
 
 
 # --------------------------------------------------------------------------- recovery

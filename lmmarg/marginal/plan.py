@@ -86,6 +86,8 @@ class Plan:
     parent: tuple
     pairs: tuple
     dense_idx: jax.Array
+    S_DD: Optional[jax.Array] = None
+    bilinear: Optional[tuple] = None
     # --- static
     marginalized: tuple = field(default=())
     chain: tuple = field(default=())
@@ -105,6 +107,7 @@ class Plan:
     fills: tuple = ()
     dense_limit: int = 4000
     dtype_name: str = "float64"
+    n_targets: int = 0
 
     @property
     def marginalize_beta(self) -> bool:
@@ -155,12 +158,12 @@ class Plan:
 
 _DATA_FIELDS = [
     "X", "y", "Zt", "cell", "S_zz", "S_zr", "S_zX", "XtX", "Xtr", "rr", "beta0",
-    "cell_node", "parent", "pairs", "dense_idx",
+    "cell_node", "parent", "pairs", "dense_idx", "S_DD", "bilinear",
 ]
 _META_FIELDS = [
     "marginalized", "chain", "dense", "beta_block", "class_names", "unit_names",
     "unit_dims", "unit_groups", "unit_src", "n_chain_units", "dense_offsets",
-    "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name",
+    "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name", "n_targets",
 ]
 jax.tree_util.register_dataclass(Plan, data_fields=_DATA_FIELDS, meta_fields=_META_FIELDS)
 
@@ -353,6 +356,45 @@ def _choose_fill(n_pairs: int, n_nodes: int, d: int, m: int, dense_size: int, n_
     return "pairs" if cost_pairs < cost_mtm else "mtm"
 
 
+def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, max_entries: float = 4e7):
+    """Constant structure of the level-1 dense fill for scalar sigma (see docs/math.md, section 5).
+
+    With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where
+    K[idx_k b, idx_k' b'] = sum over same-node cell pairs (k, k') and a, a' of S_k[a, b] R_g[a, a'] S_k'[a', b'],
+    R_g = Lambda_0 A_g^{-1} Lambda_0^T (d0 x d0).  Returns (coef (E,), rid (E,) index into R.ravel(), seg (E,)
+    sorted target id, targets (U,) flat upper-triangle positions in the dense block) or None if too large.
+    """
+    counts = np.bincount(node, minlength=G0).astype(np.int64)
+    m = dense_idx.shape[1]
+    if int((counts**2).sum()) * m * m * d0 * d0 / 2 > max_entries:
+        return None
+    pa, pb = _same_node_pairs(node, G0)
+    Sc = S_zz[:, :d0, Dc:]  # (n_cells, d0, m) own rows x dense columns
+    a, a2, b, b2 = (g.ravel() for g in np.meshgrid(np.arange(d0), np.arange(d0), np.arange(m), np.arange(m),
+                                                   indexing="ij"))
+    ti = dense_idx[pa][:, b]  # (pairs, combos)
+    tj = dense_idx[pb][:, b2]
+    keep = ti <= tj
+    coef = (Sc[pa][:, a, b] * Sc[pb][:, a2, b2])[keep]
+    rid = (node[pa][:, None] * d0 * d0 + a * d0 + a2)[keep]
+    target = (ti.astype(np.int64) * ds + tj)[keep]
+    nz = coef != 0
+    coef, rid, target = coef[nz], rid[nz], target[nz]
+    key = target * (G0 * d0 * d0) + rid
+    ukey, inv = np.unique(key, return_inverse=True)
+    coef = np.bincount(inv.ravel(), weights=coef, minlength=ukey.size)
+    target, rid = ukey // (G0 * d0 * d0), ukey % (G0 * d0 * d0)
+    targets, seg = np.unique(target, return_inverse=True)  # ukey sorted => seg sorted
+    return coef, rid, seg.ravel(), targets
+
+
+def _dense_stats(S_zz, dense_idx, Dc: int, ds: int) -> np.ndarray:
+    """Sum_k S_k[D, D] placed at (idx_k, idx_k): (ds, ds), constant."""
+    out = np.zeros((ds, ds))
+    np.add.at(out, (dense_idx[:, :, None], dense_idx[:, None, :]), S_zz[:, Dc:, Dc:])
+    return out
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -472,9 +514,16 @@ def build_plan(
     else:
         dense_idx = np.zeros((n_cells, 0), np.int64)
 
+    S_DD = bil = None
+    if m and K:
+        S_DD = _dense_stats(S_zz, dense_idx, int(sum(dims[:K])), ds)
+        bil = _bilinear_fill(S_zz, cell_node[0], dense_idx, dims[0], int(sum(dims[:K])), groups[0], ds)
     f = lambda a: jnp.asarray(a, dtype=dt)  # noqa: E731
     i32 = lambda a: jnp.asarray(a, dtype=jnp.int32)  # noqa: E731
     return Plan(
+        S_DD=None if S_DD is None else f(S_DD),
+        bilinear=None if bil is None else (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3])),
+        n_targets=0 if bil is None else int(bil[3].size),
         X=f(X), y=f(y), Zt=f(Zt), cell=i32(cell),
         S_zz=f(S_zz), S_zr=f(S_zr), S_zX=f(S_zX),
         XtX=f(X.T @ X), Xtr=f(X.T @ r0), rr=f(r0 @ r0), beta0=f(beta0),

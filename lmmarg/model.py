@@ -103,7 +103,7 @@ class Model:
                 return ()
             if marginalize == "auto":
                 from .marginal import auto_marginalize
-                return tuple(sorted(auto_marginalize(self.class_specs())))
+                return tuple(sorted(auto_marginalize(self.class_specs(), dense_limit=self.auto_dense_limit)))
             marginalize = [marginalize]
         out = []
         for name in marginalize:
@@ -111,6 +111,12 @@ class Model:
                 raise ValueError(f"cannot marginalize unknown term {name!r}; terms are {names}")
             out.append(names.index(name))
         return tuple(sorted(set(out)))
+
+    @property
+    def auto_dense_limit(self) -> int:
+        """Largest dense Schur block `marginalize="auto"` accepts: max(32, (20 N)^(1/3)), so that its O(n_D³)
+        factorization per gradient costs about as much as a linear pass over the data (docs/math.md, 5)."""
+        return max(32, int(round((20 * self.n_obs) ** (1 / 3))))
 
     def class_specs(self):
         """The terms as engine inputs (lmmarg.marginal.ClassSpec), in term order."""

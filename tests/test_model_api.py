@@ -78,5 +78,16 @@ def test_marginalize_choice_resolution():
     assert model.resolve_marginalize("none") == ()
     assert model.resolve_marginalize(["sample"]) == (1,)
     assert model.resolve_marginalize("auto") == (0, 1)
+    big = lmmarg.Model("y ~ 1 + (1 | s) + (1 | d)", _crossed_frame(n_s=60, n_d=80, n=600))
+    assert big.auto_dense_limit == 32
+    assert big.resolve_marginalize("auto") in ((0,), (1,))  # a dense block of 60 or 80 is too costly here
+    assert big.resolve_marginalize("all") == (0, 1)
     with pytest.raises(ValueError, match="unknown term 'plates'"):
         model.resolve_marginalize(["plates"])
+
+
+def _crossed_frame(n_s, n_d, n, seed=0):
+    import pandas as pd
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"y": rng.normal(size=n), "s": rng.integers(n_s, size=n).astype(str),
+                         "d": rng.integers(n_d, size=n).astype(str)})

@@ -242,7 +242,8 @@ def parse_args(argv=None, description="", default_seeds=5):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--chains", type=int, default=1)
     ap.add_argument("--experiments", default="all", help="comma-separated experiment names")
-    ap.add_argument("--methods", default="all", help="comma-separated method names (see --list)")
+    ap.add_argument("--methods", default="*",
+                    help='comma-separated method names (see --list); "*" = every method; "all" = the method "all"')
     ap.add_argument("--tag", default="", help="suffix for result file names")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true")

@@ -50,7 +50,9 @@ def make_target(exp, model, method):
 
 
 def select(spec: str, names):
-    if spec == "all":
+    """Methods named in spec (comma-separated; "marg" = every marg:<term>); "*" or "every" = every method.
+    "all" alone is the lmmarg method "all" (every class marginalized), not every method."""
+    if spec in ("*", "every"):
         return list(names)
     want = [s.strip() for s in spec.split(",") if s.strip()]
     return [n for n in names if n in want or (n.startswith("marg:") and "marg" in want)]

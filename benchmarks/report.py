@@ -23,7 +23,7 @@ from paper import COLS, summarize  # noqa: E402
 def load() -> pd.DataFrame:
     frames = []
     for f in sorted(glob.glob(os.path.join(RESULTS, "paper*.csv"))):
-        if "_quick" in f:
+        if "_quick" in f or "_rerun" in f:  # smoke runs; repeats kept for reference, not averaged in
             continue
         df = pd.read_csv(f)
         df["source"] = os.path.basename(f)

@@ -17,10 +17,5 @@ def main(argv=None) -> None:
     model = Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
     print(model)
     print()
-    if hasattr(model, "sample"):
-        fit = model.sample(draws=args.draws, warmup=args.warmup, chains=args.chains, seed=args.seed)
-        print(fit.summary().to_string())
-    else:  # until the sampler lands
-        print("log marginal likelihood at lme4's ML estimates:", model.log_marginal(
-            [251.405105, 10.467286], 25.5918,
-            {"Subject": [[23.7806**2, 0.0813 * 23.7806 * 5.7168], [0.0813 * 23.7806 * 5.7168, 5.7168**2]]}))
+    fit = model.sample(draws=args.draws, warmup=args.warmup, chains=args.chains, seed=args.seed)
+    print(fit.summary().to_string())

@@ -245,9 +245,9 @@ def _fill(plan: Plan, j: int, F, x, V, z):
     """
     idx, node = plan.dense_idx, plan.cell_node[j]
     if plan.fills[j] == "pairs":
-        pa, pb = plan.pairs[j]
+        pa, pb, ia, ib = plan.pairs[j]
         P = jnp.einsum("pim,pin->pmn", V[pa], V[pb])
-        F = F.at[idx[pa][:, :, None], idx[pb][:, None, :]].add(-P)
+        F = F.at[ia[:, :, None], ib[:, None, :]].add(-P)
         return F, x.at[idx].add(-jnp.einsum("kim,ki->km", V, z[node]))
     d, G = plan.unit_dims[j], plan.unit_groups[j]
     rows = node[:, None] * d + jnp.arange(d)[None, :]
@@ -346,27 +346,25 @@ def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> 
     fac, F, x = _eliminate(plan, beta, sigma, scales, offset, beta_prior)
     if F is None:
         return fac
-    LD = jnp.linalg.cholesky(F)
-    zD = solve_triangular(LD, x, lower=True)
-    return fac._replace(LD=LD, zD=zD, logdet=fac.logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(LD))),
-                        quad=fac.quad + zD @ zD)
+    LD, zD, logdet = _dense_chol(F, x)
+    return fac._replace(LD=LD, zD=zD, logdet=fac.logdet + logdet, quad=fac.quad + zD @ zD)
+
+
+def _dense_chol(F, x):
+    """Cholesky L of the dense block, z = L^{-1} x and log|F|."""
+    L = jnp.linalg.cholesky(F)
+    return L, solve_triangular(L, x, lower=True), 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
 
 
 @jax.custom_vjp
 def _dense_logdet_quad(F, x):
     """log|F| - x^T F^{-1} x for SPD F (n, n); reverse mode via F^{-1} (JAX's Cholesky VJP is slow on CPU)."""
-    return _dense_fwd(F, x)[0]
-
-
-def _dense_fwd(F, x):
-    L = jnp.linalg.cholesky(F)
-    z = solve_triangular(L, x, lower=True)
-    return 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))) - z @ z, L
+    return _dense_fwd_res(F, x)[0]
 
 
 def _dense_fwd_res(F, x):
-    val, L = _dense_fwd(F, x)
-    return val, (L, x)
+    L, z, logdet = _dense_chol(F, x)
+    return logdet - z @ z, (L, x)
 
 
 def _dense_bwd_res(res, g):

@@ -65,7 +65,8 @@ class Plan:
       XtX (p, p), Xtr (p,), rr (), beta0 (p,)   -- statistics of r0 = y - X beta0,
       cell_node: K arrays (n_cells,) node of each cell at chain level j,
       parent: K-1 arrays (G_j,) node at level j+1 of each level-j node,
-      pairs: K entries, None or (pa, pb) same-node cell pairs,
+      pairs: K entries, None or (pa, pb, idx_a, idx_b): same-node cell pairs and their dense positions
+        (idx_a = dense_idx[pa], precomputed so no constant gather is folded at compile time),
       dense_idx (n_cells, m) positions of each cell in the dense block.
     Static: everything else.
     """
@@ -529,7 +530,8 @@ def build_plan(
         XtX=f(X.T @ X), Xtr=f(X.T @ r0), rr=f(r0 @ r0), beta0=f(beta0),
         cell_node=tuple(i32(a) for a in cell_node),
         parent=tuple(i32(a) for a in parent),
-        pairs=tuple(None if pr is None else (i32(pr[0]), i32(pr[1])) for pr in pairs),
+        pairs=tuple(None if pr is None else (i32(pr[0]), i32(pr[1]), i32(dense_idx[pr[0]]), i32(dense_idx[pr[1]]))
+                    for pr in pairs),
         dense_idx=i32(dense_idx),
         marginalized=marg,
         chain=tuple(chain),

@@ -54,9 +54,23 @@ def _nuts_kernels(potential_fn):
     return hmc(potential_fn=potential_fn, algo="NUTS")
 
 
+class TimeBudgetExceeded(RuntimeError):
+    """A run went past its time budget (``max_minutes``); carries what was measured until then."""
+
+    def __init__(self, minutes, iterations, steps, seconds, phase):
+        self.partial = dict(iterations_done=iterations, leapfrog_steps=steps, run_s=seconds, phase=phase)
+        lf = steps / max(iterations, 1)
+        ms = 1e3 * seconds / max(steps, 1)
+        super().__init__(f"time budget of {minutes:g} min exceeded in {phase} after {iterations} iterations "
+                         f"({lf:.0f} leapfrog steps/iteration, {ms:.3g} ms/gradient)")
+
+
 def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, target_accept=0.8,
-             max_tree_depth=10, chunk=None, dense_mass=False) -> dict:
-    """Run `chains` sequential NUTS chains (one compiled executable reused). Returns timings, draws, stats."""
+             max_tree_depth=10, chunk=None, dense_mass=False, max_minutes=None) -> dict:
+    """Run `chains` sequential NUTS chains (one compiled executable reused). Returns timings, draws, stats.
+
+    max_minutes: stop (TimeBudgetExceeded) once warmup + sampling of all chains has run this long; checked
+    after every chunk of iterations (compile time not counted)."""
     init_kernel, sample_kernel = _nuts_kernels(target.potential_fn)
     chunk = chunk or _chunk(warmup, draws)
 
@@ -82,6 +96,15 @@ def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, targe
     zs, div, nsteps, acc, pe = [], [], [], [], []
     warm_s = samp_s = 0.0
     warm_div = 0
+    budget = {"t0": time.perf_counter(), "iters": 0, "steps": 0}
+
+    def check(out, phase):
+        budget["iters"] += chunk
+        budget["steps"] += int(np.asarray(out[2]).sum())
+        spent = time.perf_counter() - budget["t0"]
+        if max_minutes is not None and spent > 60 * max_minutes:
+            raise TimeBudgetExceeded(max_minutes, budget["iters"], budget["steps"], spent, phase)
+
     for c in range(chains):
         kc, key = jax.random.split(key)
         ki, kr = jax.random.split(kc)
@@ -91,6 +114,7 @@ def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, targe
         for _ in range(warmup // chunk):
             state, out = step_c(state)
             warm_div += int(np.asarray(out[1]).sum())
+            check(out, "warmup")
         jax.block_until_ready(state)
         warm_s += time.perf_counter() - t
         t = time.perf_counter()
@@ -98,6 +122,7 @@ def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, targe
         for _ in range(max(draws // chunk, 1)):
             state, out = step_c(state)
             outs.append(out)
+            check(out, "sampling")
         jax.block_until_ready(state)
         samp_s += time.perf_counter() - t
         outs = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *outs)
@@ -213,6 +238,9 @@ def benchmark(target: Target, *, seed=0, **kw) -> tuple[dict, dict]:
         row, samples = metrics(target, run, seed=seed)
         samples["_diverging"] = run["diverging"]
         return row, samples
+    except TimeBudgetExceeded as e:
+        return dict(experiment=target.experiment, method=target.method, seed=seed, error=f"timeout: {e}"[:300],
+                    **e.partial), {}
     except Exception as e:  # noqa: BLE001 — a benchmark row must record failures, not abort the suite
         return dict(experiment=target.experiment, method=target.method, seed=seed,
                     error=f"{type(e).__name__}: {e}"[:300]), {}
@@ -247,6 +275,9 @@ def parse_args(argv=None, description="", default_seeds=5):
     ap.add_argument("--tag", default="", help="suffix for result file names")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="per run (warmup + sampling, compile excluded): stop and record a timeout row after this")
+    ap.add_argument("--chunk", type=int, default=None, help="iterations per compiled call (divides warmup, draws)")
     a = ap.parse_args(argv)
     if a.quick:
         a.seeds = a.seeds or 1

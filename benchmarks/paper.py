@@ -80,7 +80,8 @@ def main(argv=None):
                 from peers_bambi import run_bambi
                 for seed in range(a.seeds):
                     r = run_bambi(exp, method.split("-")[1], seed=seed, warmup=a.warmup, draws=a.draws,
-                                  chains=a.chains, quick=a.quick)
+                                  chains=a.chains, quick=a.quick,
+                                  timeout=3600 if a.max_minutes is None else 60 * (a.max_minutes + 3))
                     r.update(n_obs=model.n_obs, warmup=a.warmup, quick=a.quick)
                     rows = [x for x in rows if not (x["experiment"] == name and x["method"] == method
                                                     and x.get("seed") == seed)] + [r]
@@ -96,7 +97,8 @@ def main(argv=None):
                 continue
             build_s = time.perf_counter() - t0
             for seed in range(a.seeds):
-                r, samples = benchmark(target, seed=seed, warmup=a.warmup, draws=a.draws, chains=a.chains)
+                r, samples = benchmark(target, seed=seed, warmup=a.warmup, draws=a.draws, chains=a.chains,
+                                       max_minutes=a.max_minutes, chunk=a.chunk)
                 r.update(n_obs=model.n_obs, warmup=a.warmup, quick=a.quick, build_s=build_s,
                          structure=model.structure.kind if hasattr(model.structure, "kind") else "")
                 rows = [x for x in rows if not (x["experiment"] == name and x["method"] == method

@@ -282,8 +282,19 @@ def _grouping(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray,
         vals, order = _level_key(data[f])
         rank = {v: i for i, v in enumerate(order)}
         per_factor.append((np.fromiter((rank[v] for v in vals), dtype=np.int64, count=len(vals)), order))
-    combo = np.stack([c for c, _ in per_factor], 1)
-    uniq, codes = np.unique(combo, axis=0, return_inverse=True)
+    # one int64 key per row (mixed radix over the factors' level counts) keeps the lexicographic order
+    radix = [max(len(order), 1) for _, order in per_factor]
+    if float(np.prod(np.asarray(radix, dtype=float))) < 2.0**62:
+        key = np.zeros(len(data), np.int64)
+        for (c, _), r in zip(per_factor, radix):
+            key = key * r + c
+        ukey, codes = np.unique(key, return_inverse=True)
+        uniq = np.empty((ukey.size, len(per_factor)), np.int64)
+        for j in reversed(range(len(per_factor))):
+            uniq[:, j] = ukey % radix[j]
+            ukey = ukey // radix[j]
+    else:
+        uniq, codes = np.unique(np.stack([c for c, _ in per_factor], 1), axis=0, return_inverse=True)
     keys = [tuple(per_factor[j][1][k] for j, k in enumerate(row)) for row in uniq]
     labels = [":".join(str(v) for v in key) for key in keys]
     return codes.reshape(-1).astype(np.int64), labels, keys
@@ -293,8 +304,9 @@ def _structure(terms: list[RandomTerm]) -> Structure:
     relations = {}
 
     def nested(a: RandomTerm, b: RandomTerm) -> bool:
-        pairs = np.unique(np.stack([a.codes, b.codes], 1), axis=0)
-        return len(pairs) == a.n_groups
+        """Every level of a lies in one level of b (distinct (a, b) code pairs = levels of a)."""
+        key = a.codes.astype(np.int64) * max(b.n_groups, 1) + b.codes
+        return len(np.unique(key)) == a.n_groups
 
     kinds = set()
     for a in terms:

@@ -123,13 +123,19 @@ class Model:
         from .marginal import ClassSpec
         return [ClassSpec(name=t.name, Z=t.Z, codes=t.codes, n_groups=t.n_groups) for t in self.terms]
 
-    def plan(self, marginalize="all", marginalize_beta: bool = False):
-        """The (cached) precomputed plan of the marginal kernels for this marginalization choice."""
+    def plan(self, marginalize="all", marginalize_beta: bool = False, per_obs_sigma: bool | None = None):
+        """The (cached) precomputed plan of the marginal kernels for this marginalization choice.
+
+        per_obs_sigma: whether kernels will get a per-observation σ (N,); default: the model's σ structure
+        (``sigma_by``/``sigma`` formula). Plans for a scalar σ skip index tables only a vector σ needs.
+        """
         from .marginal import build_plan
-        key = (self.resolve_marginalize(marginalize), bool(marginalize_beta))
+        if per_obs_sigma is None:
+            per_obs_sigma = self.sigma_spec.kind != "constant"
+        key = (self.resolve_marginalize(marginalize), bool(marginalize_beta), bool(per_obs_sigma))
         if key not in self._plans:
             self._plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
-                                          marginalize_beta=key[1], dtype=self.dtype)
+                                          marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype)
         return self._plans[key]
 
     def _scales(self, cov: dict) -> tuple:
@@ -175,7 +181,7 @@ class Model:
         beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
         if beta.shape != (len(self.fixed_names),):
             raise ValueError(f"beta must have {len(self.fixed_names)} entries {self.fixed_names}")
-        val = self._kernel("log_marginal")(self.plan("all"), beta, jnp.asarray(sigma, self.dtype),
+        val = self._kernel("log_marginal")(self.plan("all", per_obs_sigma=np.ndim(sigma) > 0), beta, jnp.asarray(sigma, self.dtype),
                                            tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
@@ -185,7 +191,7 @@ class Model:
         if scales is None:
             raise ValueError("cov is not positive semi-definite")
         beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
-        means = self._kernel("conditional_mean")(self.plan("all"), beta, jnp.asarray(sigma, self.dtype),
+        means = self._kernel("conditional_mean")(self.plan("all", per_obs_sigma=np.ndim(sigma) > 0), beta, jnp.asarray(sigma, self.dtype),
                                                  tuple(jnp.asarray(L, self.dtype) for L in scales))
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
 

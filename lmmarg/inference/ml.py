@@ -49,7 +49,12 @@ def _lambdas(theta, layout, dims):
     out, k = [], 0
     for (rows, cols), d in zip(layout, dims):
         n = len(rows)
-        out.append(jnp.zeros((d, d), theta.dtype).at[rows, cols].set(theta[k:k + n]))
+        if isinstance(theta, np.ndarray):  # host-side (results): no tiny XLA compilations
+            L = np.zeros((d, d), theta.dtype)
+            L[rows, cols] = theta[k:k + n]
+            out.append(L)
+        else:
+            out.append(jnp.zeros((d, d), theta.dtype).at[rows, cols].set(theta[k:k + n]))
         k += n
     return tuple(out)
 
@@ -77,31 +82,38 @@ def _build(model):
     r0 = np.asarray(plan.y, dtype=np.float64) - X @ beta0
     Vraw = np.column_stack([X, r0])                      # (N, p+1)
     dt = model.dtype
-    consts = dict(beta0=jnp.asarray(beta0, dt), raw_gram=jnp.asarray(Vraw.T @ Vraw, dt))
+    npdt = np.dtype(jnp.dtype(dt).name)
+    put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
+    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw))
+    if plan.level1 is not None:  # one chain level + dense block: right-hand sides from constants
+        a_r, a_X, x_r, x_X = (np.asarray(a) for a in plan.level1_rhs)
+        consts["a_raw"] = put(np.concatenate([a_X, a_r[:, :, None]], axis=2))   # (G_0, d_0, p+1)
+        consts["x_raw"] = put(np.column_stack([x_X, x_r]))                       # (ds, p+1)
 
     def stats(plan, theta, c):
         lams = _lambdas(theta, layout, dims)
+        lams = tuple(lams[src] for src in plan.unit_src)                     # term order -> engine unit order
         one = jnp.ones((), dt)
-
-        def whiten(beta):
-            """Whitened vector z(r) = L⁻¹h̃ of the residual r = y - Xβ (linear in r), log|F|, validity."""
-            fac = kernels.factorize(plan, beta, one, lams)
-            parts = [lv[2].reshape(-1) for lv in fac.levels]
-            if fac.zD is not None:
-                parts.append(fac.zD)
-            z = jnp.concatenate(parts) if parts else jnp.zeros((0,), dt)
-            return z, (fac.logdet, fac.ok)
-
-        # one factorization at β0 (z(r0)); the p columns z(x_k) = -∂z/∂β_k as batched JVP tangents
-        # (exact, the factor itself is not recomputed per column)
-        if p:
-            z0, lin, (logdet, ok) = jax.linearize(whiten, c["beta0"], has_aux=True)
-            zx = -jax.vmap(lin)(jnp.eye(p, dtype=dt))      # (p, M): z(x_k)
-            z = jnp.concatenate([zx, z0[None]], axis=0)   # (p+1, M)
+        ok = jnp.all(jnp.isfinite(theta))
+        if "a_raw" in c:
+            R, F, logdet = kernels._one_level_matrix(plan, lams, one)
+            gram_c, xD = kernels._one_level_rhs(plan, lams, one, R, c["a_raw"], c["x_raw"])
+            G = c["raw_gram"] - gram_c
         else:
-            z0, (logdet, ok) = whiten(c["beta0"])
-            z = z0[None]
-        G = c["raw_gram"] - z @ z.T
+            # standardized cell statistics (σ = 1) and the cell sums of Zᵀ[X r0] for all p + 1 right-hand sides
+            Ht, _, _, _ = kernels._cell_stats(plan, c["beta0"], one, lams, None)
+            Lam = jax.scipy.linalg.block_diag(*lams)
+            raw = jnp.concatenate([plan.S_zX, plan.S_zr[:, :, None]], axis=2)      # (n_cells, D, p+1)
+            ht = jnp.einsum("ab,kac->kbc", Lam, raw)                            # Λᵀ per cell
+            mats, F, logdet = kernels._eliminate_matrix(plan, one, lams, Ht)
+            zs, xD = kernels._eliminate_rhs(plan, mats, ht)
+            G = c["raw_gram"]
+            for z in zs:                                                     # chain part of [X r0]ᵀV⁻¹[X r0]
+                G = G - jnp.einsum("gic,gie->ce", z, z)
+        if F is not None:
+            # dense block: log|F_DD| and x_Dᵀ F_DD⁻¹ x_D with a one-inverse reverse pass (kernels.dense_logdet_gram)
+            ldD, GD = kernels.dense_logdet_gram(F, xD)
+            logdet, G = logdet + ldD, G - GD
         G = 0.5 * (G + G.T)
         C = jnp.linalg.cholesky(G)
         Cxx = C[:p, :p]
@@ -121,6 +133,7 @@ def _build(model):
 
     cache = {
         "consts": consts,
+        "criterion": criterion,
         "fn": jax.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)),
         "compile_s": None,
     }
@@ -301,10 +314,11 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
         raise ValueError(f"theta0 must have {lower.size} entries {_theta_names(model)}, got {theta0.size}")
     plan, consts = model.plan("all"), cache["consts"]
     dt = model.dtype
-    flag = jnp.asarray(1.0 if reml else 0.0, dt)
+    npdt = np.dtype(jnp.dtype(dt).name)
+    flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
 
     def fn(th):
-        return cache["fn"](plan, jnp.asarray(th, dt), consts, flag)
+        return cache["fn"](plan, jax.device_put(np.asarray(th, dtype=npdt)), consts, flag)
 
     compile_s = 0.0
     if cache["compile_s"] is None:
@@ -343,7 +357,6 @@ def _assemble(model, reml, theta, s, converged, message, nit, neval, compile_s, 
     dims = [t.d for t in model.terms]
     dt = model.dtype
     plan = model.plan("all")
-    th = jnp.asarray(theta, dt)
     N, p = model.n_obs, len(model.fixed_names)
     Q = float(s["Q"])
     n = N - p if reml else N
@@ -365,7 +378,7 @@ def _assemble(model, reml, theta, s, converged, message, nit, neval, compile_s, 
         reml_crit = None
     loglik += model.log_jacobian
     loglik_ml += model.log_jacobian
-    lams = [np.asarray(L) for L in _lambdas(th, layout, dims)]
+    lams = [np.asarray(L) for L in _lambdas(np.asarray(theta, dtype=float), layout, dims)]
     cov, sd, corr = {}, {}, {}
     for t, L in zip(model.terms, lams):
         S = sigma2 * L @ L.T
@@ -376,8 +389,9 @@ def _assemble(model, reml, theta, s, converged, message, nit, neval, compile_s, 
         R = np.where(np.isfinite(R), R, 0.0)
         np.fill_diagonal(R, 1.0)
         corr[t.name] = R
-    means = model._kernel("conditional_mean")(plan, jnp.asarray(beta, dt), jnp.asarray(sigma, dt),
-                                              tuple(jnp.asarray(sigma * L, dt) for L in lams))
+    npdt = np.dtype(jnp.dtype(dt).name)
+    put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
+    means = model._kernel("conditional_mean")(plan, put(beta), put(sigma), tuple(put(sigma * L) for L in lams))
     ranef = {t.name: np.asarray(mu, dtype=float) for t, mu in zip(model.terms, means)}
     diag = theta[lower == 0.0]
     is_singular = bool(np.any(diag < _SINGULAR_TOL))

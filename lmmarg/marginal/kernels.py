@@ -23,6 +23,7 @@ Sampling/means back-substitute through the same factor (root -> leaves).
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple, Optional
 
 import jax
@@ -33,7 +34,8 @@ from jax.scipy.linalg import block_diag, solve_triangular
 
 from .plan import BETA, Plan
 
-__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample"]
+__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
+           "dense_logdet_gram"]
 
 _UNROLL_MAX = 6
 _LOG2PI = 1.8378770664093453
@@ -237,29 +239,34 @@ def _cell_stats(plan: Plan, beta, sigma, lams, offset):
 # --------------------------------------------------------------------------- factorization
 
 
-def _fill(plan: Plan, j: int, F, x, V, z):
-    """Dense fill-in of chain level j -> updated (F, x).
+def _fill(plan: Plan, j: int, F, V):
+    """Dense fill-in of chain level j: F_DD -= sum over same-node cell pairs (k, k') of V_k^T V_k'.
 
-    F_DD -= sum over same-node cell pairs (k, k') of V_k^T V_k' at (idx_k, idx_k');
-    x_D -= sum_k V_k^T z_node(k) at idx_k.  V (n_cells, d_j, m), z (G_j, d_j).
+    V (n_cells, d_j, m) = L_node^{-1} C_k, placed at (idx_k, idx_k').
     """
     idx, node = plan.dense_idx, plan.cell_node[j]
     if plan.fills[j] == "pairs":
+        if plan.pairs[j] is None:
+            raise ValueError("this plan was built for a scalar sigma (build_plan(..., scalar_sigma=True)); "
+                             "build it with scalar_sigma=False for per-observation sigma")
         pa, pb, ia, ib = plan.pairs[j]
         P = jnp.einsum("pim,pin->pmn", V[pa], V[pb])
-        F = F.at[ia[:, :, None], ib[:, None, :]].add(-P)
-        return F, x.at[idx].add(-jnp.einsum("kim,ki->km", V, z[node]))
+        return F.at[ia[:, :, None], ib[:, None, :]].add(-P)
     d, G = plan.unit_dims[j], plan.unit_groups[j]
     rows = node[:, None] * d + jnp.arange(d)[None, :]
     M = jnp.zeros((G * d, plan.dense_size), F.dtype)  # row block g: L_g^{-1} C_g
     M = M.at[rows[:, :, None], idx[:, None, :]].add(V)
-    return F - M.T @ M, x - M.T @ z.reshape(-1)
+    return F - M.T @ M
 
 
-def _lam_sandwich(plan: Plan, lams, M):
-    """Lambda_D^T M Lambda_D for a (ds, ds) matrix in the dense layout (per dense unit pair, no ds^3 work)."""
+def _dense_scale(plan: Plan, lams, M):
+    """Lambda_D^T M Lambda_D for a (ds, ds) matrix in the dense layout: one elementwise pass when every dense unit
+    is scalar, else per dense unit pair (no ds^3 work)."""
     K = plan.n_chain_units
     units = range(K, len(plan.unit_dims))
+    if all(plan.unit_dims[u] == 1 for u in units):
+        lam = jnp.concatenate([jnp.broadcast_to(lams[u][0, 0], (plan.unit_groups[u],)) for u in units])
+        return lam[:, None] * M * lam[None, :]
     lo = {u: plan.dense_offsets[u - K] for u in units}
     hi = {u: lo[u] + plan.unit_groups[u] * plan.unit_dims[u] for u in units}
     rows = []
@@ -274,25 +281,184 @@ def _lam_sandwich(plan: Plan, lams, M):
     return jnp.concatenate(rows, axis=0)
 
 
-def _structured_dense(plan: Plan, lams, s2, Linv):
+def _level1_R(lams, Linv):
+    """R_g = Lambda_0 A_g^{-1} Lambda_0^T (G_0, d_0, d_0) from Linv = chol(I + A_g)^{-1}."""
+    Ainv = jnp.einsum("gki,gkj->gij", Linv, Linv)
+    return jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0])
+
+
+def _structured_dense(plan: Plan, lams, s2, R):
     """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
 
-    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from plan.bilinear and R_g = Lambda_0 A_g^{-1} Lambda_0^T.
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from plan.bilinear, R (G_0, d_0, d_0) from _level1_R.
     """
-    coef, rid, seg, targets = plan.bilinear
     ds = plan.dense_size
-    Ainv = jnp.einsum("gki,gkj->gij", Linv, Linv)
-    R = jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0]).reshape(-1)
-    Ku = jax.ops.segment_sum(coef * R[rid], seg, plan.n_targets, indices_are_sorted=True)
-    Kf = jnp.zeros(ds * ds, coef.dtype).at[targets].add(Ku, indices_are_sorted=True, unique_indices=True)
-    Kf = Kf.reshape(ds, ds)
-    Kfull = Kf + Kf.T - jnp.diag(jnp.diagonal(Kf))
-    return jnp.eye(ds, dtype=coef.dtype) + _lam_sandwich(plan, lams, plan.S_DD / s2 - Kfull / s2**2)
+    Kf = _bilinear_K(R.reshape(-1), plan.bilinear, ds * ds, plan.n_targets).reshape(ds, ds)
+    return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - Kf / s2**2))
+
+
+def _add_identity(M):
+    """M + I for a square M (a diagonal scatter: no n x n identity is materialized)."""
+    i = jnp.arange(M.shape[0])
+    return M.at[i, i].add(1.0)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _bilinear_K(Rf, bil, size, n_targets):
+    """Flat K (size,) = B blockdiag(R_g) B^T from the constant structure bil = (coef, rid, seg, targets, targets_t):
+    each upper-triangle target is a sorted segment sum of coef * R[rid], mirrored at targets_t (diagonal dropped)."""
+    coef, rid, seg, targets, targets_t = bil
+    Ku = jax.ops.segment_sum(coef * Rf[rid], seg, n_targets, indices_are_sorted=True)
+    Kf = jnp.zeros(size, coef.dtype).at[targets].add(Ku, indices_are_sorted=True, unique_indices=True)
+    return Kf.at[targets_t].add(Ku, mode="drop", unique_indices=True)
+
+
+def _bilinear_K_fwd(Rf, bil, size, n_targets):
+    return _bilinear_K(Rf, bil, size, n_targets), (Rf.shape[0], bil)
+
+
+def _bilinear_K_bwd(size, n_targets, res, g):
+    """Gather the cotangent once per target, then stream the sorted entries (XLA would otherwise fuse two random
+    gathers into every entry)."""
+    nR, bil = res
+    coef, rid, seg, targets, targets_t = bil
+    gu = g[targets] + g.at[targets_t].get(mode="fill", fill_value=0.0)
+    gu = lax.optimization_barrier(gu)
+    gR = jax.ops.segment_sum(coef * gu[seg], rid, nR)
+    return gR, jax.tree_util.tree_map(jnp.zeros_like, bil)
+
+
+def _dense_scale_rows(plan: Plan, lams, x):
+    """Lambda_D^T x for x (ds, k) in the dense layout."""
+    K = plan.n_chain_units
+    units = range(K, len(plan.unit_dims))
+    if all(plan.unit_dims[u] == 1 for u in units):
+        lam = jnp.concatenate([jnp.broadcast_to(lams[u][0, 0], (plan.unit_groups[u],)) for u in units])
+        return lam[:, None] * x
+    out = []
+    for u in units:
+        lo, G, d = plan.dense_offsets[u - K], plan.unit_groups[u], plan.unit_dims[u]
+        blk = x[lo:lo + G * d].reshape(G, d, -1)
+        out.append(jnp.einsum("ab,gak->gbk", lams[u], blk).reshape(G * d, -1))
+    return jnp.concatenate(out, axis=0)
+
+
+def _one_level(plan: Plan, sigma) -> bool:
+    """True if the one-level constant-statistics path applies (scalar sigma, one chain level, a dense block)."""
+    return plan.level1 is not None and sigma.ndim == 0
+
+
+def _one_level_matrix(plan: Plan, lams, s2):
+    """Matrix part for a one-level chain + dense block from constants: (R (G_0, d_0, d_0), F_DD, chain log|.|)."""
+    A0 = plan.level1[0]
+    A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
+    diag, Linv = _chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    R = _level1_R(lams, Linv)
+    return R, _structured_dense(plan, lams, s2, R), 2.0 * jnp.sum(jnp.log(diag))
+
+
+def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
+    """Right-hand sides for the one-level path, k at once.
+
+    a_raw (G_0, d_0, k) raw group sums of Z_0^T r, x_raw (ds, k) raw dense sums of Z_D^T r ->
+    (chain Gram (k, k) = sum_g z_g^T z_g, x_D (ds, k)).
+    """
+    _, rows, cols, vals = plan.level1
+    w = jnp.einsum("gab,gbk->gak", R, a_raw)
+    gram = jnp.einsum("gak,gal->kl", a_raw, w) / s2**2
+    k = a_raw.shape[-1]
+    Bw = jax.ops.segment_sum(vals[:, None] * w.reshape(-1, k)[cols], rows, plan.dense_size)
+    return gram, _dense_scale_rows(plan, lams, x_raw - Bw / s2) / s2
+
+
+def _one_level_inputs(plan: Plan, beta, sigma, offset):
+    """Raw group/dense sums of the residual for the one-level path: (a_raw (G_0, d_0, 1), x_raw (ds, 1), r^T W r,
+    sum log 2 pi sigma^2)."""
+    N, s2 = plan.n_obs, sigma**2
+    log2pi = N * (_LOG2PI + jnp.log(s2))
+    Dc, G0 = plan.chain_dim, plan.unit_groups[0]
+    if offset is None:
+        a_r, a_X, x_r, x_X = plan.level1_rhs
+        delta = beta - plan.beta0
+        a_raw = a_r - jnp.einsum("gap,p->ga", a_X, delta)
+        x_raw = x_r - x_X @ delta
+        rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
+    else:
+        r = plan.y - plan.X @ beta - offset
+        hk = _segment_columns(plan, [plan.Zt[:, a] * r for a in range(plan.D)])
+        a_raw = jax.ops.segment_sum(hk[:, :Dc], plan.cell_node[0], G0)
+        x_raw = jnp.zeros(plan.dense_size, hk.dtype).at[plan.dense_idx].add(hk[:, Dc:])
+        rr = r @ r
+    return a_raw[:, :, None], x_raw[:, None], rr / s2, log2pi
+
+
+def _eliminate_matrix(plan: Plan, sigma, lams, Ht):
+    """Matrix part of the chain elimination.
+
+    Ht (n_cells, D, D) standardized cell statistics -> (levels: per chain level (Linv (G_j, d_j, d_j),
+    Wm (G_j, d_j, rest_j), V (n_cells, d_j, m) or None), F_DD (ds, ds) or None, chain log-determinant).
+    """
+    dt = plan.dtype
+    K, dims, Dc, m, ds = plan.n_chain_units, plan.unit_dims, plan.chain_dim, plan.m, plan.dense_size
+    idx = plan.dense_idx
+    logdet = jnp.zeros((), dt)
+    structured = m and K and sigma.ndim == 0 and plan.bilinear is not None
+    F = None
+    if m and not structured:
+        F = jnp.eye(ds, dtype=dt).at[idx[:, :, None], idx[:, None, :]].add(Ht[:, Dc:, Dc:])
+    levels = []
+    if K:
+        A = jax.ops.segment_sum(Ht[:, :Dc, :Dc], plan.cell_node[0], plan.unit_groups[0])
+        C = Ht[:, :Dc, Dc:]
+    for j in range(K):
+        d, node = dims[j], plan.cell_node[j]
+        diag, Linv = _chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
+        Wm = _bmm(Linv, A[:, :d, d:])
+        logdet = logdet + 2.0 * jnp.sum(jnp.log(diag))
+        V = None
+        if m:
+            V = _bmm(Linv[node], C[:, :d, :])
+            F = (_structured_dense(plan, lams, sigma**2, _level1_R(lams, Linv)) if (structured and j == 0)
+                 else _fill(plan, j, F, V))
+            C = C[:, d:, :] - _bmm(jnp.swapaxes(Wm[node], 1, 2), V)
+        levels.append((Linv, Wm, V))
+        if j + 1 < K:
+            A = A[:, d:, d:] - jnp.einsum("gia,gib->gab", Wm, Wm)
+            A = jax.ops.segment_sum(A, plan.parent[j], plan.unit_groups[j + 1])
+    return tuple(levels), F, logdet
+
+
+def _eliminate_rhs(plan: Plan, levels, ht):
+    """Right-hand-side part of the chain elimination for k vectors at once (linear in ht).
+
+    ht (n_cells, D, k) standardized cell sums -> (z per chain level (G_j, d_j, k), x_D (ds, k) or None).
+    """
+    K, dims, Dc, m, ds = plan.n_chain_units, plan.unit_dims, plan.chain_dim, plan.m, plan.dense_size
+    idx = plan.dense_idx
+    x = jnp.zeros((ds, ht.shape[-1]), ht.dtype).at[idx].add(ht[:, Dc:, :]) if m else None
+    zs = []
+    if K:
+        a = jax.ops.segment_sum(ht[:, :Dc, :], plan.cell_node[0], plan.unit_groups[0])
+    for j in range(K):
+        d, node = dims[j], plan.cell_node[j]
+        Linv, Wm, V = levels[j]
+        z = _bmm(Linv, a[:, :d, :])
+        zs.append(z)
+        if m:
+            x = x.at[idx].add(-jnp.einsum("kim,kic->kmc", V, z[node]))
+        if j + 1 < K:
+            a = a[:, d:, :] - jnp.einsum("gia,gic->gac", Wm, z)
+            a = jax.ops.segment_sum(a, plan.parent[j], plan.unit_groups[j + 1])
+    return tuple(zs), x
 
 
 def _eliminate(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """Chain elimination; returns (Factor without the dense factor, F_DD, x_D) (F_DD, x_D None without a dense block)."""
-    beta, sigma, lams, offset, mu, ok = _prepare(plan, beta, sigma, scales, offset, beta_prior)
+    return _eliminate_prepared(plan, _prepare(plan, beta, sigma, scales, offset, beta_prior))
+
+
+def _eliminate_prepared(plan: Plan, prepared):
+    beta, sigma, lams, offset, mu, ok = prepared
     dt = plan.dtype
     zero = jnp.zeros((), dt)
     if plan.D == 0:
@@ -301,44 +467,12 @@ def _eliminate(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
         log2pi = jnp.sum(_LOG2PI - jnp.log(w))
         return Factor((), None, None, lams, mu, zero, zero, jnp.sum(w * r * r), log2pi, ok), None, None
     Ht, ht, rWr, log2pi = _cell_stats(plan, beta, sigma, lams, offset)
-    K, dims, Dc, m, ds = plan.n_chain_units, plan.unit_dims, plan.chain_dim, plan.m, plan.dense_size
-    idx = plan.dense_idx
-    logdet, quad = zero, zero
-    structured = m and K and sigma.ndim == 0 and plan.bilinear is not None
-    if m:
-        if not structured:
-            F = jnp.eye(ds, dtype=dt).at[idx[:, :, None], idx[:, None, :]].add(Ht[:, Dc:, Dc:])
-        x = jnp.zeros(ds, dt).at[idx].add(ht[:, Dc:])
-    levels = []
-    if K:
-        A = jax.ops.segment_sum(Ht[:, :Dc, :Dc], plan.cell_node[0], plan.unit_groups[0])
-        a = jax.ops.segment_sum(ht[:, :Dc], plan.cell_node[0], plan.unit_groups[0])
-        C = Ht[:, :Dc, Dc:]
-    for j in range(K):
-        d, node = dims[j], plan.cell_node[j]
-        diag, Linv = _chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
-        Wm = _bmm(Linv, A[:, :d, d:])
-        z = _mv(Linv, a[:, :d])
-        logdet = logdet + 2.0 * jnp.sum(jnp.log(diag))
-        quad = quad + jnp.sum(z * z)
-        V = None
-        if m:
-            V = _bmm(Linv[node], C[:, :d, :])
-            if structured and j == 0:
-                F = _structured_dense(plan, lams, sigma**2, Linv)
-                x = x.at[idx].add(-jnp.sum(V * z[node][:, :, None], axis=1))
-            else:
-                F, x = _fill(plan, j, F, x, V, z)
-            C = C[:, d:, :] - _bmm(jnp.swapaxes(Wm[node], 1, 2), V)
-        levels.append((Linv, Wm, z, V))
-        if j + 1 < K:
-            A = A[:, d:, d:] - jnp.einsum("gia,gib->gab", Wm, Wm)
-            a = a[:, d:] - jnp.einsum("gia,gi->ga", Wm, z)
-            G1 = plan.unit_groups[j + 1]
-            A = jax.ops.segment_sum(A, plan.parent[j], G1)
-            a = jax.ops.segment_sum(a, plan.parent[j], G1)
-    fac = Factor(tuple(levels), None, None, lams, mu, logdet, quad, rWr, log2pi, ok)
-    return (fac, F, x) if m else (fac, None, None)
+    mats, F, logdet = _eliminate_matrix(plan, sigma, lams, Ht)
+    zs, x = _eliminate_rhs(plan, mats, ht[:, :, None])
+    quad = sum((jnp.sum(z * z) for z in zs), zero)
+    levels = tuple((Linv, Wm, z[..., 0], V) for (Linv, Wm, V), z in zip(mats, zs))
+    fac = Factor(levels, None, None, lams, mu, logdet, quad, rWr, log2pi, ok)
+    return (fac, F, x[:, 0]) if plan.m else (fac, None, None)
 
 
 def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> Factor:
@@ -350,9 +484,20 @@ def factorize(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None) -> 
     return fac._replace(LD=LD, zD=zD, logdet=fac.logdet + logdet, quad=fac.quad + zD @ zD)
 
 
+def _chol(F):
+    """Lower Cholesky factor of a symmetric F (symmetric by construction: no input symmetrization pass)."""
+    return lax.linalg.cholesky(F, symmetrize_input=False)
+
+
+def _spd_inverse(L):
+    """F^{-1} from the lower Cholesky factor L of F."""
+    n = L.shape[0]
+    return jax.scipy.linalg.cho_solve((L, True), jnp.zeros((n, n), L.dtype).at[jnp.arange(n), jnp.arange(n)].set(1))
+
+
 def _dense_chol(F, x):
     """Cholesky L of the dense block, z = L^{-1} x and log|F|."""
-    L = jnp.linalg.cholesky(F)
+    L = _chol(F)
     return L, solve_triangular(L, x, lower=True), 2.0 * jnp.sum(jnp.log(jnp.diagonal(L)))
 
 
@@ -369,12 +514,38 @@ def _dense_fwd_res(F, x):
 
 def _dense_bwd_res(res, g):
     L, x = res
-    Finv = jax.scipy.linalg.cho_solve((L, True), jnp.eye(L.shape[0], dtype=L.dtype))
+    Finv = _spd_inverse(L)
     w = Finv @ x
     return g * (Finv + jnp.outer(w, w)), -2.0 * g * w
 
 
+_bilinear_K.defvjp(_bilinear_K_fwd, _bilinear_K_bwd)
 _dense_logdet_quad.defvjp(_dense_fwd_res, _dense_bwd_res)
+
+
+@jax.custom_vjp
+def dense_logdet_gram(F, B):
+    """(log|F|, B^T F^{-1} B) for SPD F (n, n) and B (n, k); reverse mode via one F^{-1} (as above)."""
+    return _gram_fwd(F, B)[0]
+
+
+def _gram_fwd(F, B):
+    L = _chol(F)
+    W = solve_triangular(L, B, lower=True)
+    return (2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), W.T @ W), (L, B)
+
+
+def _gram_bwd(res, g):
+    L, B = res
+    gl, gG = g
+    Finv = _spd_inverse(L)
+    Y = Finv @ B
+    Gs = 0.5 * (gG + gG.T)
+    YG = Y @ Gs
+    return gl * Finv - YG @ Y.T, 2.0 * YG
+
+
+dense_logdet_gram.defvjp(_gram_fwd, _gram_bwd)
 
 
 
@@ -394,7 +565,17 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     Lambda_l (Sigma_l = Lambda_l Lambda_l^T) in ``plan.marginalized`` order,
     offset (N,) or None.  Returns -inf for invalid inputs or failed factorizations.
     """
-    fac, F, x = _eliminate(plan, beta, sigma, scales, offset, beta_prior)
+    prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
+    beta, sigma, lams, offset, mu, ok = prepared
+    if _one_level(plan, sigma):
+        # one chain level + dense block, scalar sigma: constants only (docs/math.md, section 5)
+        s2 = sigma**2
+        R, F, logdet = _one_level_matrix(plan, lams, s2)
+        a_raw, x_raw, rWr, log2pi = _one_level_inputs(plan, beta, sigma, offset)
+        gram, xD = _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
+        ldq = _dense_logdet_quad(F, xD[:, 0])
+        return _log_density(Factor((), None, None, lams, mu, logdet + ldq, gram[0, 0], rWr, log2pi, ok))
+    fac, F, x = _eliminate_prepared(plan, prepared)
     if F is not None:
         ldq = _dense_logdet_quad(F, x)  # logdet_D - quad_D
         fac = fac._replace(logdet=fac.logdet + ldq)

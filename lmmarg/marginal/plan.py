@@ -67,7 +67,11 @@ class Plan:
       parent: K-1 arrays (G_j,) node at level j+1 of each level-j node,
       pairs: K entries, None or (pa, pb, idx_a, idx_b): same-node cell pairs and their dense positions
         (idx_a = dense_idx[pa], precomputed so no constant gather is folded at compile time),
-      dense_idx (n_cells, m) positions of each cell in the dense block.
+      dense_idx (n_cells, m) positions of each cell in the dense block,
+      S_DD (ds, ds), bilinear: constant structure of the level-1 dense fill for scalar sigma (``_bilinear_fill``),
+      level1: one chain level + dense block only: (A0 (G_0, d_0, d_0) group sums of Z_0^T Z_0, and the level-1
+        fill matrix B (ds, G_0 d_0) as entries rows, cols, vals (nnz,)),
+      level1_rhs: (a_r (G_0, d_0), a_X (G_0, d_0, p), x_r (ds,), x_X (ds, p)) group / dense sums of Z^T r0, Z^T X.
     Static: everything else.
     """
 
@@ -89,6 +93,8 @@ class Plan:
     dense_idx: jax.Array
     S_DD: Optional[jax.Array] = None
     bilinear: Optional[tuple] = None
+    level1: Optional[tuple] = None
+    level1_rhs: Optional[tuple] = None
     # --- static
     marginalized: tuple = field(default=())
     chain: tuple = field(default=())
@@ -159,7 +165,7 @@ class Plan:
 
 _DATA_FIELDS = [
     "X", "y", "Zt", "cell", "S_zz", "S_zr", "S_zX", "XtX", "Xtr", "rr", "beta0",
-    "cell_node", "parent", "pairs", "dense_idx", "S_DD", "bilinear",
+    "cell_node", "parent", "pairs", "dense_idx", "S_DD", "bilinear", "level1", "level1_rhs",
 ]
 _META_FIELDS = [
     "marginalized", "chain", "dense", "beta_block", "class_names", "unit_names",
@@ -360,33 +366,56 @@ def _choose_fill(n_pairs: int, n_nodes: int, d: int, m: int, dense_size: int, n_
 def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, max_entries: float = 4e7):
     """Constant structure of the level-1 dense fill for scalar sigma (see docs/math.md, section 5).
 
-    With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where
-    K[idx_k b, idx_k' b'] = sum over same-node cell pairs (k, k') and a, a' of S_k[a, b] R_g[a, a'] S_k'[a', b'],
-    R_g = Lambda_0 A_g^{-1} Lambda_0^T (d0 x d0).  Returns (coef (E,), rid (E,) index into R.ravel(), seg (E,)
-    sorted target id, targets (U,) flat upper-triangle positions in the dense block) or None if too large.
+    With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where K = B blockdiag(R_g) B^T,
+    B[idx_k b, (g, a)] = sum of S_k[a, b] over the cells k of node g, R_g = Lambda_0 A_g^{-1} Lambda_0^T (d0 x d0).
+    Returns (coef (E,), rid (E,) index into R.ravel(), seg (E,) sorted target id, targets (U,) flat upper-triangle
+    positions in the dense block, targets_t (U,) their mirrored positions, ds*ds on the diagonal) or None if too
+    large.
     """
-    counts = np.bincount(node, minlength=G0).astype(np.int64)
-    m = dense_idx.shape[1]
-    if int((counts**2).sum()) * m * m * d0 * d0 / 2 > max_entries:
+    n_cells, m = dense_idx.shape
+    shape = (n_cells, d0, m)  # entries (k, a, b): S_k[a, Dc + b] at row idx_k[b], column (node_k, a)
+    vals = S_zz[:, :d0, Dc:].ravel()
+    rows = np.broadcast_to(dense_idx[:, None, :], shape).ravel()
+    cols = (np.broadcast_to(node[:, None, None] * d0, shape) + np.arange(d0)[None, :, None]).ravel()
+    B = sp.csc_matrix((vals, (rows, cols)), shape=(ds, G0 * d0))
+    B.sum_duplicates()
+    B.eliminate_zeros()
+    col = np.repeat(np.arange(G0 * d0), np.diff(B.indptr))
+    g = col // d0
+    counts = np.bincount(g, minlength=G0).astype(np.int64)
+    if int((counts**2).sum()) / 2 > max_entries:
         return None
-    pa, pb = _same_node_pairs(node, G0)
-    Sc = S_zz[:, :d0, Dc:]  # (n_cells, d0, m) own rows x dense columns
-    a, a2, b, b2 = (g.ravel() for g in np.meshgrid(np.arange(d0), np.arange(d0), np.arange(m), np.arange(m),
-                                                   indexing="ij"))
-    ti = dense_idx[pa][:, b]  # (pairs, combos)
-    tj = dense_idx[pb][:, b2]
-    keep = ti <= tj
-    coef = (Sc[pa][:, a, b] * Sc[pb][:, a2, b2])[keep]
-    rid = (node[pa][:, None] * d0 * d0 + a * d0 + a2)[keep]
-    target = (ti.astype(np.int64) * ds + tj)[keep]
-    nz = coef != 0
-    coef, rid, target = coef[nz], rid[nz], target[nz]
-    key = target * (G0 * d0 * d0) + rid
-    ukey, inv = np.unique(key, return_inverse=True)
-    coef = np.bincount(inv.ravel(), weights=coef, minlength=ukey.size)
-    target, rid = ukey // (G0 * d0 * d0), ukey % (G0 * d0 * d0)
-    targets, seg = np.unique(target, return_inverse=True)  # ukey sorted => seg sorted
-    return coef, rid, seg.ravel(), targets
+    ea, eb = _same_node_pairs(g, G0)  # entry pairs sharing a group
+    t, v, a = B.indices.astype(np.int64), B.data, col % d0
+    keep = t[ea] <= t[eb]
+    ea, eb = ea[keep], eb[keep]
+    coef = v[ea] * v[eb]
+    rid = g[ea] * d0 * d0 + a[ea] * d0 + a[eb]
+    target = t[ea] * ds + t[eb]
+    order = np.argsort(target, kind="stable")
+    coef, rid, target = coef[order], rid[order], target[order]
+    new = np.ones(target.size, bool)
+    new[1:] = target[1:] != target[:-1]
+    seg = np.cumsum(new) - 1
+    targets = target[new]
+    ti, tj = targets // ds, targets % ds
+    targets_t = np.where(ti == tj, ds * ds, tj * ds + ti)
+    return (coef, rid, seg, targets, targets_t), (t, col, v)
+
+
+def _level1_stats(S_zz, S_zr, S_zX, node, dense_idx, d0: int, G0: int, ds: int, Bmat):
+    """Constants of the one-level path (Plan.level1, Plan.level1_rhs)."""
+    n_cells, m = dense_idx.shape
+    p = S_zX.shape[2]
+    by_node = sp.csr_matrix((np.ones(n_cells), (node, np.arange(n_cells))), shape=(G0, n_cells))
+    A0 = (by_node @ S_zz[:, :d0, :d0].reshape(n_cells, -1)).reshape(G0, d0, d0)
+    a_r = by_node @ S_zr[:, :d0]
+    a_X = (by_node @ S_zX[:, :d0, :].reshape(n_cells, -1)).reshape(G0, d0, p)
+    by_pos = sp.csr_matrix((np.ones(n_cells * m), (dense_idx.ravel(), np.arange(n_cells * m))),
+                           shape=(ds, n_cells * m))
+    x_r = by_pos @ S_zr[:, d0:].reshape(-1)
+    x_X = by_pos @ S_zX[:, d0:, :].reshape(n_cells * m, p)
+    return (A0, *Bmat), (a_r, a_X, x_r, x_X)
 
 
 def _dense_stats(S_zz, dense_idx, Dc: int, ds: int) -> np.ndarray:
@@ -407,6 +436,7 @@ def build_plan(
     *,
     marginalize_beta: bool = False,
     dense_limit: int = 4000,
+    scalar_sigma: bool = False,
     dtype=jnp.float64,
 ) -> Plan:
     """Build the static plan.
@@ -414,7 +444,8 @@ def build_plan(
     X (N, p), y (N,), classes: list of ClassSpec, marginalize: indices of the
     classes integrated out (their order fixes the order of ``scales`` in the
     kernels).  With ``marginalize_beta`` beta is integrated out too (prior given
-    per call).  Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
+    per call).  With ``scalar_sigma`` the plan serves scalar sigma only (it skips the level-1 cell-pair table that
+    a per-observation sigma needs).  Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
@@ -503,7 +534,6 @@ def build_plan(
         else:
             fill = "none"
         fills.append(fill)
-        pairs.append(_same_node_pairs(node, groups[j]) if fill == "pairs" else None)
     if m:
         dense_idx = np.concatenate(
             [
@@ -515,16 +545,28 @@ def build_plan(
     else:
         dense_idx = np.zeros((n_cells, 0), np.int64)
 
-    S_DD = bil = None
+    S_DD = bil = level1 = level1_rhs = None
     if m and K:
         S_DD = _dense_stats(S_zz, dense_idx, int(sum(dims[:K])), ds)
-        bil = _bilinear_fill(S_zz, cell_node[0], dense_idx, dims[0], int(sum(dims[:K])), groups[0], ds)
-    f = lambda a: jnp.asarray(a, dtype=dt)  # noqa: E731
-    i32 = lambda a: jnp.asarray(a, dtype=jnp.int32)  # noqa: E731
+        out = _bilinear_fill(S_zz, cell_node[0], dense_idx, dims[0], int(sum(dims[:K])), groups[0], ds)
+        if out is not None:
+            bil, Bmat = out
+            if K == 1:
+                level1, level1_rhs = _level1_stats(S_zz, S_zr, S_zX, cell_node[0], dense_idx, dims[0], groups[0],
+                                                   ds, Bmat)
+    for j in range(K):  # level 1 with the constant-structure fill needs the pair table for a vector sigma only
+        skip = fills[j] != "pairs" or (j == 0 and bil is not None and scalar_sigma)
+        pairs.append(None if skip else _same_node_pairs(cell_node[j], groups[j]))
+    npdt = np.dtype(jnp.dtype(dt).name)
+    # cast on the host and device_put (jnp.asarray would compile a staging copy per shape)
+    f = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
+    i32 = lambda a: jax.device_put(np.asarray(a, dtype=np.int32))  # noqa: E731
     return Plan(
         S_DD=None if S_DD is None else f(S_DD),
-        bilinear=None if bil is None else (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3])),
+        bilinear=None if bil is None else (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3]), i32(bil[4])),
         n_targets=0 if bil is None else int(bil[3].size),
+        level1=None if level1 is None else (f(level1[0]), i32(level1[1]), i32(level1[2]), f(level1[3])),
+        level1_rhs=None if level1_rhs is None else tuple(f(a) for a in level1_rhs),
         X=f(X), y=f(y), Zt=f(Zt), cell=i32(cell),
         S_zz=f(S_zz), S_zr=f(S_zr), S_zX=f(S_zX),
         XtX=f(X.T @ X), Xtr=f(X.T @ r0), rr=f(r0 @ r0), beta0=f(beta0),

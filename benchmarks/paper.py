@@ -81,7 +81,7 @@ def main(argv=None):
                 for seed in range(a.seeds):
                     r = run_bambi(exp, method.split("-")[1], seed=seed, warmup=a.warmup, draws=a.draws,
                                   chains=a.chains, quick=a.quick,
-                                  timeout=3600 if a.max_minutes is None else 60 * (a.max_minutes + 3))
+                                  timeout=3600 if a.max_minutes is None else 120 * a.max_minutes)
                     r.update(n_obs=model.n_obs, warmup=a.warmup, quick=a.quick)
                     rows = [x for x in rows if not (x["experiment"] == name and x["method"] == method
                                                     and x.get("seed") == seed)] + [r]

@@ -147,10 +147,13 @@ class Plan:
             return "\n".join(lines)
         K = self.n_chain_units
         for j in range(K):
+            fill = self.fills[j]
+            if j == 0 and self.bilinear is not None:
+                fill = ("constant structure (scalar sigma; one-level constants)" if self.level1 is not None
+                        else "constant structure (scalar sigma)") + (f", {fill} otherwise" if fill != "none" else "")
             lines.append(
                 f"  chain level {j + 1}: {self.unit_names[j]!r} "
-                f"({self.unit_groups[j]} groups x d={self.unit_dims[j]}), "
-                f"fill={self.fills[j]}"
+                f"({self.unit_groups[j]} groups x d={self.unit_dims[j]}), fill={fill}"
             )
         if self.dense_size:
             parts = [

@@ -1,12 +1,18 @@
-"""Collect every benchmarks/results/paper*.csv into results/summary.md, with the two target comparisons:
+"""Merge benchmark runs into one table, plots and results/summary.md with the two target comparisons:
 
   dillonE1: min ESS/s (global parameters) of "all"  vs  best of {marg:<one class>, bambi-numpyro}   (target ≥ 10×)
   InstEval: min ESS/s of "all"                      vs  best of {marg:<one class>}                 (target ≥ 10×)
 
-    python benchmarks/report.py
+    python benchmarks/report.py                                   # merge results/paper_sweep*.csv (default)
+    python benchmarks/report.py --sources paper_sweepA.csv,paper_sweepB.csv,paper_sweepC.csv --tag _sweep
+
+Later sources override earlier ones row by row (same experiment, method, seed), so a re-run of some methods can be
+layered over a sweep. Writes results/paper<tag>.{csv,md}, the bar plots paper<tag>_{iter,ess,ess_per_s}.png, the
+grouseticks pair plot (from the saved draws, if present) and results/summary.md.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import sys
@@ -16,19 +22,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import RESULTS, to_markdown  # noqa: E402
+from harness import RESULTS, to_markdown, versions  # noqa: E402
 from paper import COLS, summarize  # noqa: E402
 
+KEY = ["experiment", "method", "seed"]
 
-def load() -> pd.DataFrame:
-    frames = []
-    for f in sorted(glob.glob(os.path.join(RESULTS, "paper*.csv"))):
-        if "_quick" in f or "_rerun" in f:  # smoke runs; repeats kept for reference, not averaged in
-            continue
-        df = pd.read_csv(f)
-        df["source"] = os.path.basename(f)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+def merge(sources: list[str]) -> pd.DataFrame:
+    """Rows of all sources; a later source replaces earlier rows with the same experiment, method and seed."""
+    out = pd.DataFrame()
+    for src in sources:
+        df = pd.read_csv(os.path.join(RESULTS, src))
+        df["source"] = src
+        if len(out):
+            keys = set(map(tuple, df[KEY].astype(str).values))
+            out = out[[tuple(r) not in keys for r in out[KEY].astype(str).values]]
+        out = pd.concat([out, df], ignore_index=True)
+    return out
 
 
 def target(s: pd.DataFrame, exp: str, peers_extra=()) -> dict:
@@ -46,19 +56,70 @@ def target(s: pd.DataFrame, exp: str, peers_extra=()) -> dict:
                 baseline_min_ess_per_s=float(b["min_ess_per_s"]), ratio=a / float(b["min_ess_per_s"]))
 
 
-def main():
-    df = load()
-    if not len(df):
+def best_per_experiment(s: pd.DataFrame) -> pd.DataFrame:
+    """Per experiment: lmmarg `all`, the best single-class variant and the best peer, by min ESS/s."""
+    ok = s[s["error"].isna()] if "error" in s else s
+    rows = []
+    for exp, d in ok.groupby("experiment", sort=False):
+        def best(mask):
+            x = d[mask]
+            return (x.loc[x["min_ess_per_s"].idxmax()] if len(x) and x["min_ess_per_s"].notna().any() else None)
+
+        a = best(d.method == "all")
+        m = best(d.method.str.startswith("marg:"))
+        p = best(d.method.str.startswith(("numpyro", "bambi")))
+        n = best(d.method == "none")
+        row = dict(experiment=exp)
+        for name, r in [("all", a), ("best_single", m), ("best_peer", p), ("none", n)]:
+            row[f"{name}"] = "" if r is None else (r["method"] if name in ("best_single", "best_peer") else "✓")
+            row[f"{name}_ess_s"] = np.nan if r is None else r["min_ess_per_s"]
+        row["all_vs_single"] = row["all_ess_s"] / row["best_single_ess_s"]
+        row["all_vs_peer"] = row["all_ess_s"] / row["best_peer_ess_s"]
+        rows.append(row)
+    cols = ["experiment", "all_ess_s", "best_single", "best_single_ess_s", "best_peer", "best_peer_ess_s",
+            "none_ess_s", "all_vs_single", "all_vs_peer"]
+    return pd.DataFrame(rows)[cols]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--sources", default=None, help="comma-separated CSV names in results/ (default paper_sweep?*.csv)")
+    ap.add_argument("--tag", default="_sweep")
+    a = ap.parse_args(argv)
+    sources = (a.sources.split(",") if a.sources else
+               sorted(os.path.basename(f) for f in glob.glob(os.path.join(RESULTS, "paper_sweep?*.csv"))))
+    if not sources:
         print("no results yet")
         return
+    df = merge(sources)
+    df.to_csv(os.path.join(RESULTS, f"paper{a.tag}.csv"), index=False)
     s = summarize(df)
     cols = [c for c in COLS if c in s] + (["error"] if "error" in s else [])
+    with open(os.path.join(RESULTS, f"paper{a.tag}.md"), "w") as f:
+        f.write(f"# Paper reproduction, merged from {', '.join(sources)}\n\nESS = rank-normalized bulk ESS (ArviZ) "
+                "over global parameters; ESS/s uses sampling time (after warmup, excluding compile); "
+                "`min_ess_per_s_total` divides by compile+warmup+sampling+recovery. Errors: `timeout` rows ran past "
+                f"the per-run budget (partial leapfrog counts and ms/gradient in the message). Versions: {versions()}"
+                "\n\n" + to_markdown(s, cols) + "\n")
     t = pd.DataFrame([target(s, "dillonE1", ("bambi-numpyro",)), target(s, "InstEval")])
+    b = best_per_experiment(s)
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
-        f.write("# Benchmark summary (all non-quick runs)\n\n## Targets (min ESS/s over global parameters)\n\n")
-        f.write(to_markdown(t, list(t.columns)) + "\n\n## All runs (mean over seeds)\n\n")
-        f.write(to_markdown(s, cols) + "\n")
+        f.write(f"# Benchmark summary (`python benchmarks/report.py`, sources: {', '.join(sources)})\n\n"
+                "## Targets (min ESS/s over global parameters)\n\n" + to_markdown(t, list(t.columns)) +
+                "\n\n## Per experiment: `all` vs the best single-class variant and the best peer (min ESS/s)\n\n"
+                + to_markdown(b, list(b.columns)) + "\n")
+    from plots import grouse_pairs, paper_plots
+    paper_plots(df, a.tag)
+    draws = sorted(glob.glob(os.path.join(RESULTS, "grouseticks_sweep?*_draws.npz")))
+    if draws:
+        z = np.load(draws[-1])
+        pairs = {}
+        for k in z.files:
+            m, name = k.split("|", 1)
+            pairs.setdefault(m, {})[name] = z[k]
+        grouse_pairs(pairs, a.tag)
     print(to_markdown(t, list(t.columns)))
+    print(to_markdown(b, list(b.columns)))
 
 
 if __name__ == "__main__":

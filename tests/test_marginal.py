@@ -532,16 +532,19 @@ def test_dense_logdet_gram_value_and_gradient():
     np.testing.assert_allclose(gB, gB0, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("fill", ["dense", "sparse"])
 @pytest.mark.parametrize("kind,seed,dims,marg", [("crossed", 41, (2, 1), [0, 1]), ("crossed3", 42, (1, 2, 1), [0, 1, 2]),
                                                  ("crossed3", 43, (2, 1, 1), [1, 2])])
-def test_one_level_path_matches_generic(kind, seed, dims, marg):
+def test_one_level_path_matches_generic(kind, seed, dims, marg, fill, monkeypatch):
     """The constant-statistics path (one chain level + dense block, scalar σ) gives the generic elimination's value
-    and gradient, with and without an offset."""
+    and gradient, with and without an offset, with the level-1 fill as dense products or sorted coefficient lists."""
     from lmmarg.marginal import kernels
 
+    monkeypatch.setattr(plan_mod, "DENSE_FILL_RATIO", 1e12 if fill == "dense" else 0)
     des = make_design(kind, seed, dims, False)
     plan = build_plan(des["X"], des["y"], des["classes"], marg)
     assert plan.level1 is not None and plan.n_chain_units == 1
+    assert (len(plan.bilinear) == 1) == (fill == "dense")
     generic = plan.__class__(**{**plan.__dict__, "level1": None, "level1_rhs": None})
     others = [i for i in range(len(des["classes"])) if i not in marg]
     offset = jnp.asarray(_offset(des, others)) if others else None
@@ -570,3 +573,17 @@ def test_scalar_sigma_plan_rejects_vector_sigma():
     full = build_plan(des["X"], des["y"], des["classes"], [0, 1])
     sc = tuple(des["lams"][:2])
     assert _rel(log_marginal(plan, des["beta"], 0.7, sc), log_marginal(full, des["beta"], 0.7, sc)) < 1e-12
+
+
+@pytest.mark.parametrize("ratio", [0, 1e12])
+def test_structured_fill_in_nested_chain(ratio, monkeypatch):
+    """Nested chain + crossed dense block, scalar σ: the level-1 constant-structure fill (sparse lists or dense
+    products) gives the dense-oracle value."""
+    monkeypatch.setattr(plan_mod, "DENSE_FILL_RATIO", ratio)
+    des = make_design("nested_crossed", 45, (2, 1, 2), False)
+    marg = [0, 1, 2]
+    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    assert plan.n_chain_units == 2 and plan.bilinear is not None and plan.level1 is None
+    sc = tuple(des["lams"][i] for i in marg)
+    val = log_marginal(plan, des["beta"], 0.7, sc)
+    assert _rel(val, _ref(des, marg, des["beta"], 0.7, sc)) < 1e-10

@@ -1,9 +1,11 @@
 """Maximum likelihood and REML fits with lme4 parity (profiled deviance over the relative factors θ).
 
 For relative covariance factors Λ_l(θ) (lower-triangular, Σ_l = σ² Λ_lΛ_lᵀ) let V(θ) = I + Σ_l Z_l(I⊗Λ_lΛ_lᵀ)Z_lᵀ.
-One batched factorization of the engine (``kernels.factorize`` with σ = 1, vmapped over the p + 1 residual vectors
-x_1..x_p, r0 = y - Xβ0) gives the exact Gram matrix G = [X r0]ᵀ V⁻¹ [X r0] (= [X r0]ᵀ[X r0] - Σ z_a z_bᵀ with z the
-whitened engine vectors) and log|V| (= log|F|, determinant lemma). With C = chol(G):
+One elimination of the engine at σ = 1 with the p + 1 right-hand sides x_1..x_p, r0 = y - Xβ0 at once (the chain
+part from ``kernels._eliminate_matrix``/``_eliminate_rhs``, or from constants only for a one-level chain, then
+``kernels.dense_logdet_gram`` for the dense block) gives the exact Gram matrix G = [X r0]ᵀ V⁻¹ [X r0]
+(= [X r0]ᵀ[X r0] - Σ z_a z_bᵀ with z the whitened engine vectors) and log|V| (= log|F|, determinant lemma).
+With C = chol(G):
 
     A = XᵀV⁻¹X = C_XX C_XXᵀ,  β̂ = β0 + A⁻¹XᵀV⁻¹r0,  penalized RSS Q = C_pp²,
     ML   deviance  = N (1 + log(2π Q / N)) + log|V|                         (σ̂² = Q / N)

@@ -290,10 +290,15 @@ def _level1_R(lams, Linv):
 def _structured_dense(plan: Plan, lams, s2, R):
     """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
 
-    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from plan.bilinear, R (G_0, d_0, d_0) from _level1_R.
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K = B blockdiag(R) B^T from plan.bilinear,
+    R (G_0, d_0, d_0) from _level1_R.
     """
     ds = plan.dense_size
-    Kf = _bilinear_K(R.reshape(-1), plan.bilinear, ds * ds, plan.n_targets).reshape(ds, ds)
+    if len(plan.bilinear) == 1:  # small block: K = (B blockdiag(R)) B^T, two dense products
+        B = plan.bilinear[0]
+        Kf = jnp.einsum("tga,gab->tgb", B, R).reshape(ds, -1) @ B.reshape(ds, -1).T
+    else:
+        Kf = _bilinear_K(R.reshape(-1), plan.bilinear, ds * ds, plan.n_targets).reshape(ds, ds)
     return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - Kf / s2**2))
 
 

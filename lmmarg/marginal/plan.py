@@ -31,6 +31,7 @@ import scipy.sparse as sp
 __all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize"]
 
 BETA = -1  # unit source id of the fixed effects when they are marginalized
+DENSE_FILL_RATIO = 100  # level-1 fill by dense products when ds^2 G_0 d_0 <= this x (number of coefficient entries)
 
 
 @dataclass(frozen=True, eq=False)
@@ -68,7 +69,8 @@ class Plan:
       pairs: K entries, None or (pa, pb, idx_a, idx_b): same-node cell pairs and their dense positions
         (idx_a = dense_idx[pa], precomputed so no constant gather is folded at compile time),
       dense_idx (n_cells, m) positions of each cell in the dense block,
-      S_DD (ds, ds), bilinear: constant structure of the level-1 dense fill for scalar sigma (``_bilinear_fill``),
+      S_DD (ds, ds), bilinear: constant structure of the level-1 dense fill for scalar sigma (``_bilinear_fill``:
+        sorted coefficient lists, or the dense (ds, G_0, d_0) matrix B for small blocks),
       level1: one chain level + dense block only: (A0 (G_0, d_0, d_0) group sums of Z_0^T Z_0, and the level-1
         fill matrix B (ds, G_0 d_0) as entries rows, cols, vals (nnz,)),
       level1_rhs: (a_r (G_0, d_0), a_X (G_0, d_0, p), x_r (ds,), x_X (ds, p)) group / dense sums of Z^T r0, Z^T X.
@@ -371,9 +373,9 @@ def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, ma
 
     With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where K = B blockdiag(R_g) B^T,
     B[idx_k b, (g, a)] = sum of S_k[a, b] over the cells k of node g, R_g = Lambda_0 A_g^{-1} Lambda_0^T (d0 x d0).
-    Returns (coef (E,), rid (E,) index into R.ravel(), seg (E,) sorted target id, targets (U,) flat upper-triangle
-    positions in the dense block, targets_t (U,) their mirrored positions, ds*ds on the diagonal) or None if too
-    large.
+    Returns (fill, B entries (rows, cols, vals)) or None if too large. fill is either (coef (E,), rid (E,) index into
+    R.ravel(), seg (E,) sorted target id, targets (U,) flat upper-triangle positions in the dense block, targets_t
+    (U,) their mirrored positions, ds*ds on the diagonal), or, when two dense products are cheaper, (B (ds, G0, d0),).
     """
     n_cells, m = dense_idx.shape
     shape = (n_cells, d0, m)  # entries (k, a, b): S_k[a, Dc + b] at row idx_k[b], column (node_k, a)
@@ -386,7 +388,12 @@ def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, ma
     col = np.repeat(np.arange(G0 * d0), np.diff(B.indptr))
     g = col // d0
     counts = np.bincount(g, minlength=G0).astype(np.int64)
-    if int((counts**2).sum()) / 2 > max_entries:
+    n_half = int((counts**2).sum()) / 2
+    Bent = (B.indices.astype(np.int64), col, B.data)
+    if ds * ds * G0 * d0 <= DENSE_FILL_RATIO * n_half and ds * G0 * d0 <= 4e6:
+        # small dense block: K = (B blockdiag(R)) B^T as two dense products beats ~n_half gathers
+        return (B.toarray().reshape(ds, G0, d0),), Bent
+    if n_half > max_entries:
         return None
     ea, eb = _same_node_pairs(g, G0)  # entry pairs sharing a group
     t, v, a = B.indices.astype(np.int64), B.data, col % d0
@@ -403,7 +410,7 @@ def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, ma
     targets = target[new]
     ti, tj = targets // ds, targets % ds
     targets_t = np.where(ti == tj, ds * ds, tj * ds + ti)
-    return (coef, rid, seg, targets, targets_t), (t, col, v)
+    return (coef, rid, seg, targets, targets_t), Bent
 
 
 def _level1_stats(S_zz, S_zr, S_zX, node, dense_idx, d0: int, G0: int, ds: int, Bmat):
@@ -566,8 +573,9 @@ def build_plan(
     i32 = lambda a: jax.device_put(np.asarray(a, dtype=np.int32))  # noqa: E731
     return Plan(
         S_DD=None if S_DD is None else f(S_DD),
-        bilinear=None if bil is None else (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3]), i32(bil[4])),
-        n_targets=0 if bil is None else int(bil[3].size),
+        bilinear=None if bil is None else ((f(bil[0]),) if len(bil) == 1 else
+                                           (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3]), i32(bil[4]))),
+        n_targets=0 if bil is None or len(bil) == 1 else int(bil[3].size),
         level1=None if level1 is None else (f(level1[0]), i32(level1[1]), i32(level1[2]), f(level1[3])),
         level1_rhs=None if level1_rhs is None else tuple(f(a) for a in level1_rhs),
         X=f(X), y=f(y), Zt=f(Zt), cell=i32(cell),

@@ -85,3 +85,24 @@ def test_paper_quick_runs_end_to_end(tmp_path, monkeypatch):
     assert (df["iter_per_s"] > 0).all() and (df["n_global"] == 9).all()
     assert (tmp_path / "paper_quick.csv").exists() and (tmp_path / "paper_quick.md").exists()
     assert (tmp_path / "paper_quick_iter.png").exists()
+
+
+def test_time_budget_gives_a_timeout_row_and_report_merges(tmp_path, monkeypatch):
+    """--max-minutes: a run past its budget becomes a row with the partial leapfrog count; report.py merges sources
+    with later rows replacing earlier ones."""
+    import harness
+    import paper
+    import plots
+    import report
+    for mod in (harness, paper, plots, report):
+        monkeypatch.setattr(mod, "RESULTS", str(tmp_path))
+    df = paper.main(["--quick", "--experiments", "dutch", "--methods", "none", "--draws", "10", "--warmup", "10",
+                     "--chunk", "5", "--max-minutes", "1e-6", "--tag", "_sweepA", "--no-plots"])
+    row = df.iloc[0]
+    assert row["error"].startswith("timeout") and row["iterations_done"] == 5 and row["leapfrog_steps"] >= 5
+    paper.main(["--quick", "--experiments", "dutch", "--methods", "none", "--draws", "10", "--warmup", "10",
+                "--tag", "_sweepB", "--no-plots"])
+    report.main(["--sources", "paper_sweepA.csv,paper_sweepB.csv", "--tag", "_sweep"])
+    merged = __import__("pandas").read_csv(tmp_path / "paper_sweep.csv")
+    assert len(merged) == 1 and merged["source"].iloc[0] == "paper_sweepB.csv"
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "paper_sweep_iter.png").exists()

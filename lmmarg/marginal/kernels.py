@@ -20,6 +20,11 @@ to the nodes of a *chain* of nested classes and eliminated level by level
 coupling of each cell to the *dense* block (classes not nested in the chain)
 yields fill-in on the dense Schur complement F_DD, which is factorized densely.
 Sampling/means back-substitute through the same factor (root -> leaves).
+
+For scalar sigma the first level's fill has a constant structure (``_structured_dense``), and with a single
+chain level ``log_marginal`` needs no per-cell work at all (``_one_level_*``: group sums, the sparse fill matrix
+B and sums of Z^T r0, Z^T X precomputed in the plan).  The dense block's reverse pass uses one inverse
+(``_dense_logdet_quad``, ``dense_logdet_gram``) instead of differentiating the Cholesky factorization.
 """
 from __future__ import annotations
 

@@ -71,7 +71,8 @@ def best_per_experiment(s: pd.DataFrame) -> pd.DataFrame:
         n = best(d.method == "none")
         row = dict(experiment=exp)
         for name, r in [("all", a), ("best_single", m), ("best_peer", p), ("none", n)]:
-            row[f"{name}"] = "" if r is None else (r["method"] if name in ("best_single", "best_peer") else "✓")
+            if name in ("best_single", "best_peer"):
+                row[name] = "" if r is None else r["method"]
             row[f"{name}_ess_s"] = np.nan if r is None else r["min_ess_per_s"]
         row["all_vs_single"] = row["all_ess_s"] / row["best_single_ess_s"]
         row["all_vs_peer"] = row["all_ess_s"] / row["best_peer_ess_s"]

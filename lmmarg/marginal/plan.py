@@ -417,14 +417,12 @@ def _level1_stats(S_zz, S_zr, S_zX, node, dense_idx, d0: int, G0: int, ds: int, 
     """Constants of the one-level path (Plan.level1, Plan.level1_rhs)."""
     n_cells, m = dense_idx.shape
     p = S_zX.shape[2]
-    by_node = sp.csr_matrix((np.ones(n_cells), (node, np.arange(n_cells))), shape=(G0, n_cells))
-    A0 = (by_node @ S_zz[:, :d0, :d0].reshape(n_cells, -1)).reshape(G0, d0, d0)
-    a_r = by_node @ S_zr[:, :d0]
-    a_X = (by_node @ S_zX[:, :d0, :].reshape(n_cells, -1)).reshape(G0, d0, p)
-    by_pos = sp.csr_matrix((np.ones(n_cells * m), (dense_idx.ravel(), np.arange(n_cells * m))),
-                           shape=(ds, n_cells * m))
-    x_r = by_pos @ S_zr[:, d0:].reshape(-1)
-    x_X = by_pos @ S_zX[:, d0:, :].reshape(n_cells * m, p)
+    A0 = _aggregate(node, G0, S_zz[:, :d0, :d0].reshape(n_cells, -1)).reshape(G0, d0, d0)
+    a_r = _aggregate(node, G0, S_zr[:, :d0])
+    a_X = _aggregate(node, G0, S_zX[:, :d0, :].reshape(n_cells, -1)).reshape(G0, d0, p)
+    pos = dense_idx.ravel()
+    x_r = _aggregate(pos, ds, S_zr[:, d0:].reshape(-1, 1))[:, 0]
+    x_X = _aggregate(pos, ds, S_zX[:, d0:, :].reshape(n_cells * m, p))
     return (A0, *Bmat), (a_r, a_X, x_r, x_X)
 
 

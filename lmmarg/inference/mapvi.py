@@ -17,6 +17,8 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from ._blas import blas_threads
+
 __all__ = ["fit_map", "fit_vi"]
 
 _GUIDES = ("normal", "lowrank", "flow")
@@ -104,8 +106,9 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     best, runs = None, []
     for st in firsts:
         x0 = np.asarray(ravel_pytree({n: jnp.asarray(st[n], model.dtype) for n in pot.sites})[0], dtype=float)
-        res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
-                                      options=dict(maxiter=maxiter, gtol=gtol, ftol=1e-15, maxcor=20))
+        with blas_threads(pot.plan.dense_size):
+            res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
+                                          options=dict(maxiter=maxiter, gtol=gtol, ftol=1e-15, maxcor=20))
         runs.append(float(res.fun))
         if best is None or res.fun < best.fun:
             best = res
@@ -213,7 +216,8 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
     g = _guide(model_fn, guide, init_values, rank, flow_kwargs)
     svi = SVI(model_fn, g, numpyro.optim.Adam(lr), Trace_ELBO(num_particles=num_particles))
     t0 = time.perf_counter()
-    res = svi.run(k_svi, steps, progress_bar=progress_bar, stable_update=True)
+    with blas_threads(pot.plan.dense_size):
+        res = svi.run(k_svi, steps, progress_bar=progress_bar, stable_update=True)
     jax.block_until_ready(res.losses)
     t_fit = time.perf_counter() - t0
     losses = np.asarray(res.losses)

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from ._blas import blas_threads
+
 __all__ = ["fit_ml", "MLFit"]
 
 _SINGULAR_TOL = 1e-4
@@ -341,8 +343,9 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
 
     t1 = time.perf_counter()
     bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
-    res = scipy.optimize.minimize(obj, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                  options=dict(maxiter=maxiter, gtol=gtol, ftol=ftol, maxcor=20))
+    with blas_threads(plan.dense_size):
+        res = scipy.optimize.minimize(obj, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                      options=dict(maxiter=maxiter, gtol=gtol, ftol=ftol, maxcor=20))
     theta = np.asarray(res.x, dtype=float)
     # projected gradient for the convergence check (abnormal line-search ends at the optimum are fine)
     _, g = obj(theta)

@@ -9,6 +9,8 @@ import numpy as np
 from numpyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
+from ._blas import blas_threads
+
 __all__ = ["sample"]
 
 _EXTRA = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "potential_energy")
@@ -130,19 +132,20 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     init = pot.init_params(k_init, num_chains=chains)
     nuts_kwargs.setdefault("target_accept_prob", 0.8)
     t0 = time.perf_counter()
-    with _compile_timer() as comp:
-        if chain_method == "vectorized":
-            raw, div, n_steps, step_size, accept, pe = _driver(pot, warmup, chains, nuts_kwargs).run(
-                k_mcmc, init, draws, progress_bar)
-        else:
-            raw, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
-                pot, k_mcmc, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
-    t2 = time.perf_counter()
-    samples = pot.constrain(raw)
-    t3 = time.perf_counter()
-    if recover:
-        samples.update(pot.recover(samples, k_rec))
-    t4 = time.perf_counter()
+    with blas_threads(pot.plan.dense_size):
+        with _compile_timer() as comp:
+            if chain_method == "vectorized":
+                raw, div, n_steps, step_size, accept, pe = _driver(pot, warmup, chains, nuts_kwargs).run(
+                    k_mcmc, init, draws, progress_bar)
+            else:
+                raw, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
+                    pot, k_mcmc, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
+        t2 = time.perf_counter()
+        samples = pot.constrain(raw)
+        t3 = time.perf_counter()
+        if recover:
+            samples.update(pot.recover(samples, k_rec))
+        t4 = time.perf_counter()
 
     n_steps = np.asarray(n_steps)
     max_depth = nuts_kwargs.get("max_tree_depth", 10)

@@ -218,7 +218,7 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
     t0 = time.perf_counter()
     with blas_threads(pot.plan.dense_size):
         res = svi.run(k_svi, steps, progress_bar=progress_bar, stable_update=True)
-    jax.block_until_ready(res.losses)
+        jax.block_until_ready(res.losses)  # inside the limit: dispatch is asynchronous
     t_fit = time.perf_counter() - t0
     losses = np.asarray(res.losses)
     post = g.sample_posterior(k_draw, res.params, sample_shape=(draws,))

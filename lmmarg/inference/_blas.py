@@ -20,18 +20,15 @@ SMALL_DENSE = 512
 
 
 def _requested(dense_size: int):
+    """Thread count to impose (None: leave the pools alone)."""
     env = os.environ.get("LMMARG_BLAS_THREADS", "").strip().lower()
+    if not env:
+        return 1 if dense_size < SMALL_DENSE else None
     if env == "default":
         return None
-    if env:
-        try:
-            n = int(env)
-        except ValueError:
-            raise ValueError(f"LMMARG_BLAS_THREADS must be a positive integer or 'default', got {env!r}") from None
-        if n < 1:
-            raise ValueError(f"LMMARG_BLAS_THREADS must be a positive integer or 'default', got {env!r}")
-        return n
-    return 1 if dense_size < SMALL_DENSE else None
+    if not env.isdigit() or int(env) < 1:
+        raise ValueError(f"LMMARG_BLAS_THREADS must be a positive integer or 'default', got {env!r}")
+    return int(env)
 
 
 @contextlib.contextmanager

@@ -104,14 +104,14 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     jax.block_until_ready(vg(flat0))
     t_compile = time.perf_counter() - t0
     best, runs = None, []
-    for st in firsts:
-        x0 = np.asarray(ravel_pytree({n: jnp.asarray(st[n], model.dtype) for n in pot.sites})[0], dtype=float)
-        with blas_threads(pot.plan.dense_size):
+    with blas_threads(pot.plan.dense_size):
+        for st in firsts:
+            x0 = np.asarray(ravel_pytree({n: jnp.asarray(st[n], model.dtype) for n in pot.sites})[0], dtype=float)
             res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
                                           options=dict(maxiter=maxiter, gtol=gtol, ftol=1e-15, maxcor=20))
-        runs.append(float(res.fun))
-        if best is None or res.fun < best.fun:
-            best = res
+            runs.append(float(res.fun))
+            if best is None or res.fun < best.fun:
+                best = res
     t_opt = time.perf_counter() - t0 - t_compile
     grad_norm = float(np.max(np.abs(f(best.x)[1]), initial=0.0))
     converged = bool(best.success) or grad_norm < 1e-4

@@ -545,9 +545,6 @@ def _dense_logdet_quad(F, x):
     return logdet - G[0, 0]
 
 
-
-
-
 def _log_density(fac: Factor):
     val = -0.5 * (fac.rWr - fac.quad + fac.logdet + fac.log2pi)
     good = fac.ok & jnp.isfinite(val)

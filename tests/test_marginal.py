@@ -26,7 +26,6 @@ import pytest  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from dense_reference import dense_conditional, dense_logpdf  # noqa: E402
 
-import lmmarg.marginal.plan as plan_mod  # noqa: E402
 from lmmarg.marginal import (  # noqa: E402
     ClassSpec,
     MarginalTooLarge,
@@ -486,12 +485,11 @@ def test_plan_structure_pytree_and_jit():
 
 
 @pytest.mark.parametrize("mode", ["pairs", "mtm"])
-def test_fill_strategies_agree(mode, monkeypatch):
-    monkeypatch.setattr(plan_mod, "_choose_fill", lambda *a, **k: mode)
+def test_fill_strategies_agree(mode):
     des = make_design("nested_crossed", 40, (2, 1, 2), False)
     marg = [0, 1, 2]
     sc = tuple(des["lams"][i] for i in marg)
-    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True, chain_fill=mode)
     assert plan.fills == (mode, mode)
     sig_i = des["rng"].uniform(0.5, 1.0, len(des["y"]))
     val = log_marginal(plan, None, sig_i, sc, None, BETA_PRIOR)
@@ -532,20 +530,23 @@ def test_dense_logdet_gram_value_and_gradient():
     np.testing.assert_allclose(gB, gB0, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("fill", ["dense", "sparse"])
+FILL_TYPES = {"dense": "DenseProductFill", "pairs": "PairListFill", "pooled": "PooledFill"}
+
+
+@pytest.mark.parametrize("fill", ["dense", "pairs", "pooled"])
 @pytest.mark.parametrize("kind,seed,dims,marg", [("crossed", 41, (2, 1), [0, 1]), ("crossed3", 42, (1, 2, 1), [0, 1, 2]),
                                                  ("crossed3", 43, (2, 1, 1), [1, 2])])
-def test_one_level_path_matches_generic(kind, seed, dims, marg, fill, monkeypatch):
+def test_one_level_path_matches_generic(kind, seed, dims, marg, fill):
     """The constant-statistics path (one chain level + dense block, scalar σ) gives the generic elimination's value
-    and gradient, with and without an offset, with the level-1 fill as dense products or sorted coefficient lists."""
+    and gradient, with and without an offset, with the level-1 fill as dense products, sorted coefficient lists or
+    pooled classes of equal group statistics (build_plan's level1_fill option)."""
     from lmmarg.marginal import kernels
 
-    monkeypatch.setattr(plan_mod, "DENSE_FILL_RATIO", 1e12 if fill == "dense" else 0)
     des = make_design(kind, seed, dims, False)
-    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill)
     assert plan.level1 is not None and plan.n_chain_units == 1
-    assert (len(plan.bilinear) == 1) == (fill == "dense")
-    generic = plan.__class__(**{**plan.__dict__, "level1": None, "level1_rhs": None})
+    assert type(plan.bilinear).__name__ == FILL_TYPES[fill]
+    generic = plan.__class__(**{**plan.__dict__, "level1": None, "level1_rhs": None, "bilinear": None})
     others = [i for i in range(len(des["classes"])) if i not in marg]
     offset = jnp.asarray(_offset(des, others)) if others else None
     sc = tuple(jnp.asarray(des["lams"][i]) for i in marg)
@@ -575,15 +576,48 @@ def test_scalar_sigma_plan_rejects_vector_sigma():
     assert _rel(log_marginal(plan, des["beta"], 0.7, sc), log_marginal(full, des["beta"], 0.7, sc)) < 1e-12
 
 
-@pytest.mark.parametrize("ratio", [0, 1e12])
-def test_structured_fill_in_nested_chain(ratio, monkeypatch):
-    """Nested chain + crossed dense block, scalar σ: the level-1 constant-structure fill (sparse lists or dense
-    products) gives the dense-oracle value."""
-    monkeypatch.setattr(plan_mod, "DENSE_FILL_RATIO", ratio)
+@pytest.mark.parametrize("fill", ["dense", "pairs", "pooled"])
+def test_structured_fill_in_nested_chain(fill):
+    """Nested chain + crossed dense block, scalar σ: every level-1 constant-structure fill (dense products, sparse
+    lists, pooled classes) gives the dense-oracle value."""
     des = make_design("nested_crossed", 45, (2, 1, 2), False)
     marg = [0, 1, 2]
-    plan = build_plan(des["X"], des["y"], des["classes"], marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill)
+    assert type(plan.bilinear).__name__ == FILL_TYPES[fill]
     assert plan.n_chain_units == 2 and plan.bilinear is not None and plan.level1 is None
     sc = tuple(des["lams"][i] for i in marg)
     val = log_marginal(plan, des["beta"], 0.7, sc)
     assert _rel(val, _ref(des, marg, des["beta"], 0.7, sc)) < 1e-10
+
+
+def test_pooled_fill_merges_groups_with_equal_statistics():
+    """Intercept-only crossed classes: level-1 groups with the same size share R_g, so the pooled fill has fewer
+    classes than groups, and value, gradient and conditional means still equal the dense oracle / other fills."""
+    from lmmarg.marginal import kernels
+
+    rng = np.random.default_rng(7)
+    N, Ga, Gb = 400, 60, 9
+    a = np.repeat(np.arange(Ga), rng.integers(3, 10, Ga))[:N]
+    a = np.concatenate([a, rng.integers(0, Ga, N - a.size)]) if a.size < N else a
+    b = rng.integers(0, Gb, N)
+    one = np.ones((N, 1))
+    X = np.column_stack([np.ones(N), rng.normal(size=N)])
+    y = X @ [1.0, 0.4] + rng.normal(size=Ga)[a] + 0.5 * rng.normal(size=Gb)[b] + rng.normal(size=N)
+    classes = [ClassSpec("a", one, a, Ga), ClassSpec("b", one, b, Gb)]
+    pooled = build_plan(X, y, classes, [0, 1], level1_fill="pooled")
+    pairs = build_plan(X, y, classes, [0, 1], level1_fill="pairs")
+    U = pooled.bilinear.rep.shape[0]
+    assert U < Ga and U == np.unique(np.bincount(a, minlength=Ga)).size
+    sc = (jnp.array([[0.9]]), jnp.array([[0.6]]))
+    beta, sigma = jnp.array([0.8, 0.3]), jnp.asarray(1.1)
+    ref = dense_logpdf(X, y, classes, [0, 1], np.asarray(beta), 1.1, [np.asarray(s) for s in sc])
+    f = lambda pl, beta, sigma, sc: kernels.log_marginal(pl, beta, sigma, sc)  # noqa: E731
+    v1, g1 = jax.value_and_grad(f, argnums=(1, 2, 3))(pooled, beta, sigma, sc)
+    v0, g0 = jax.value_and_grad(f, argnums=(1, 2, 3))(pairs, beta, sigma, sc)
+    assert _rel(v1, ref) < 1e-10
+    for x1, x0 in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(x1, x0, rtol=1e-9, atol=1e-10)
+    m1 = kernels.conditional_mean(pooled, beta, sigma, sc)
+    m0 = kernels.conditional_mean(pairs, beta, sigma, sc)
+    for x1, x0 in zip(m1, m0):
+        np.testing.assert_allclose(x1, x0, rtol=1e-9, atol=1e-11)

@@ -17,6 +17,7 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from .._warnings import warn_user
 from ._blas import blas_threads
 
 __all__ = ["fit_map", "fit_vi"]
@@ -63,6 +64,67 @@ def _conditional_means(pot, c: dict) -> dict:
     return {f"u_{pot.model.terms[h].name}": np.asarray(m) for h, m in zip(pot.marg, means)}
 
 
+# MAP edge handling: an SD whose log runs far below its start has (numerically) reached the boundary sd = 0.
+MAP_EDGE_LOG_DROP = 7.0         # log-units below the start (a factor ~1e-3) that count as "at the boundary"
+MAP_MAX_RESTARTS = 3
+MAP_GRAD_TOL = 1e-4             # max |∇| on unconstrained coordinates at a converged interior mode
+MAP_FD_STEP = 1e-5
+
+
+def _sd_positions(pot, unravel, size: int) -> np.ndarray:
+    """Positions in the flat unconstrained vector of the random-effect SD sites (log scale)."""
+    probe = unravel(jnp.arange(size, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32))
+    pos = [np.asarray(v).reshape(-1).astype(int) for n, v in probe.items() if n.startswith("sd_")]
+    return np.concatenate(pos) if pos else np.zeros(0, int)
+
+
+def _minimize_with_edge_restarts(f, x0, sd_pos, maxiter, gtol):
+    """L-BFGS-B; when an SD ends at the boundary (log sd ≪ its start), restart with it back at its start and keep
+    the better optimum (lme4's restart_edge, on the unconstrained scale)."""
+    opts = dict(maxiter=maxiter, gtol=gtol, ftol=1e-15, maxcor=20)
+    best = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", options=opts)
+    best.restarts = 0
+    for _ in range(MAP_MAX_RESTARTS):
+        edge = sd_pos[best.x[sd_pos] < x0[sd_pos] - MAP_EDGE_LOG_DROP]
+        if edge.size == 0:
+            break
+        x1 = np.asarray(best.x, float).copy()
+        x1[edge] = x0[edge]
+        res = scipy.optimize.minimize(f, x1, jac=True, method="L-BFGS-B", options=opts)
+        if not res.fun < best.fun - 1e-10 * max(1.0, abs(best.fun)):
+            break
+        res.restarts = best.restarts + 1
+        best = res
+    return best
+
+
+def _map_checks(f, x, sd_pos, res) -> dict:
+    """Gradient and Hessian (finite differences of ∇) checks at the mode, the boundary SDs excluded."""
+    v, g = f(x)
+    at_edge = np.zeros(x.size, bool)
+    at_edge[sd_pos] = np.abs(g[sd_pos]) < MAP_GRAD_TOL   # flat in log sd at sd -> 0: the boundary, not a failure
+    at_edge[sd_pos] &= x[sd_pos] < -10.0
+    free = np.flatnonzero(~at_edge)
+    msgs = []
+    gmax = float(np.max(np.abs(g[free]), initial=0.0))
+    if not (res.success or gmax < MAP_GRAD_TOL):
+        msgs.append(f"max |grad| = {gmax:.3g} (tol = {MAP_GRAD_TOL})")
+    lo = np.nan
+    if free.size:
+        H = np.empty((free.size, free.size))
+        for a, k in enumerate(free):
+            h = MAP_FD_STEP * max(1.0, abs(x[k]))
+            xp, xm = x.copy(), x.copy()
+            xp[k] += h
+            xm[k] -= h
+            H[:, a] = (f(xp)[1][free] - f(xm)[1][free]) / (2 * h)
+        w = np.linalg.eigvalsh(0.5 * (H + H.T))
+        lo = float(w[0])
+        if lo <= -1e-6 * max(abs(w[-1]), 1e-300):
+            msgs.append(f"degenerate Hessian with {int(np.sum(w <= -1e-6 * abs(w[-1])))} negative eigenvalues")
+    return {"max_abs_grad": gmax, "hessian_min_eig": lo, "n_boundary": int(at_edge.sum()), "messages": msgs}
+
+
 def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1, seed: int = 0, init=None,
             maxiter: int = 5000, gtol: float = 1e-8):
     """Posterior mode of the global parameters; random effects at their conditional means given the mode.
@@ -104,20 +166,20 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     jax.block_until_ready(vg(flat0))
     t_compile = time.perf_counter() - t0
     best, runs = None, []
+    sd_pos = _sd_positions(pot, unravel, flat0.size)
     with blas_threads(pot.plan.dense_size):
         for st in firsts:
             x0 = np.asarray(ravel_pytree({n: jnp.asarray(st[n], model.dtype) for n in pot.sites})[0], dtype=float)
-            res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B",
-                                          options=dict(maxiter=maxiter, gtol=gtol, ftol=1e-15, maxcor=20))
+            res = _minimize_with_edge_restarts(f, x0, sd_pos, maxiter, gtol)
             runs.append(float(res.fun))
             if best is None or res.fun < best.fun:
                 best = res
+        checks = _map_checks(f, np.asarray(best.x, float), sd_pos, best)
     t_opt = time.perf_counter() - t0 - t_compile
     grad_norm = float(np.max(np.abs(f(best.x)[1]), initial=0.0))
-    converged = bool(best.success) or grad_norm < 1e-4
+    converged = not checks["messages"]
     if not converged:
-        warnings.warn(f"fit_map: optimizer did not converge ({best.message}); max |grad| = {grad_norm:.3g}",
-                      stacklevel=3)
+        warn_user(f"fit_map: optimizer did not converge ({best.message}): " + "; ".join(checks["messages"]))
     unc = {k: np.asarray(v) for k, v in unravel(jnp.asarray(best.x, model.dtype)).items()}
     draws = pot.constrain({k: v[None, None] for k, v in unc.items()})
     mode = {k: v[0, 0] for k, v in draws.items()}
@@ -128,7 +190,8 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     diagnostics = {"objective": float(best.fun), "log_posterior": -float(best.fun), "jacobian": bool(jacobian),
                    "converged": converged, "message": str(best.message), "n_iter": int(best.nit),
                    "max_abs_grad": grad_norm, "start_objectives": runs, "time_compile": t_compile,
-                   "time_optimize": t_opt, "marginalized": list(pot.marginalized_terms)}
+                   "time_optimize": t_opt, "marginalized": list(pot.marginalized_terms),
+                   "restarts": int(getattr(best, "restarts", 0)), "checks": checks}
     fit = Fit(model, draws, diagnostics=diagnostics, method="map", potential=pot)
     fit.mode = mode
     fit.unconstrained = unc

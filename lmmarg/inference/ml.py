@@ -1,6 +1,6 @@
 """Maximum likelihood and REML fits with lme4 parity (profiled deviance over the relative factors θ).
 
-For relative covariance factors Λ_l(θ) (lower-triangular, Σ_l = σ² Λ_lΛ_lᵀ) let V(θ) = I + Σ_l Z_l(I⊗Λ_lΛ_lᵀ)Z_lᵀ.
+For relative covariance factors Λ_l(θ) (Σ_l = σ² Λ_lΛ_lᵀ) let V(θ) = I + Σ_l Z_l(I⊗Λ_lΛ_lᵀ)Z_lᵀ.
 One elimination of the engine at σ = 1 with the p + 1 right-hand sides x_1..x_p, r0 = y - Xβ0 at once (the chain
 part from ``kernels._eliminate_matrix``/``_eliminate_rhs``, or from constants only for a one-level chain, then
 ``kernels.dense_logdet_gram`` for the dense block) gives the exact Gram matrix G = [X r0]ᵀ V⁻¹ [X r0]
@@ -11,26 +11,48 @@ With C = chol(G):
     ML   deviance  = N (1 + log(2π Q / N)) + log|V|                         (σ̂² = Q / N)
     REML criterion = (N-p)(1 + log(2π Q / (N-p))) + log|V| + log|A|         (σ̂² = Q / (N-p))
 
-exactly lme4's profiled criteria. θ is optimized with scipy L-BFGS-B (diagonals ≥ 0) on a jitted
-``jax.value_and_grad`` of the criterion, compiled once per model and cached on the model (``model._ml_cache``).
+exactly lme4's profiled criteria.
+
+Optimization (docs/estimation.md): the criterion is minimized over *standardized* factors Λ̃_l with Λ_l = S_l Λ̃_l,
+where Z_l S_l has centred (against the term's intercept) and unit-scale columns, and over X S_X likewise for the Gram
+matrix; the profiled criterion depends on Λ only through ΛΛᵀ, so this is an exact reparameterization that makes the
+optimum independent of the units and offsets of the covariates. scipy's L-BFGS-B (diagonals of Λ̃ ≥ 0) runs on a
+jitted ``jax.value_and_grad``, compiled once per model. A boundary optimum is then tested as lme4's ``restart_edge``
+does, and more: a column of Λ̃ with a zero diagonal is equivalent to its negative, so the search probes both signs
+and the directions of negative curvature into the interior, restarting whenever one lowers the criterion. Finally
+lme4's convergence checks (scaled gradient, positive-definite Hessian in the free directions, boundary test) decide
+``converged``.
 """
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from .._warnings import warn_user
 from ._blas import blas_threads
 
-__all__ = ["fit_ml", "MLFit"]
+__all__ = ["fit_ml", "profiled_deviance", "MLFit", "ConvergenceChecks"]
 
 _SINGULAR_TOL = 1e-4
 _LOG2PI = float(np.log(2 * np.pi))
+
+# Optimizer constants (standardized coordinates, where a relative SD of 1 means "as large as σ").
+START_SCALES = (1.0, 0.3, 0.1)    # candidate starts s·I; the one with the lowest criterion is used
+EDGE_TOL = 1e-4                   # a standardized diagonal below this is "at the boundary" (lme4: 1e-4 on θ)
+PROBE_STEPS = (1e-3, 1e-2, 0.1, 0.5)  # distances into the interior tried from a boundary optimum
+MAX_RESTARTS = 5                  # restarts from better boundary probes before giving up
+REL_IMPROVEMENT = 1e-10           # a probe must lower the criterion by this (relative) to trigger a restart
+FD_STEP = 1e-5                    # relative step of the finite-difference Hessian (central differences of ∇)
+# lme4's checkConv tolerances
+GRAD_TOL = 2e-3                   # max |H⁻½ g| (scaled gradient) in the free directions
+HESS_NEG_TOL = 1e-6               # relative: an eigenvalue below -tol·max|λ| counts as negative
+BOUNDARY_GRAD_TOL = 1e-3          # scaled projected gradient allowed to point out of the feasible set
 
 
 # --------------------------------------------------------------------------------------------- θ layout
@@ -44,8 +66,19 @@ def _theta_layout(model):
                 rows.append(i)
                 cols.append(j)
                 lower.append(0.0 if i == j else -np.inf)
-        layout.append((np.array(rows), np.array(cols)))
+        # int32: numpy's default int64 indices break jit traces after jax_enable_x64 is switched on mid-process
+        layout.append((np.array(rows, np.int32), np.array(cols, np.int32)))
     return layout, np.array(lower)
+
+
+def _columns(layout) -> list[np.ndarray]:
+    """Positions in θ of each column of each factor, diagonal first: one int array per (term, column)."""
+    out, k = [], 0
+    for rows, cols in layout:
+        for j in np.unique(cols):
+            out.append(k + np.flatnonzero(cols == j))
+        k += len(rows)
+    return out
 
 
 def _lambdas(theta, layout, dims):
@@ -72,42 +105,114 @@ def _theta_names(model):
     return names
 
 
+# --------------------------------------------------------------------------------------------- standardization
+def _standardizer(M: np.ndarray) -> np.ndarray:
+    """S (d, d) with M S = columns centred against M's constant column (if any) and of unit scale.
+
+    M: (N, d) a model matrix (X, or one term's Z). Without a constant column the columns are only scaled (by their
+    root mean square over the rows where they are non-zero, so that a dummy column keeps scale 1).
+    """
+    d = M.shape[1]
+    S = np.eye(d)
+    if M.shape[0] == 0:
+        return S
+    lo, hi = M.min(axis=0), M.max(axis=0)
+    const = np.flatnonzero((lo == hi) & (lo != 0))
+    c = int(const[0]) if const.size else None
+    if c is not None:
+        S[c, c] = 1.0 / abs(lo[c])
+    for j in range(d):
+        if j == c:
+            continue
+        z = M[:, j]
+        if c is not None:
+            m, s = float(z.mean()), float(z.std())
+        else:
+            nz = z[z != 0]
+            m, s = 0.0, float(np.sqrt(np.mean(nz ** 2))) if nz.size else 1.0
+        if not np.isfinite(s) or s <= 0:
+            m, s = 0.0, 1.0
+        S[j, j] = 1.0 / s
+        if c is not None:
+            S[c, j] = -m / (lo[c] * s)
+    return S
+
+
+def _canonical_factor(L: np.ndarray) -> np.ndarray:
+    """The lower-triangular factor with non-negative diagonal of L Lᵀ (L any (d, d) square root)."""
+    R = np.linalg.qr(L.T, mode="r")
+    T = R.T
+    sign = np.where(np.diagonal(T) < 0, -1.0, 1.0)
+    return T * sign[None, :]
+
+
+def _pack(lams, layout) -> np.ndarray:
+    return np.concatenate([L[rows, cols] for L, (rows, cols) in zip(lams, layout)])
+
+
+class _Coordinates(NamedTuple):
+    """Standardized coordinates: Λ_l = S_l Λ̃_l (θ ↔ φ), X̃ = X S_X (β = β0 + S_X δ̃)."""
+
+    S_terms: tuple      # (d_l, d_l) per term
+    S_X: np.ndarray     # (p, p)
+    layout: list
+    dims: list
+
+    def theta_from_phi(self, phi: np.ndarray) -> np.ndarray:
+        """lme4's θ (lower-triangular factor with non-negative diagonal) of the same covariances."""
+        lams = _lambdas(np.asarray(phi, float), self.layout, self.dims)
+        return _pack([_canonical_factor(S @ L) for S, L in zip(self.S_terms, lams)], self.layout)
+
+    def phi_from_theta(self, theta: np.ndarray) -> np.ndarray:
+        lams = _lambdas(np.asarray(theta, float), self.layout, self.dims)
+        return _pack([_canonical_factor(np.linalg.solve(S, L)) for S, L in zip(self.S_terms, lams)], self.layout)
+
+
+def _coordinates(model) -> _Coordinates:
+    layout, _ = _theta_layout(model)
+    X = np.asarray(model.design.X, dtype=np.float64)
+    return _Coordinates(tuple(_standardizer(np.asarray(t.Z, dtype=np.float64)) for t in model.terms),
+                        _standardizer(X), layout, [t.d for t in model.terms])
+
+
 # --------------------------------------------------------------------------------------------- criterion
 def _build(model):
-    """Jitted functions of (plan, θ): the criteria and their gradient, and the profiled statistics."""
+    """Jitted functions of (plan, φ): the criteria and their gradient, and the profiled statistics."""
     from ..marginal import kernels
 
-    layout, _ = _theta_layout(model)
-    dims = [t.d for t in model.terms]
+    coords = _coordinates(model)
+    layout, dims = coords.layout, coords.dims
     plan = model.plan("all")
     N, p = model.n_obs, len(model.fixed_names)
+    S_X = coords.S_X
     X = np.asarray(plan.X, dtype=np.float64)
     beta0 = np.asarray(plan.beta0, dtype=np.float64)
     r0 = np.asarray(plan.y, dtype=np.float64) - X @ beta0
-    Vraw = np.column_stack([X, r0])                      # (N, p+1)
+    Vraw = np.column_stack([X @ S_X, r0])                 # (N, p+1) standardized X and the start residual
     dt = model.dtype
     npdt = np.dtype(jnp.dtype(dt).name)
     put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
-    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw))
-    if plan.level1 is not None:  # one chain level + dense block: right-hand sides from constants
-        a_r, a_X, x_r, x_X = (np.asarray(a) for a in plan.level1_rhs)
-        consts["a_raw"] = put(np.concatenate([a_X, a_r[:, :, None]], axis=2))   # (G_0, d_0, p+1)
-        consts["x_raw"] = put(np.column_stack([x_X, x_r]))                       # (ds, p+1)
+    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw), S_terms=tuple(put(S) for S in coords.S_terms))
+    if plan.level1 is not None:  # one chain level + dense block: right-hand sides [X̃ r0] = [X r0] blockdiag(S_X, 1)
+        consts["c_rhs"] = put(np.block([[S_X, np.zeros((p, 1))], [np.zeros((1, p)), np.ones((1, 1))]]))
+    else:
+        consts["S_zX"] = put(np.asarray(plan.S_zX, dtype=np.float64) @ S_X)            # (n_cells, D, p)
 
-    def stats(plan, theta, c):
-        lams = _lambdas(theta, layout, dims)
+    def stats(plan, phi, c):
+        lams = _lambdas(phi, layout, dims)
+        lams = tuple(S @ L for S, L in zip(c["S_terms"], lams))              # Λ = S Λ̃ (not triangular)
         lams = tuple(lams[src] for src in plan.unit_src)                     # term order -> engine unit order
         one = jnp.ones((), dt)
-        ok = jnp.all(jnp.isfinite(theta))
-        if "a_raw" in c:
+        ok = jnp.all(jnp.isfinite(phi))
+        if "c_rhs" in c:
             R, F, logdet = kernels._one_level_matrix(plan, lams, one)
-            gram_c, xD = kernels._one_level_rhs(plan, lams, one, R, c["a_raw"], c["x_raw"])
+            gram_c, xD = kernels.one_level_rhs_coef(plan, lams, one, R, c["c_rhs"])
             G = c["raw_gram"] - gram_c
         else:
-            # standardized cell statistics (σ = 1) and the cell sums of Zᵀ[X r0] for all p + 1 right-hand sides
+            # standardized cell statistics (σ = 1) and the cell sums of Zᵀ[X̃ r0] for all p + 1 right-hand sides
             Ht, _, _, _ = kernels._cell_stats(plan, c["beta0"], one, lams, None)
             Lam = jax.scipy.linalg.block_diag(*lams)
-            raw = jnp.concatenate([plan.S_zX, plan.S_zr[:, :, None]], axis=2)      # (n_cells, D, p+1)
+            raw = jnp.concatenate([c["S_zX"], plan.S_zr[:, :, None]], axis=2)      # (n_cells, D, p+1)
             ht = jnp.einsum("ab,kac->kbc", Lam, raw)                            # Λᵀ per cell
             mats, F, logdet = kernels._eliminate_matrix(plan, one, lams, Ht)
             zs, xD = kernels._eliminate_rhs(plan, mats, ht)
@@ -121,27 +226,31 @@ def _build(model):
         G = 0.5 * (G + G.T)
         C = jnp.linalg.cholesky(G)
         Cxx = C[:p, :p]
-        w = C[p, :p]                                     # XᵀV⁻¹r0 = Cxx w
+        w = C[p, :p]                                     # X̃ᵀV⁻¹r0 = Cxx w
         delta = jax.scipy.linalg.solve_triangular(Cxx.T, w, lower=False) if p else jnp.zeros((0,), dt)
         Q = C[p, p] ** 2
-        logdetA = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Cxx)))
+        logdetA = 2.0 * jnp.sum(jnp.log(jnp.diagonal(Cxx)))   # log|X̃ᵀV⁻¹X̃|
         good = jnp.all(ok) & jnp.all(jnp.isfinite(C))
-        return dict(beta=c["beta0"] + delta, Q=Q, logdetV=logdet, logdetA=logdetA, Cxx=Cxx, good=good)
+        return dict(delta=delta, Q=Q, logdetV=logdet, logdetA=logdetA, Cxx=Cxx, good=good)
 
-    def criterion(plan, theta, c, reml):
-        """reml: traced 0./1. flag, so one compilation serves ML and REML. Returns (criterion, stats)."""
-        s = stats(plan, theta, c)
+    logdet_SX = float(np.linalg.slogdet(S_X)[1]) if p else 0.0
+
+    def criterion(plan, phi, c, reml):
+        """reml: traced 0./1. flag, so one compilation serves ML and REML. Returns (criterion, stats).
+
+        log|XᵀV⁻¹X| = log|X̃ᵀV⁻¹X̃| - 2 log|S_X|: REML is reported on the user's X, exactly as lme4."""
+        s = stats(plan, phi, c)
         n = N - p * reml
-        val = n * (1.0 + _LOG2PI + jnp.log(s["Q"] / n)) + s["logdetV"] + reml * s["logdetA"]
+        val = n * (1.0 + _LOG2PI + jnp.log(s["Q"] / n)) + s["logdetV"] + reml * (s["logdetA"] - 2.0 * logdet_SX)
         return jnp.where(s["good"] & jnp.isfinite(val), val, jnp.inf), s
 
-    cache = {
+    return {
         "consts": consts,
-        "criterion": criterion,
+        "coords": coords,
+        "logdet_SX": logdet_SX,
         "fn": jax.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)),
         "compile_s": None,
     }
-    return cache
 
 
 def _cache(model):
@@ -150,6 +259,194 @@ def _cache(model):
         c = _build(model)
         model._ml_cache = c
     return c
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+class _Objective:
+    """Host-side f(φ) → (value, gradient) over the jitted criterion; counts evaluations, maps failures to +inf."""
+
+    def __init__(self, fn, plan, consts, flag, npdt, verbose: bool):
+        self.fn, self.plan, self.consts, self.flag, self.npdt = fn, plan, consts, flag, npdt
+        self.verbose = verbose
+        self.n_eval = 0
+
+    def raw(self, phi):
+        return self.fn(self.plan, jax.device_put(np.asarray(phi, dtype=self.npdt)), self.consts, self.flag)
+
+    def __call__(self, phi):
+        self.n_eval += 1
+        (v, _), g = self.raw(phi)
+        v, g = float(v), np.asarray(g, dtype=float)
+        if not np.isfinite(v) or not np.isfinite(g).all():
+            return np.inf, np.zeros_like(np.asarray(phi, float))
+        if self.verbose:
+            print(f"eval {self.n_eval}: {v:.10f}")
+        return v, g
+
+    def value(self, phi) -> float:
+        return self(phi)[0]
+
+
+def _lbfgsb(obj: _Objective, phi0, lower, maxiter, gtol, ftol):
+    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+
+    def f(x):
+        v, g = obj(x)
+        return (1e300, g) if not np.isfinite(v) else (v, g)
+
+    return scipy.optimize.minimize(f, phi0, jac=True, method="L-BFGS-B", bounds=bounds,
+                                   options=dict(maxiter=maxiter, gtol=gtol, ftol=ftol, maxcor=20))
+
+
+def _edge_probes(obj: _Objective, phi: np.ndarray, fval: float, grad: np.ndarray, columns) -> list[np.ndarray]:
+    """Points near a boundary optimum φ that may be better: for each column of Λ̃ whose diagonal is ≈ 0.
+
+    A column c with c_diag = 0 gives the same covariance as -c, so both signs are stepped into the interior
+    (first order: one of them descends unless ∂f/∂c_diag = 0). A column that is entirely zero has zero gradient
+    by the same symmetry; it is probed along the diagonal and along the most negative curvature direction of
+    f restricted to the column (finite differences of the gradient), which is feasible up to the sign.
+    """
+    out = []
+    for col in columns:
+        j = col[0]
+        if phi[j] > EDGE_TOL:
+            continue
+        rest = phi[col[1:]]
+        signs = (1.0, -1.0) if np.any(np.abs(rest) > 0) else (1.0,)
+        for s in signs:
+            for h in PROBE_STEPS:
+                q = phi.copy()
+                q[col[1:]] = s * rest
+                q[j] = h
+                out.append(q)
+        if len(col) > 1 and not np.any(np.abs(rest) > 0):
+            H = np.empty((len(col), len(col)))
+            for a, k in enumerate(col):
+                q = phi.copy()
+                q[k] += FD_STEP
+                H[:, a] = (obj(q)[1][col] - grad[col]) / FD_STEP
+            w, V = np.linalg.eigh(0.5 * (H + H.T))
+            if w[0] < 0:
+                v = V[:, 0] * (1.0 if V[0, 0] >= 0 else -1.0)
+                for h in PROBE_STEPS:
+                    q = phi.copy()
+                    q[col] = h * v
+                    out.append(q)
+    return out
+
+
+def _hessian(obj: _Objective, phi: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(k, k) Hessian of f in the coordinates idx by central differences of the exact gradient."""
+    H = np.empty((len(idx), len(idx)))
+    for a, k in enumerate(idx):
+        h = FD_STEP * max(1.0, abs(phi[k]))
+        qp, qm = phi.copy(), phi.copy()
+        qp[k] += h
+        qm[k] -= h
+        H[:, a] = (obj(qp)[1][idx] - obj(qm)[1][idx]) / (2 * h)
+    return 0.5 * (H + H.T)
+
+
+class ConvergenceChecks(NamedTuple):
+    """lme4's checkConv at the returned optimum (profiled criterion, standardized coordinates).
+
+    optimizer: the optimizer's own stopping test; max_scaled_gradient: max |C⁻¹g| with H = CCᵀ over the free
+    coordinates (lme4's check.conv.grad, tolerance GRAD_TOL); hessian_min_eig / hessian_max_eig: extreme
+    eigenvalues of H (check.conv.hess: all must be positive); boundary_ok: at the boundary no probe into the
+    interior lowered the criterion and the projected gradient does not point inwards; n_boundary: coordinates
+    at the boundary. messages: what failed, in lme4's words.
+    """
+
+    optimizer: bool
+    max_scaled_gradient: float
+    hessian_min_eig: float
+    hessian_max_eig: float
+    boundary_ok: bool
+    n_boundary: int
+    messages: tuple
+
+    @property
+    def ok(self) -> bool:
+        return not self.messages
+
+
+def _check(obj: _Objective, phi, fval, grad, lower, columns, optimizer_ok: bool, boundary_ok: bool,
+           names) -> ConvergenceChecks:
+    at_bound = (lower == 0.0) & (phi <= EDGE_TOL)
+    # Below a zero diagonal a column only adds to the span of the later columns, so its off-diagonal entries
+    # and those columns trade off without changing ΛΛᵀ (a flat direction by construction, not a failure): the
+    # Hessian test uses the coordinates of the columns with a positive diagonal; the boundary probes cover the rest.
+    redundant = np.zeros(phi.size, bool)
+    for col in columns:
+        if at_bound[col[0]]:
+            redundant[col[1:]] = True
+    free = np.flatnonzero(~at_bound & ~redundant)
+    msgs = []
+    if not optimizer_ok:
+        msgs.append("the optimizer stopped before its convergence test held")
+    sg, lo, hi = 0.0, np.nan, np.nan
+    if free.size:
+        H = _hessian(obj, phi, free)
+        w, V = np.linalg.eigh(H)
+        lo, hi = float(w[0]), float(w[-1])
+        scale = max(abs(hi), 1e-300)
+        flat = np.abs(w) <= HESS_NEG_TOL * scale
+        if lo < -HESS_NEG_TOL * scale:
+            msgs.append(f"degenerate Hessian with {int(np.sum(w < -HESS_NEG_TOL * scale))} negative eigenvalues")
+        elif flat.any():
+            # name the parameters that move along the flat directions (e.g. a term confounded with fixed effects)
+            load = np.abs(V[:, flat]).max(axis=1)
+            which = sorted({names[int(free[k])] for k in np.flatnonzero(load > 0.3)})
+            msgs.append("Hessian is numerically singular: parameters are not uniquely determined"
+                        + (f" ({', '.join(which)})" if which else ""))
+        else:
+            C = np.linalg.cholesky(H)
+            scaled = np.linalg.solve(C, grad[free])
+            sg = float(np.max(np.abs(scaled)))
+            if sg > GRAD_TOL:
+                k = int(free[np.argmax(np.abs(scaled))])
+                msgs.append(f"failed to converge with max|grad| = {sg:.3g} (tol = {GRAD_TOL}, component {names[k]})")
+    inward = grad[at_bound] < 0
+    if np.any(inward):
+        big = np.abs(grad[at_bound][inward]).max() / max(1.0, abs(fval))
+        if big > BOUNDARY_GRAD_TOL:
+            boundary_ok = False
+    if not boundary_ok:
+        msgs.append("the criterion decreases into the interior from the boundary optimum")
+    return ConvergenceChecks(bool(optimizer_ok), sg, lo, hi, bool(boundary_ok), int(at_bound.sum()), tuple(msgs))
+
+
+def _optimize(obj: _Objective, phi0, lower, columns, maxiter, gtol, ftol):
+    """L-BFGS-B with boundary probes and restarts. Returns (φ, f, ∇f, scipy result, restarts, boundary_ok)."""
+    res = _lbfgsb(obj, phi0, lower, maxiter, gtol, ftol)
+    phi, restarts, boundary_ok = np.asarray(res.x, float), 0, True
+    fval, grad = obj(phi)
+    while True:
+        probes = _edge_probes(obj, phi, fval, grad, columns)
+        if not probes:
+            break
+        vals = [obj.value(q) for q in probes]
+        k = int(np.argmin(vals))
+        if not vals[k] < fval - REL_IMPROVEMENT * max(1.0, abs(fval)):
+            break
+        if restarts == MAX_RESTARTS:
+            boundary_ok = False
+            break
+        restarts += 1
+        res = _lbfgsb(obj, probes[k], lower, maxiter, gtol, ftol)
+        phi = np.asarray(res.x, float)
+        fval, grad = obj(phi)
+    return phi, fval, grad, res, restarts, boundary_ok
+
+
+def _start(obj: _Objective, layout, theta0, coords: _Coordinates):
+    """φ0: the user's θ0 (converted), else the best of s·I over START_SCALES in standardized coordinates."""
+    if theta0 is not None:
+        return coords.phi_from_theta(theta0)
+    eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
+    cands = [s * eye for s in START_SCALES]
+    vals = [obj.value(q) for q in cands]
+    return cands[int(np.argmin(vals))]
 
 
 # --------------------------------------------------------------------------------------------- result
@@ -181,10 +478,17 @@ class MLFit:
     time_compile_s: float
     time_optimize_s: float
     vcov: np.ndarray = field(repr=False, default=None)
+    checks: ConvergenceChecks = field(repr=False, default=None)
+    n_restarts: int = 0
 
     @property
     def fixed_names(self):
         return list(self.model.fixed_names)
+
+    @property
+    def theta_lower(self) -> np.ndarray:
+        """(n_theta,) lower bounds of θ: 0 for the diagonals of the factors, -inf elsewhere."""
+        return _theta_layout(self.model)[1]
 
     @property
     def n_par(self) -> int:
@@ -292,15 +596,38 @@ def _format(fit: MLFit, full: bool) -> str:
         lines += ["", "boundary (singular) fit: see help('isSingular')"]
     if not fit.converged:
         lines += ["", f"optimizer (L-BFGS-B) convergence message: {fit.message}"]
+        if fit.checks is not None:
+            lines += [f"Model failed to converge: {m}" for m in fit.checks.messages]
     return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- fit
+def profiled_deviance(model, theta, reml: bool = False) -> float:
+    """lme4's profiled criterion at θ (its ``devfun``): the ML deviance, or the REML criterion if ``reml``.
+
+    theta: (n_theta,) relative Cholesky factors in lme4's order (``fit.theta``; column-wise lower triangle per
+    term). β and σ are profiled out. The lognormal Jacobian is not included (lme4's ``devfun`` on log y).
+    """
+    cache = _cache(model)
+    theta = np.asarray(theta, dtype=float).reshape(-1)
+    _, lower = _theta_layout(model)
+    if theta.shape != lower.shape:
+        raise ValueError(f"theta must have {lower.size} entries {_theta_names(model)}, got {theta.size}")
+    npdt = np.dtype(jnp.dtype(model.dtype).name)
+    flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
+    obj = _Objective(cache["fn"], model.plan("all"), cache["consts"], flag, npdt, False)
+    with blas_threads(model.plan("all").dense_size):
+        return obj.value(cache["coords"].phi_from_theta(theta))
+
+
 def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol: float = 1e-9,
            ftol: float = 1e-15, verbose: bool = False) -> MLFit:
     """ML (``reml=False``) or REML fit on the profiled criterion; returns :class:`MLFit`.
 
-    theta0: optional start (n_theta,), lme4's θ order; default identity factors (lme4's default).
+    theta0: optional start (n_theta,), lme4's θ order (relative Cholesky factors, column-wise per term); default:
+      the best of a few multiples of the identity in standardized coordinates (module docstring).
+    ``fit.converged`` is True only when lme4's convergence checks hold (``fit.checks``); otherwise a warning says
+    which check failed.
     """
     if not model.terms:
         raise ValueError("fit_ml needs at least one random-effect term; the formula has none")
@@ -310,71 +637,66 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
     cache = _cache(model)
+    coords = cache["coords"]
     layout, lower = _theta_layout(model)
-    if theta0 is None:
-        theta0 = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
-    theta0 = np.asarray(theta0, dtype=float).reshape(-1)
-    if theta0.shape != lower.shape:
-        raise ValueError(f"theta0 must have {lower.size} entries {_theta_names(model)}, got {theta0.size}")
+    if theta0 is not None:
+        theta0 = np.asarray(theta0, dtype=float).reshape(-1)
+        if theta0.shape != lower.shape:
+            raise ValueError(f"theta0 must have {lower.size} entries {_theta_names(model)}, got {theta0.size}")
+        if not np.isfinite(theta0).all():
+            raise ValueError(f"theta0 must be finite, got {theta0}")
     plan, consts = model.plan("all"), cache["consts"]
-    dt = model.dtype
-    npdt = np.dtype(jnp.dtype(dt).name)
+    npdt = np.dtype(jnp.dtype(model.dtype).name)
     flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
-
-    def fn(th):
-        return cache["fn"](plan, jax.device_put(np.asarray(th, dtype=npdt)), consts, flag)
+    obj = _Objective(cache["fn"], plan, consts, flag, npdt, verbose)
 
     compile_s = 0.0
     if cache["compile_s"] is None:
         t0 = time.perf_counter()
-        jax.block_until_ready(fn(theta0))
+        eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
+        jax.block_until_ready(obj.raw(eye))
         compile_s = cache["compile_s"] = time.perf_counter() - t0
-    n_eval = [0]
-
-    def obj(th):
-        n_eval[0] += 1
-        (v, _), g = fn(th)
-        v, g = float(v), np.asarray(g, dtype=float)
-        if not np.isfinite(v) or not np.isfinite(g).all():
-            return 1e300, np.zeros_like(th)
-        if verbose:
-            print(f"eval {n_eval[0]}: {v:.10f}")
-        return v, g
 
     t1 = time.perf_counter()
-    bounds = [(lo if np.isfinite(lo) else None, None) for lo in lower]
+    names = _theta_names(model)
     with blas_threads(plan.dense_size):
-        res = scipy.optimize.minimize(obj, theta0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                      options=dict(maxiter=maxiter, gtol=gtol, ftol=ftol, maxcor=20))
-    theta = np.asarray(res.x, dtype=float)
-    # projected gradient for the convergence check (abnormal line-search ends at the optimum are fine)
-    _, g = obj(theta)
-    pg = np.where((theta <= lower + 1e-12) & (g > 0), 0.0, g)
-    converged = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(res.fun)) ** 0.5
+        phi0 = _start(obj, layout, theta0, coords)
+        phi, fval, grad, res, restarts, boundary_ok = _optimize(obj, phi0, lower, _columns(layout), maxiter,
+                                                                gtol, ftol)
+        if not np.isfinite(fval):
+            raise FloatingPointError("fit_ml: the profiled criterion is not finite at the optimum; check the data "
+                                     "for a constant response or columns of extreme scale")
+        # the optimizer's own test: success, or an abnormal line-search end with a tiny projected gradient
+        pg = np.where((phi <= lower + 1e-12) & (grad > 0), 0.0, grad)
+        opt_ok = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(fval)) ** 0.5
+        checks = _check(obj, phi, fval, grad, lower, _columns(layout), opt_ok, boundary_ok, names)
     opt_s = time.perf_counter() - t1
-    stats = jax.tree_util.tree_map(np.asarray, fn(theta)[0][1])
-    return _assemble(model, reml, theta, stats, converged, str(res.message), int(res.nit), n_eval[0],
-                     compile_s, opt_s)
+    stats = jax.tree_util.tree_map(np.asarray, obj.raw(phi)[0][1])
+    theta = coords.theta_from_phi(phi)
+    return _assemble(model, reml, theta, stats, cache, checks, str(res.message), int(res.nit), obj.n_eval,
+                     restarts, compile_s, opt_s)
 
 
-def _assemble(model, reml, theta, s, converged, message, nit, neval, compile_s, opt_s) -> MLFit:
+def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restarts, compile_s, opt_s) -> MLFit:
     layout, lower = _theta_layout(model)
     dims = [t.d for t in model.terms]
     dt = model.dtype
     plan = model.plan("all")
     N, p = model.n_obs, len(model.fixed_names)
+    S_X = cache["coords"].S_X
     Q = float(s["Q"])
     n = N - p if reml else N
     sigma2 = Q / n
     sigma = float(np.sqrt(sigma2))
-    beta = np.asarray(s["beta"], dtype=float)
+    beta = np.asarray(cache["consts"]["beta0"], dtype=float) + S_X @ np.asarray(s["delta"], dtype=float)
     Cxx = np.asarray(s["Cxx"], dtype=float)
-    Ainv = np.linalg.inv(Cxx @ Cxx.T) if p else np.zeros((0, 0))
+    Ainv = S_X @ np.linalg.inv(Cxx @ Cxx.T) @ S_X.T if p else np.zeros((0, 0))   # (XᵀV⁻¹X)⁻¹
     vcov = sigma2 * Ainv
     se = np.sqrt(np.diag(vcov))
+    logdetA = float(s["logdetA"]) - 2.0 * cache["logdet_SX"]
     dev_ml = N * (1.0 + _LOG2PI + np.log(Q / N)) + float(s["logdetV"])   # ML deviance at the ML σ for this θ
     if reml:
-        crit = (N - p) * (1.0 + _LOG2PI + np.log(sigma2)) + float(s["logdetV"]) + float(s["logdetA"])
+        crit = (N - p) * (1.0 + _LOG2PI + np.log(sigma2)) + float(s["logdetV"]) + logdetA
         loglik, reml_crit = -0.5 * crit, crit
         # lme4's logLik(fit, REML=FALSE): ML deviance profiled over σ at the REML θ (β̂ is the same GLS)
         loglik_ml = -0.5 * dev_ml
@@ -401,11 +723,12 @@ def _assemble(model, reml, theta, s, converged, message, nit, neval, compile_s, 
     diag = theta[lower == 0.0]
     is_singular = bool(np.any(diag < _SINGULAR_TOL))
     if is_singular:
-        warnings.warn("boundary (singular) fit: see help('isSingular')", stacklevel=3)
-    if not converged:
-        warnings.warn(f"fit_ml: optimizer did not converge ({message})", stacklevel=3)
+        warn_user("boundary (singular) fit: see help('isSingular')")
+    if not checks.ok:
+        warn_user("fit_ml: model failed to converge: " + "; ".join(checks.messages))
     return MLFit(model=model, reml=reml, beta=beta, se=se, sigma=sigma, cov=cov, sd=sd, corr=corr, ranef=ranef,
                  theta=theta, theta_names=_theta_names(model), loglik=float(loglik), loglik_ml=float(loglik_ml),
                  deviance=float(-2 * loglik_ml), reml_criterion=None if reml_crit is None else float(reml_crit),
-                 is_singular=is_singular, converged=converged, message=message, n_iter=nit, n_eval=neval,
-                 time_compile_s=float(compile_s), time_optimize_s=float(opt_s), vcov=vcov)
+                 is_singular=is_singular, converged=checks.ok, message=message, n_iter=nit, n_eval=neval,
+                 time_compile_s=float(compile_s), time_optimize_s=float(opt_s), vcov=vcov, checks=checks,
+                 n_restarts=restarts)

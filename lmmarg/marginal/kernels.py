@@ -37,10 +37,10 @@ import numpy as np
 from jax import lax
 from jax.scipy.linalg import block_diag, solve_triangular
 
-from .plan import BETA, Plan
+from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
 __all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
-           "dense_logdet_gram"]
+           "dense_logdet_gram", "one_level_rhs_coef"]
 
 _UNROLL_MAX = 6
 _LOG2PI = 1.8378770664093453
@@ -304,19 +304,26 @@ def _level1_R(lams, Linv):
     return jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0])
 
 
+def _level1_K(plan: Plan, R):
+    """K = sum_g B_g R_g B_g^T (ds, ds), the level-1 fill for scalar sigma, by the plan's strategy (plan.bilinear).
+
+    R: (G_0, d0, d0) per group, or (U, d0, d0) per pooled class for a PooledFill."""
+    fill, ds = plan.bilinear, plan.dense_size
+    if isinstance(fill, PooledFill):
+        return jnp.einsum("uab,uabij->ij", R, fill.K)
+    if isinstance(fill, DenseProductFill):  # K = (B blockdiag(R)) B^T, two dense products
+        B = fill.B
+        return jnp.einsum("tga,gab->tgb", B, R).reshape(ds, -1) @ B.reshape(ds, -1).T
+    assert isinstance(fill, PairListFill)
+    return _bilinear_K(R.reshape(-1), tuple(fill), ds * ds, plan.n_targets).reshape(ds, ds)
+
+
 def _structured_dense(plan: Plan, lams, s2, R):
     """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
 
-    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K = B blockdiag(R) B^T from plan.bilinear,
-    R (G_0, d_0, d_0) from _level1_R.
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from _level1_K.
     """
-    ds = plan.dense_size
-    if len(plan.bilinear) == 1:  # small block: K = (B blockdiag(R)) B^T, two dense products
-        B = plan.bilinear[0]
-        Kf = jnp.einsum("tga,gab->tgb", B, R).reshape(ds, -1) @ B.reshape(ds, -1).T
-    else:
-        Kf = _bilinear_K(R.reshape(-1), plan.bilinear, ds * ds, plan.n_targets).reshape(ds, ds)
-    return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - Kf / s2**2))
+    return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - _level1_K(plan, R) / s2**2))
 
 
 def _add_identity(M):
@@ -361,21 +368,34 @@ def _one_level(plan: Plan, sigma) -> bool:
     return plan.level1 is not None and sigma.ndim == 0
 
 
+def _group_R(plan: Plan, R):
+    """Per-group R (G_0, d0, d0) -> what _level1_K takes: per pooled class for a PooledFill (R at one group each)."""
+    return R[plan.bilinear.rep] if isinstance(plan.bilinear, PooledFill) else R
+
+
 def _one_level_matrix(plan: Plan, lams, s2):
-    """Matrix part for a one-level chain + dense block from constants: (R (G_0, d_0, d_0), F_DD, chain log|.|)."""
-    A0 = plan.level1[0]
+    """Matrix part for a one-level chain + dense block from constants: (R, F_DD, chain log|.|).
+
+    R is (G_0, d_0, d_0) per group, or (U, d_0, d_0) per class of equal A_g for a PooledFill (whose per-call work
+    then never touches the G_0 groups)."""
+    pooled = isinstance(plan.bilinear, PooledFill)
+    A0 = plan.bilinear.A if pooled else plan.level1[0]
     A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
     diag, Linv = _chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
     R = _level1_R(lams, Linv)
-    return R, _structured_dense(plan, lams, s2, R), 2.0 * jnp.sum(jnp.log(diag))
+    logdets = 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+    logdet = jnp.sum(plan.bilinear.count * logdets) if pooled else jnp.sum(logdets)
+    return R, _structured_dense(plan, lams, s2, R), logdet
 
 
 def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
-    """Right-hand sides for the one-level path, k at once.
+    """Right-hand sides for the one-level path, k at once, from explicit group sums.
 
-    a_raw (G_0, d_0, k) raw group sums of Z_0^T r, x_raw (ds, k) raw dense sums of Z_D^T r ->
-    (chain Gram (k, k) = sum_g z_g^T z_g, x_D (ds, k)).
+    a_raw (G_0, d_0, k) raw group sums of Z_0^T r, x_raw (ds, k) raw dense sums of Z_D^T r, R from
+    _one_level_matrix -> (chain Gram (k, k) = sum_g z_g^T z_g, x_D (ds, k)).
     """
+    if isinstance(plan.bilinear, PooledFill):
+        R = R[plan.bilinear.cls]
     _, rows, cols, vals = plan.level1
     w = jnp.einsum("gab,gbk->gak", R, a_raw)
     gram = jnp.einsum("gak,gal->kl", a_raw, w) / s2**2
@@ -384,23 +404,41 @@ def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
     return gram, _dense_scale_rows(plan, lams, x_raw - Bw / s2) / s2
 
 
-def _one_level_inputs(plan: Plan, beta, sigma, offset):
-    """Raw group/dense sums of the residual for the one-level path: (a_raw (G_0, d_0, 1), x_raw (ds, 1), r^T W r,
-    sum log 2 pi sigma^2)."""
-    N, s2 = plan.n_obs, sigma**2
-    log2pi = N * (_LOG2PI + jnp.log(s2))
-    Dc, G0 = plan.chain_dim, plan.unit_groups[0]
+def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
+    """Right-hand sides of the one-level path given as combinations of the constant columns [Z^T X, Z^T r0].
+
+    c (p + 1, k): the k right-hand sides are [X r0] c (e.g. c = [-δ; 1] for r = y - X(β0 + δ)). With a PooledFill
+    every term is a contraction of per-class constants (work in U, ds, p; none in G_0, cells or N); otherwise the
+    group sums are formed first. Returns (chain Gram (k, k), x_D (ds, k)) as _one_level_rhs.
+    """
+    a_r, a_X, x_r, x_X = plan.level1_rhs
+    x_raw = jnp.concatenate([x_X, x_r[:, None]], axis=1) @ c
+    fill = plan.bilinear
+    if isinstance(fill, PooledFill):
+        Bw = jnp.einsum("uab,uabik->ik", R, fill.P) @ c
+        gram = c.T @ jnp.einsum("uab,uabkl->kl", R, fill.M) @ c / s2**2
+        return gram, _dense_scale_rows(plan, lams, x_raw - Bw / s2) / s2
+    a_raw = jnp.einsum("gak,kl->gal", jnp.concatenate([a_X, a_r[:, :, None]], axis=2), c)
+    return _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
+
+
+def _one_level_residual(plan: Plan, lams, s2, R, beta, offset):
+    """(chain Gram (1, 1), x_D (ds, 1), r^T W r) of the one-level path for r = y - X beta - offset.
+
+    Without an offset r = [X r0] c with c = [-(beta - beta0); 1], so everything comes from constants
+    (one_level_rhs_coef); an offset needs one pass over the data for the group and dense sums of Z^T r."""
     if offset is None:
-        a_r, a_X, x_r, x_X = plan.level1_rhs
         delta = beta - plan.beta0
-        a_raw = a_r - jnp.einsum("gap,p->ga", a_X, delta)
-        x_raw = x_r - x_X @ delta
         rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
-    else:
-        hk, rr = _offset_residual_sums(plan, beta, offset)
-        a_raw = jax.ops.segment_sum(hk[:, :Dc], plan.cell_node[0], G0)
-        x_raw = jnp.zeros(plan.dense_size, hk.dtype).at[plan.dense_idx].add(hk[:, Dc:])
-    return a_raw[:, :, None], x_raw[:, None], rr / s2, log2pi
+        c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
+        gram, xD = one_level_rhs_coef(plan, lams, s2, R, c)
+        return gram, xD, rr / s2
+    Dc, G0 = plan.chain_dim, plan.unit_groups[0]
+    hk, rr = _offset_residual_sums(plan, beta, offset)
+    a_raw = jax.ops.segment_sum(hk[:, :Dc], plan.cell_node[0], G0)
+    x_raw = jnp.zeros(plan.dense_size, hk.dtype).at[plan.dense_idx].add(hk[:, Dc:])
+    gram, xD = _one_level_rhs(plan, lams, s2, R, a_raw[:, :, None], x_raw[:, None])
+    return gram, xD, rr / s2
 
 
 def _eliminate_matrix(plan: Plan, sigma, lams, Ht):
@@ -429,8 +467,8 @@ def _eliminate_matrix(plan: Plan, sigma, lams, Ht):
         V = None
         if m:
             V = _bmm(Linv[node], C[:, :d, :])
-            F = (_structured_dense(plan, lams, sigma**2, _level1_R(lams, Linv)) if (structured and j == 0)
-                 else _fill(plan, j, F, V))
+            F = (_structured_dense(plan, lams, sigma**2, _group_R(plan, _level1_R(lams, Linv)))
+                 if (structured and j == 0) else _fill(plan, j, F, V))
             C = C[:, d:, :] - _bmm(jnp.swapaxes(Wm[node], 1, 2), V)
         levels.append((Linv, Wm, V))
         if j + 1 < K:
@@ -565,8 +603,8 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
         # one chain level + dense block, scalar sigma: constants only (docs/math.md, section 5)
         s2 = sigma**2
         R, F, logdet = _one_level_matrix(plan, lams, s2)
-        a_raw, x_raw, rWr, log2pi = _one_level_inputs(plan, beta, sigma, offset)
-        gram, xD = _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
+        gram, xD, rWr = _one_level_residual(plan, lams, s2, R, beta, offset)
+        log2pi = plan.n_obs * (_LOG2PI + jnp.log(s2))
         ldq = _dense_logdet_quad(F, xD[:, 0])
         return _log_density(Factor((), None, None, lams, mu, logdet + ldq, gram[0, 0], rWr, log2pi, ok))
     fac, F, x = _eliminate_prepared(plan, prepared)

@@ -21,17 +21,63 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize"]
+__all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize", "DenseProductFill",
+           "PairListFill", "PooledFill", "LEVEL1_FILLS"]
 
 BETA = -1  # unit source id of the fixed effects when they are marginalized
-DENSE_FILL_RATIO = 100  # level-1 fill by dense products when ds^2 G_0 d_0 <= this x (number of coefficient entries)
+# Cost model of the scalar-sigma level-1 fill K = sum_g B_g R_g B_g^T (docs/math.md, section 5), in units of one
+# multiply-add of a dense product. A coefficient-list entry is a gather, a multiply and a scattered segment-sum in
+# both passes: measured at about 100 dense multiply-adds on XLA:CPU (dense products stream at full speed).
+PAIR_ENTRY_COST = 100.0
+DENSE_B_MAX_ENTRIES = 4e6    # the dense B (ds, G_0, d0) of DenseProductFill: at most 32 MB in float64
+PAIR_MAX_ENTRIES = 4e7       # coefficient-list entries of PairListFill
+POOLED_MAX_ENTRIES = 2e7     # constants of PooledFill (U d0^2 ds (ds + k0)): at most 160 MB in float64
+LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
+CHAIN_FILLS = ("auto", "pairs", "mtm")
+
+
+class DenseProductFill(NamedTuple):
+    """Level-1 fill as two dense products K = (B blockdiag(R)) B^T; B (ds, G_0, d_0)."""
+
+    B: jax.Array
+
+
+class PairListFill(NamedTuple):
+    """Level-1 fill from sorted coefficient lists over same-group entry pairs of B (``_bilinear_K``).
+
+    coef (E,), rid (E,) index into R.ravel(), seg (E,) sorted target id, targets (T,) flat upper-triangle
+    positions in the dense block, targets_t (T,) their mirrored positions (ds*ds on the diagonal)."""
+
+    coef: jax.Array
+    rid: jax.Array
+    seg: jax.Array
+    targets: jax.Array
+    targets_t: jax.Array
+
+
+class PooledFill(NamedTuple):
+    """Level-1 groups pooled into U classes of equal A_g = sum Z_0^T Z_0 (so equal R_g): per-call work in U.
+
+    cls (G_0,) class of each group, rep (U,) one group of each class, count (U,) groups per class,
+    A (U, d0, d0) the shared A, K (U, d0, d0, ds, ds) = sum_{g in u} B_g[:, a] B_g[:, b]^T,
+    and for the one-level path (else None) the right-hand-side constants in coefficient form over the k0 = p + 1
+    columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: P (U, d0, d0, ds, k0) = sum_{g in u} B_g[:, a] C_g[b],
+    M (U, d0, d0, k0, k0) = sum_{g in u} C_g[a]^T C_g[b]."""
+
+    cls: jax.Array
+    rep: jax.Array
+    count: jax.Array
+    A: jax.Array
+    K: jax.Array
+    P: Optional[jax.Array]
+    M: Optional[jax.Array]
 
 
 @dataclass(frozen=True, eq=False)
@@ -151,8 +197,13 @@ class Plan:
         for j in range(K):
             fill = self.fills[j]
             if j == 0 and self.bilinear is not None:
-                fill = ("constant structure (scalar sigma; one-level constants)" if self.level1 is not None
-                        else "constant structure (scalar sigma)") + (f", {fill} otherwise" if fill != "none" else "")
+                kind = {DenseProductFill: "dense products", PairListFill: "coefficient lists",
+                        PooledFill: "pooled classes of equal group statistics"}[type(self.bilinear)]
+                if isinstance(self.bilinear, PooledFill):
+                    kind += f" ({self.bilinear.rep.shape[0]} classes)"
+                fill = (f"constant structure, {kind} (scalar sigma"
+                        + ("; one-level constants)" if self.level1 is not None else ")")
+                        + (f", {fill} otherwise" if fill != "none" else ""))
             lines.append(
                 f"  chain level {j + 1}: {self.unit_names[j]!r} "
                 f"({self.unit_groups[j]} groups x d={self.unit_dims[j]}), fill={fill}"
@@ -368,15 +419,9 @@ def _choose_fill(n_pairs: int, n_nodes: int, d: int, m: int, dense_size: int, n_
     return "pairs" if cost_pairs < cost_mtm else "mtm"
 
 
-def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, max_entries: float = 4e7):
-    """Constant structure of the level-1 dense fill for scalar sigma (see docs/math.md, section 5).
-
-    With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where K = B blockdiag(R_g) B^T,
-    B[idx_k b, (g, a)] = sum of S_k[a, b] over the cells k of node g, R_g = Lambda_0 A_g^{-1} Lambda_0^T (d0 x d0).
-    Returns (fill, B entries (rows, cols, vals)) or None if too large. fill is either (coef (E,), rid (E,) index into
-    R.ravel(), seg (E,) sorted target id, targets (U,) flat upper-triangle positions in the dense block, targets_t
-    (U,) their mirrored positions, ds*ds on the diagonal), or, when two dense products are cheaper, (B (ds, G0, d0),).
-    """
+def _level1_B(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int):
+    """The level-1 coupling B (ds, G_0 d_0) as a CSC matrix: B[idx_k b, (g, a)] = sum over the cells k of group g
+    of S_k[a, Dc + b]. Returns (B, its entries (rows, cols, vals) in column order)."""
     n_cells, m = dense_idx.shape
     shape = (n_cells, d0, m)  # entries (k, a, b): S_k[a, Dc + b] at row idx_k[b], column (node_k, a)
     vals = S_zz[:, :d0, Dc:].ravel()
@@ -386,15 +431,12 @@ def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, ma
     B.sum_duplicates()
     B.eliminate_zeros()
     col = np.repeat(np.arange(G0 * d0), np.diff(B.indptr))
+    return B, (B.indices.astype(np.int64), col, B.data)
+
+
+def _pair_list_fill(B, d0: int, G0: int, ds: int) -> PairListFill:
+    col = np.repeat(np.arange(G0 * d0), np.diff(B.indptr))
     g = col // d0
-    counts = np.bincount(g, minlength=G0).astype(np.int64)
-    n_half = int((counts**2).sum()) / 2
-    Bent = (B.indices.astype(np.int64), col, B.data)
-    if ds * ds * G0 * d0 <= DENSE_FILL_RATIO * n_half and ds * G0 * d0 <= 4e6:
-        # small dense block: K = (B blockdiag(R)) B^T as two dense products beats ~n_half gathers
-        return (B.toarray().reshape(ds, G0, d0),), Bent
-    if n_half > max_entries:
-        return None
     ea, eb = _same_node_pairs(g, G0)  # entry pairs sharing a group
     t, v, a = B.indices.astype(np.int64), B.data, col % d0
     keep = t[ea] <= t[eb]
@@ -410,7 +452,74 @@ def _bilinear_fill(S_zz, node, dense_idx, d0: int, Dc: int, G0: int, ds: int, ma
     targets = target[new]
     ti, tj = targets // ds, targets % ds
     targets_t = np.where(ti == tj, ds * ds, tj * ds + ti)
-    return (coef, rid, seg, targets, targets_t), Bent
+    return PairListFill(coef, rid, seg, targets, targets_t)
+
+
+def _pool_groups(A0: np.ndarray):
+    """Classes of level-1 groups with identical A_g (G_0, d0, d0) -> (cls (G_0,), rep (U,), count (U,))."""
+    G0 = A0.shape[0]
+    _, rep, cls, count = np.unique(A0.reshape(G0, -1), axis=0, return_index=True, return_inverse=True,
+                                   return_counts=True)
+    return np.asarray(cls).reshape(-1), rep, count
+
+
+def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C) -> PooledFill:
+    """Constants of PooledFill; C (G_0, d0, k0) group right-hand-side columns or None (no one-level path)."""
+    U = rep.size
+    Ind = sp.csr_matrix((np.ones(G0), (cls, np.arange(G0))), shape=(U, G0))
+    Bcols = [B[:, np.arange(G0) * d0 + a].tocoo() for a in range(d0)]            # (ds, G_0) per column a
+    Bblk = [sp.csr_matrix((Ba.data, (cls[Ba.col] * ds + Ba.row, Ba.col)), shape=(U * ds, G0)) for Ba in Bcols]
+    K = np.empty((U, d0, d0, ds, ds))
+    for a in range(d0):
+        for b in range(d0):
+            K[:, a, b] = (Bblk[a] @ Bcols[b].T.tocsc()).toarray().reshape(U, ds, ds)
+    P = M = None
+    if C is not None:
+        k0 = C.shape[2]
+        P = np.empty((U, d0, d0, ds, k0))
+        M = np.empty((U, d0, d0, k0, k0))
+        for a in range(d0):
+            for b in range(d0):
+                P[:, a, b] = np.asarray(Bblk[a] @ C[:, b, :]).reshape(U, ds, k0)
+                M[:, a, b] = (Ind @ (C[:, a, :, None] * C[:, b, None, :]).reshape(G0, k0 * k0)).reshape(U, k0, k0)
+    return PooledFill(cls, rep, count.astype(np.float64), A0[rep], K, P, M)
+
+
+def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None):
+    """The level-1 fill strategy for scalar sigma, chosen here and only here (docs/math.md, section 5).
+
+    With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where K = B blockdiag(R_g) B^T and
+    R_g = Lambda_0 (I + Lambda_0^T A_g Lambda_0 / sigma^2)^{-1} Lambda_0^T depends on the group only through A_g.
+    Per-call cost in dense multiply-adds:
+      dense products   ds G_0 d0 (d0 + ds)                      (ds G_0 d0 <= DENSE_B_MAX_ENTRIES)
+      pair lists       PAIR_ENTRY_COST x (entry pairs sharing a group) / 2   (<= PAIR_MAX_ENTRIES)
+      pooled classes   U d0^2 ds (ds + k0)  for U distinct A_g  (constants <= POOLED_MAX_ENTRIES)
+    The pooled strategy is the one whose cost is set by the groups alone (never by N or the number of cells).
+    choice: "auto" (cheapest), or force "dense" / "pairs" / "pooled". C: (G_0, d0, k0) one-level right-hand-side
+    columns (pooled only). Returns None if no strategy fits in memory.
+    """
+    if choice not in LEVEL1_FILLS:
+        raise ValueError(f"level1_fill must be one of {LEVEL1_FILLS}, got {choice!r}")
+    col = np.repeat(np.arange(G0 * d0), np.diff(B.indptr))
+    counts = np.bincount(col // d0, minlength=G0).astype(np.int64)
+    n_half = int((counts**2).sum()) / 2
+    cls, rep, count = _pool_groups(A0)
+    U, k0 = rep.size, (0 if C is None else C.shape[2])
+    pooled_entries = U * d0 * d0 * ds * (ds + k0)
+    costs = {
+        "dense": ds * G0 * d0 * (d0 + ds) if ds * G0 * d0 <= DENSE_B_MAX_ENTRIES else np.inf,
+        "pairs": PAIR_ENTRY_COST * n_half if n_half <= PAIR_MAX_ENTRIES else np.inf,
+        "pooled": pooled_entries if pooled_entries <= POOLED_MAX_ENTRIES else np.inf,
+    }
+    if choice == "auto":
+        choice = min(costs, key=costs.get)
+        if not np.isfinite(costs[choice]):
+            return None
+    if choice == "dense":
+        return DenseProductFill(B.toarray().reshape(ds, G0, d0))
+    if choice == "pairs":
+        return _pair_list_fill(B, d0, G0, ds)
+    return _pooled_fill(B, A0, cls, rep, count, d0, G0, ds, C)
 
 
 def _level1_stats(S_zz, S_zr, S_zX, node, dense_idx, d0: int, G0: int, ds: int, Bmat):
@@ -433,6 +542,18 @@ def _dense_stats(S_zz, dense_idx, Dc: int, ds: int) -> np.ndarray:
     return out
 
 
+def _put_fill(fill, f, i32):
+    """Device copy of a level-1 fill (float arrays in the plan dtype, index arrays int32)."""
+    if fill is None:
+        return None
+    if isinstance(fill, DenseProductFill):
+        return DenseProductFill(f(fill.B))
+    if isinstance(fill, PairListFill):
+        return PairListFill(f(fill.coef), *(i32(a) for a in fill[1:]))
+    return PooledFill(i32(fill.cls), i32(fill.rep), f(fill.count), f(fill.A), f(fill.K),
+                      None if fill.P is None else f(fill.P), None if fill.M is None else f(fill.M))
+
+
 # --------------------------------------------------------------------------- build
 
 
@@ -445,6 +566,8 @@ def build_plan(
     marginalize_beta: bool = False,
     dense_limit: int = 4000,
     scalar_sigma: bool = False,
+    level1_fill: str = "auto",
+    chain_fill: str = "auto",
     dtype=jnp.float64,
 ) -> Plan:
     """Build the static plan.
@@ -453,7 +576,11 @@ def build_plan(
     classes integrated out (their order fixes the order of ``scales`` in the
     kernels).  With ``marginalize_beta`` beta is integrated out too (prior given
     per call).  With ``scalar_sigma`` the plan serves scalar sigma only (it skips the level-1 cell-pair table that
-    a per-observation sigma needs).  Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
+    a per-observation sigma needs).  ``level1_fill`` selects the scalar-sigma level-1 fill strategy ("auto": by the
+    cost model of ``_level1_fill``; "dense", "pairs", "pooled" force one, for tests and benchmarks).
+    ``chain_fill`` selects the per-cell fill of every chain level used with a per-observation sigma ("auto": by
+    ``_choose_fill``'s cost model; "pairs" or "mtm" force one).
+    Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
@@ -470,6 +597,8 @@ def build_plan(
         marginalize_beta = False
     dt = jax.dtypes.canonicalize_dtype(dtype)
     names = tuple(c.name for c in classes)
+    if chain_fill not in CHAIN_FILLS:
+        raise ValueError(f"chain_fill must be one of {CHAIN_FILLS}, got {chain_fill!r}")
 
     chain, dense = _partition(classes, marg)
     ds = _dense_size(classes, dense)
@@ -538,7 +667,7 @@ def build_plan(
         if m:
             counts = np.bincount(node, minlength=groups[j])
             n_pairs = int((counts.astype(np.int64) ** 2).sum())
-            fill = _choose_fill(n_pairs, groups[j], dims[j], m, ds, n_cells)
+            fill = _choose_fill(n_pairs, groups[j], dims[j], m, ds, n_cells) if chain_fill == "auto" else chain_fill
         else:
             fill = "none"
         fills.append(fill)
@@ -555,13 +684,20 @@ def build_plan(
 
     S_DD = bil = level1 = level1_rhs = None
     if m and K:
-        S_DD = _dense_stats(S_zz, dense_idx, int(sum(dims[:K])), ds)
-        out = _bilinear_fill(S_zz, cell_node[0], dense_idx, dims[0], int(sum(dims[:K])), groups[0], ds)
-        if out is not None:
-            bil, Bmat = out
-            if K == 1:
-                level1, level1_rhs = _level1_stats(S_zz, S_zr, S_zX, cell_node[0], dense_idx, dims[0], groups[0],
-                                                   ds, Bmat)
+        Dc = int(sum(dims[:K]))
+        S_DD = _dense_stats(S_zz, dense_idx, Dc, ds)
+        d0, G0 = dims[0], groups[0]
+        Bcsc, Bent = _level1_B(S_zz, cell_node[0], dense_idx, d0, Dc, G0, ds)
+        C = None
+        if K == 1:  # one chain level: the constants of the one-level path
+            level1, level1_rhs = _level1_stats(S_zz, S_zr, S_zX, cell_node[0], dense_idx, d0, G0, ds, Bent)
+            A0 = level1[0]
+            C = np.concatenate([level1_rhs[1], level1_rhs[0][:, :, None]], axis=2)
+        else:
+            A0 = _aggregate(cell_node[0], G0, S_zz[:, :d0, :d0].reshape(n_cells, -1)).reshape(G0, d0, d0)
+        bil = _level1_fill(Bcsc, A0, d0, G0, ds, level1_fill, C)
+        if bil is None:
+            level1 = level1_rhs = None
     for j in range(K):  # level 1 with the constant-structure fill needs the pair table for a vector sigma only
         skip = fills[j] != "pairs" or (j == 0 and bil is not None and scalar_sigma)
         pairs.append(None if skip else _same_node_pairs(cell_node[j], groups[j]))
@@ -571,9 +707,8 @@ def build_plan(
     i32 = lambda a: jax.device_put(np.asarray(a, dtype=np.int32))  # noqa: E731
     return Plan(
         S_DD=None if S_DD is None else f(S_DD),
-        bilinear=None if bil is None else ((f(bil[0]),) if len(bil) == 1 else
-                                           (f(bil[0]), i32(bil[1]), i32(bil[2]), i32(bil[3]), i32(bil[4]))),
-        n_targets=0 if bil is None or len(bil) == 1 else int(bil[3].size),
+        bilinear=_put_fill(bil, f, i32),
+        n_targets=int(bil.targets.size) if isinstance(bil, PairListFill) else 0,
         level1=None if level1 is None else (f(level1[0]), i32(level1[1]), i32(level1[2]), f(level1[3])),
         level1_rhs=None if level1_rhs is None else tuple(f(a) for a in level1_rhs),
         X=f(X), y=f(y), Zt=f(Zt), cell=i32(cell),

@@ -5,8 +5,10 @@ Synthetic crossed design: 100 subjects × 50 items, correlated intercept + slope
   (a) "subj marginalized, item in HMC": the item effects enter the residual as an offset (per-call O(N));
   (b) "all marginalized": every per-call quantity comes from sufficient statistics precomputed once
       (per-call cost independent of N; it depends on the number of subject × item cells, ≤ 5000).
-Also, on InstEval (`y ~ service + (1|s) + (1|d) + (1|dept:service)`), the time per call for each marginalization
-choice. Writes benchmarks/results/scaling.{csv,md,png} and insteval_calls.{csv,md}.
+Also: the large crossed design `y ~ x + (1 | a) + (1 | b)` (10,000 × 100 groups, N = 1e5, 2e6, 1e7): Model()+plan
+time against one pandas groupby-sum pass, peak memory, per-call time; and, on InstEval
+(`y ~ service + (1|s) + (1|d) + (1|dept:service)`), the time per call for each marginalization choice.
+Writes benchmarks/results/scaling.{csv,md,png}, scaling_crossed.csv and insteval_calls.csv.
 
     python benchmarks/scaling.py [--quick] [--repeats 20]
 """
@@ -89,6 +91,53 @@ def scaling_rows(sizes, repeats):
     return pd.DataFrame(rows)
 
 
+def crossed_frame(n: int, n_a: int = 10_000, n_b: int = 100, seed: int = 0) -> pd.DataFrame:
+    """y ~ x + (1 | a) + (1 | b) with a: n_a levels, b: n_b levels, uniformly crossed (so at large N almost every
+    (a, b) cell is non-empty: 632k cells at N = 1e6)."""
+    rng = np.random.default_rng(seed)
+    a = rng.integers(n_a, size=n)
+    b = rng.integers(n_b, size=n)
+    x = rng.normal(size=n)
+    y = 1.0 + 0.5 * x + rng.normal(size=n_a)[a] + 0.5 * rng.normal(size=n_b)[b] + rng.normal(size=n)
+    return pd.DataFrame({"y": y, "x": x, "a": a, "b": b})
+
+
+def crossed_rows(sizes, repeats):
+    """Large crossed design, every term marginalized, scalar σ: Model()+plan time against one pandas groupby-sum
+    pass over the same frame, peak memory, and the time of one value-and-gradient of the marginal density."""
+    import resource
+
+    import lmmarg
+
+    rows = []
+    for n in sizes:
+        df = crossed_frame(n)
+        t0 = time.perf_counter()
+        df.groupby(["a", "b"])[["y", "x"]].sum()
+        t_groupby = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model = lmmarg.Model("y ~ x + (1 | a) + (1 | b)", df)
+        t_model = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan = model.plan("all")
+        t_plan = time.perf_counter() - t0
+        peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+        def f(beta, log_sigma, la, lb, plan=plan):
+            return kernels.log_marginal(plan, beta, jnp.exp(log_sigma), (la, lb))
+
+        g = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+        first, per = time_call(g, (jnp.array([1.0, 0.5]), jnp.array(0.0), jnp.ones((1, 1)), 0.5 * jnp.ones((1, 1))),
+                               repeats)
+        rows.append(dict(N=n, cells=plan.n_cells, groupby_s=t_groupby, model_s=t_model, plan_s=t_plan,
+                         build_over_groupby=(t_model + t_plan) / t_groupby, peak_rss_gb=peak_gb, compile_s=first,
+                         call_s=per, fill=type(plan.bilinear).__name__))
+        print("crossed", n, f"build {(t_model + t_plan):.2f}s ({rows[-1]['build_over_groupby']:.1f}x groupby), "
+              f"{per * 1e3:.3f} ms/call, {plan.n_cells} cells, peak {peak_gb:.2f} GB", flush=True)
+        del model, plan, df
+    return pd.DataFrame(rows)
+
+
 def slope(df, setting):
     d = df[df.setting == setting]
     return float(np.polyfit(np.log(d.N), np.log(d.call_s), 1)[0])
@@ -168,6 +217,19 @@ def main(argv=None):
     lines += ["", f"- log-log slope (a): {slope(df, a):.3f} (target ≤ 1.05)",
               f"- log-log slope (b): {slope(df, b):.3f}; t(1e6)/t(1e4) = {ratio:.2f} (target ≤ 2)"]
     plot(df, out / "scaling.png")
+    big = [20_000, 100_000] if args.quick else [100_000, 2_000_000, 10_000_000]
+    cr = crossed_rows(big, 3 if args.quick else args.repeats)
+    cr.to_csv(out / "scaling_crossed.csv", index=False)
+    t = cr.set_index("N")
+    lines += ["", "## Large crossed design: `y ~ x + (1 | a) + (1 | b)`, 10,000 × 100 groups, every term marginalized",
+              "", "| N | cells | level-1 fill | groupby-sum (s) | Model() (s) | plan (s) | build / groupby | peak RSS (GB) "
+              "| compile+first (s) | ms / value-and-grad |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in cr.itertuples():
+        lines.append(f"| {r.N:,} | {r.cells:,} | {r.fill} | {r.groupby_s:.2f} | {r.model_s:.2f} | {r.plan_s:.2f} | "
+                     f"{r.build_over_groupby:.1f} | {r.peak_rss_gb:.2f} | {r.compile_s:.2f} | {r.call_s * 1e3:.3f} |")
+    if not args.quick:
+        lines += ["", f"- per call t(2e6)/t(1e5) = {t.call_s[2_000_000] / t.call_s[100_000]:.2f} (target ≤ 1.5)",
+                  f"- Model()+plan at 2e6 = {t.build_over_groupby[2_000_000]:.1f}× one groupby-sum (target ≤ 5)"]
     ins = insteval_rows(3 if args.quick else args.repeats, args.quick)
     ins.to_csv(out / "insteval_calls.csv", index=False)
     lines += ["", "## InstEval: one value-and-grad call per marginalization choice", "",

@@ -1,10 +1,9 @@
 """Maximum likelihood and REML fits with lme4 parity (profiled deviance over the relative factors θ).
 
 For relative covariance factors Λ_l(θ) (Σ_l = σ² Λ_lΛ_lᵀ) let V(θ) = I + Σ_l Z_l(I⊗Λ_lΛ_lᵀ)Z_lᵀ.
-One elimination of the engine at σ = 1 with the p + 1 right-hand sides x_1..x_p, r0 = y - Xβ0 at once (the chain
-part from ``kernels._eliminate_matrix``/``_eliminate_rhs``, or from constants only for a one-level chain, then
-``kernels.dense_logdet_gram`` for the dense block) gives the exact Gram matrix G = [X r0]ᵀ V⁻¹ [X r0]
-(= [X r0]ᵀ[X r0] - Σ z_a z_bᵀ with z the whitened engine vectors) and log|V| (= log|F|, determinant lemma).
+One call of the engine primitive ``kernels.logdet_gram`` at σ = 1 with the p + 1 right-hand sides x_1..x_p,
+r0 = y - Xβ0 at once gives log|V| (= log|F|, determinant lemma) and the whitened Gram matrix, hence the exact
+G = [X r0]ᵀ V⁻¹ [X r0] (= [X r0]ᵀ[X r0] minus that Gram matrix, Woodbury).
 With C = chol(G):
 
     A = XᵀV⁻¹X = C_XX C_XXᵀ,  β̂ = β0 + A⁻¹XᵀV⁻¹r0,  penalized RSS Q = C_pp²,
@@ -178,51 +177,33 @@ def _coordinates(model) -> _Coordinates:
 # --------------------------------------------------------------------------------------------- criterion
 def _build(model):
     """Jitted functions of (plan, φ): the criteria and their gradient, and the profiled statistics."""
-    from ..marginal import kernels
+    from ..marginal import ClassSpec, build_plan, kernels
 
     coords = _coordinates(model)
     layout, dims = coords.layout, coords.dims
-    plan = model.plan("all")
     N, p = model.n_obs, len(model.fixed_names)
     S_X = coords.S_X
-    X = np.asarray(plan.X, dtype=np.float64)
-    beta0 = np.asarray(plan.beta0, dtype=np.float64)
-    r0 = np.asarray(plan.y, dtype=np.float64) - X @ beta0
-    Vraw = np.column_stack([X @ S_X, r0])                 # (N, p+1) standardized X and the start residual
     dt = model.dtype
+    # The criterion's own plan is built on the standardized model matrices X̃ = X S_X and Z̃_l = Z_l S_l, so that
+    # its sufficient statistics carry no cancellation from the units or offsets of the covariates (Days + 1e4).
+    X = np.asarray(model.design.X, dtype=np.float64) @ S_X
+    specs = [ClassSpec(name=t.name, Z=np.asarray(t.Z, dtype=np.float64) @ S, codes=t.codes, n_groups=t.n_groups)
+             for t, S in zip(model.terms, coords.S_terms)]
+    plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=dt)
+    beta0 = np.asarray(plan.beta0, dtype=np.float64)      # OLS on X̃
+    r0 = np.asarray(model.y, dtype=np.float64) - X @ beta0
+    Vraw = np.column_stack([X, r0])                        # (N, p+1) standardized X and the start residual
     npdt = np.dtype(jnp.dtype(dt).name)
     put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
-    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw), S_terms=tuple(put(S) for S in coords.S_terms))
-    if plan.level1 is not None:  # one chain level + dense block: right-hand sides [X̃ r0] = [X r0] blockdiag(S_X, 1)
-        consts["c_rhs"] = put(np.block([[S_X, np.zeros((p, 1))], [np.zeros((1, p)), np.ones((1, 1))]]))
-    else:
-        consts["S_zX"] = put(np.asarray(plan.S_zX, dtype=np.float64) @ S_X)            # (n_cells, D, p)
+    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw), c_rhs=put(np.eye(p + 1)))
 
     def stats(plan, phi, c):
-        lams = _lambdas(phi, layout, dims)
-        lams = tuple(S @ L for S, L in zip(c["S_terms"], lams))              # Λ = S Λ̃ (not triangular)
+        lams = _lambdas(phi, layout, dims)                                   # Λ̃ per term (standardized)
         lams = tuple(lams[src] for src in plan.unit_src)                     # term order -> engine unit order
-        one = jnp.ones((), dt)
         ok = jnp.all(jnp.isfinite(phi))
-        if "c_rhs" in c:
-            R, F, logdet = kernels._one_level_matrix(plan, lams, one)
-            gram_c, xD = kernels.one_level_rhs_coef(plan, lams, one, R, c["c_rhs"])
-            G = c["raw_gram"] - gram_c
-        else:
-            # standardized cell statistics (σ = 1) and the cell sums of Zᵀ[X̃ r0] for all p + 1 right-hand sides
-            Ht, _, _, _ = kernels._cell_stats(plan, c["beta0"], one, lams, None)
-            Lam = jax.scipy.linalg.block_diag(*lams)
-            raw = jnp.concatenate([c["S_zX"], plan.S_zr[:, :, None]], axis=2)      # (n_cells, D, p+1)
-            ht = jnp.einsum("ab,kac->kbc", Lam, raw)                            # Λᵀ per cell
-            mats, F, logdet = kernels._eliminate_matrix(plan, one, lams, Ht)
-            zs, xD = kernels._eliminate_rhs(plan, mats, ht)
-            G = c["raw_gram"]
-            for z in zs:                                                     # chain part of [X r0]ᵀV⁻¹[X r0]
-                G = G - jnp.einsum("gic,gie->ce", z, z)
-        if F is not None:
-            # dense block: log|F_DD| and x_Dᵀ F_DD⁻¹ x_D with a one-inverse reverse pass (kernels.dense_logdet_gram)
-            ldD, GD = kernels.dense_logdet_gram(F, xD)
-            logdet, G = logdet + ldD, G - GD
+        # at σ = 1: log|V| = log|F| and [X̃ r0]ᵀV⁻¹[X̃ r0] = [X̃ r0]ᵀ[X̃ r0] - (whitened Gram), one engine call
+        logdet, gram = kernels.logdet_gram(plan, lams, jnp.ones((), dt), c["c_rhs"])
+        G = c["raw_gram"] - gram
         G = 0.5 * (G + G.T)
         C = jnp.linalg.cholesky(G)
         Cxx = C[:p, :p]
@@ -245,6 +226,7 @@ def _build(model):
         return jnp.where(s["good"] & jnp.isfinite(val), val, jnp.inf), s
 
     return {
+        "plan": plan,
         "consts": consts,
         "coords": coords,
         "logdet_SX": logdet_SX,
@@ -615,8 +597,8 @@ def profiled_deviance(model, theta, reml: bool = False) -> float:
         raise ValueError(f"theta must have {lower.size} entries {_theta_names(model)}, got {theta.size}")
     npdt = np.dtype(jnp.dtype(model.dtype).name)
     flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
-    obj = _Objective(cache["fn"], model.plan("all"), cache["consts"], flag, npdt, False)
-    with blas_threads(model.plan("all").dense_size):
+    obj = _Objective(cache["fn"], cache["plan"], cache["consts"], flag, npdt, False)
+    with blas_threads(cache["plan"].dense_size):
         return obj.value(cache["coords"].phi_from_theta(theta))
 
 
@@ -645,7 +627,7 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
             raise ValueError(f"theta0 must have {lower.size} entries {_theta_names(model)}, got {theta0.size}")
         if not np.isfinite(theta0).all():
             raise ValueError(f"theta0 must be finite, got {theta0}")
-    plan, consts = model.plan("all"), cache["consts"]
+    plan, consts = cache["plan"], cache["consts"]
     npdt = np.dtype(jnp.dtype(model.dtype).name)
     flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
     obj = _Objective(cache["fn"], plan, consts, flag, npdt, verbose)
@@ -681,14 +663,14 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
     layout, lower = _theta_layout(model)
     dims = [t.d for t in model.terms]
     dt = model.dtype
-    plan = model.plan("all")
+    plan = cache["plan"]
     N, p = model.n_obs, len(model.fixed_names)
     S_X = cache["coords"].S_X
     Q = float(s["Q"])
     n = N - p if reml else N
     sigma2 = Q / n
     sigma = float(np.sqrt(sigma2))
-    beta = np.asarray(cache["consts"]["beta0"], dtype=float) + S_X @ np.asarray(s["delta"], dtype=float)
+    beta = S_X @ (np.asarray(cache["consts"]["beta0"], dtype=float) + np.asarray(s["delta"], dtype=float))
     Cxx = np.asarray(s["Cxx"], dtype=float)
     Ainv = S_X @ np.linalg.inv(Cxx @ Cxx.T) @ S_X.T if p else np.zeros((0, 0))   # (XᵀV⁻¹X)⁻¹
     vcov = sigma2 * Ainv
@@ -718,8 +700,12 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
         corr[t.name] = R
     npdt = np.dtype(jnp.dtype(dt).name)
     put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
-    means = model._kernel("conditional_mean")(plan, put(beta), put(sigma), tuple(put(sigma * L) for L in lams))
-    ranef = {t.name: np.asarray(mu, dtype=float) for t, mu in zip(model.terms, means)}
+    # conditional modes on the criterion's standardized plan: ũ for X̃, Z̃_l = Z_l S_l, then u_l = S_l ũ_l
+    coords = cache["coords"]
+    beta_t = np.asarray(cache["consts"]["beta0"], dtype=float) + np.asarray(s["delta"], dtype=float)
+    lams_t = _lambdas(coords.phi_from_theta(theta), layout, dims)
+    means = model._kernel("conditional_mean")(plan, put(beta_t), put(sigma), tuple(put(sigma * L) for L in lams_t))
+    ranef = {t.name: np.asarray(mu, dtype=float) @ S.T for t, mu, S in zip(model.terms, means, coords.S_terms)}
     diag = theta[lower == 0.0]
     is_singular = bool(np.any(diag < _SINGULAR_TOL))
     if is_singular:

@@ -40,7 +40,7 @@ from jax.scipy.linalg import block_diag, solve_triangular
 from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
 __all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
-           "dense_logdet_gram", "one_level_rhs_coef"]
+           "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef"]
 
 _UNROLL_MAX = 6
 _LOG2PI = 1.8378770664093453
@@ -422,17 +422,9 @@ def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
     return _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
 
 
-def _one_level_residual(plan: Plan, lams, s2, R, beta, offset):
-    """(chain Gram (1, 1), x_D (ds, 1), r^T W r) of the one-level path for r = y - X beta - offset.
-
-    Without an offset r = [X r0] c with c = [-(beta - beta0); 1], so everything comes from constants
-    (one_level_rhs_coef); an offset needs one pass over the data for the group and dense sums of Z^T r."""
-    if offset is None:
-        delta = beta - plan.beta0
-        rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
-        c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
-        gram, xD = one_level_rhs_coef(plan, lams, s2, R, c)
-        return gram, xD, rr / s2
+def _one_level_offset_residual(plan: Plan, lams, s2, R, beta, offset):
+    """(chain Gram (1, 1), x_D (ds, 1), r^T W r) of the one-level path for r = y - X beta - offset: one pass over
+    the data for the group and dense sums of Z^T r (an HMC offset is not a sum of constants), then constants."""
     Dc, G0 = plan.chain_dim, plan.unit_groups[0]
     hk, rr = _offset_residual_sums(plan, beta, offset)
     a_raw = jax.ops.segment_sum(hk[:, :Dc], plan.cell_node[0], G0)
@@ -589,6 +581,34 @@ def _log_density(fac: Factor):
     return jnp.where(good, val, -jnp.inf)
 
 
+def logdet_gram(plan: Plan, lams, sigma, c):
+    """The engine primitive for scalar sigma: log|F| and the whitened Gram matrix of k right-hand sides.
+
+    F = I + Zt^T Zt / sigma^2 with Zt = [Z_u Lambda_u]_u (plan units), right-hand sides r_j = [X r0] c[:, j] with
+    r0 = y - X beta0 (so c = [-(beta - beta0); 1] gives the residual at beta).  lams: per-unit Lambda (d_u, d_u) in
+    plan unit order (any square root of Sigma_u / sigma-free scale); sigma: scalar; c: (p + 1, k).
+    Returns (log|F| (), G (k, k)) with G = h^T F^{-1} h, h = Zt^T r / sigma^2 -- the term subtracted from r^T r / sigma^2
+    in the marginal density (log_marginal: k = 1) and in the profiled ML criterion (k = p + 1).
+    Every quantity comes from the plan's sufficient statistics: no pass over the N observations.
+    """
+    s2 = sigma**2
+    if _one_level(plan, sigma):
+        R, F, logdet = _one_level_matrix(plan, lams, s2)
+        gram, xD = one_level_rhs_coef(plan, lams, s2, R, c)
+    else:
+        Lam = block_diag(*lams)
+        Ht = _sandwich(Lam, plan.S_zz / s2)
+        raw = jnp.einsum("nap,pk->nak", jnp.concatenate([plan.S_zX, plan.S_zr[:, :, None]], axis=2), c) / s2
+        ht = jnp.einsum("ab,kac->kbc", Lam, raw)                              # Lambda^T per cell
+        mats, F, logdet = _eliminate_matrix(plan, sigma, lams, Ht)
+        zs, xD = _eliminate_rhs(plan, mats, ht)
+        gram = sum((jnp.einsum("gic,gie->ce", z, z) for z in zs), jnp.zeros((c.shape[1],) * 2, c.dtype))
+    if F is not None:
+        ldD, GD = dense_logdet_gram(F, xD)
+        logdet, gram = logdet + ldD, gram + GD
+    return logdet, gram
+
+
 def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """log N(y; X beta + offset, sum_l Z_l (I kron Sigma_l) Z_l^T + diag(sigma^2)) -> scalar.
 
@@ -599,14 +619,22 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """
     prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
     beta, sigma, lams, offset, mu, ok = prepared
-    if _one_level(plan, sigma):
-        # one chain level + dense block, scalar sigma: constants only (docs/math.md, section 5)
+    if sigma.ndim == 0 and plan.D:
         s2 = sigma**2
-        R, F, logdet = _one_level_matrix(plan, lams, s2)
-        gram, xD, rWr = _one_level_residual(plan, lams, s2, R, beta, offset)
         log2pi = plan.n_obs * (_LOG2PI + jnp.log(s2))
-        ldq = _dense_logdet_quad(F, xD[:, 0])
-        return _log_density(Factor((), None, None, lams, mu, logdet + ldq, gram[0, 0], rWr, log2pi, ok))
+        if offset is None:
+            # scalar sigma, no offset: sufficient statistics only, through the engine primitive
+            delta = beta - plan.beta0
+            rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
+            c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
+            logdet, gram = logdet_gram(plan, lams, sigma, c)
+            return _log_density(Factor((), None, None, lams, mu, logdet, gram[0, 0], rr / s2, log2pi, ok))
+        if _one_level(plan, sigma):
+            # one chain level + dense block with an HMC offset: group sums of the offset residual, then constants
+            R, F, logdet = _one_level_matrix(plan, lams, s2)
+            gram, xD, rWr = _one_level_offset_residual(plan, lams, s2, R, beta, offset)
+            ldq = _dense_logdet_quad(F, xD[:, 0])
+            return _log_density(Factor((), None, None, lams, mu, logdet + ldq, gram[0, 0], rWr, log2pi, ok))
     fac, F, x = _eliminate_prepared(plan, prepared)
     if F is not None:
         ldq = _dense_logdet_quad(F, x)  # logdet_D - quad_D

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 jax.config.update("jax_enable_x64", True)
@@ -126,7 +125,8 @@ def run_nuts(target: Target, *, warmup=1000, draws=2000, chains=1, seed=0, targe
         jax.block_until_ready(state)
         samp_s += time.perf_counter() - t
         outs = jax.tree_util.tree_map(lambda *a: np.concatenate([np.asarray(x) for x in a]), *outs)
-        zs.append(outs[0]); div.append(outs[1]); nsteps.append(outs[2]); acc.append(outs[3]); pe.append(outs[4])
+        for store, part in zip((zs, div, nsteps, acc, pe), outs[:5]):
+            store.append(part)
     z = jax.tree_util.tree_map(lambda *a: np.stack(a), *zs)
     return dict(z=z, compile_s=compile_s, warmup_s=warm_s, sample_s=samp_s, diverging=np.stack(div),
                 warmup_divergences=warm_div, num_steps=np.stack(nsteps), accept_prob=np.stack(acc),

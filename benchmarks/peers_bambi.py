@@ -1,7 +1,7 @@
 """Peer: Bambi (PyMC or NumPyro NUTS), run as a subprocess in its own virtualenv so it cannot disturb the
 system packages. Create it with
 
-    python -m venv /work/bambi-venv && /work/bambi-venv/bin/pip install bambi numpyro jax "matplotlib<3.11"
+    python -m venv ~/bambi-venv && ~/bambi-venv/bin/pip install bambi numpyro jax "matplotlib<3.11"
 
 or point LMMARG_BAMBI_PYTHON at another interpreter that has bambi. Bambi cannot express correlated random
 effects (LKJ): for those experiments it fits the *uncorrelated* model (same marginal priors), flagged in `note`.
@@ -23,7 +23,7 @@ import tempfile
 import numpyro.distributions as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BAMBI_PYTHON = os.environ.get("LMMARG_BAMBI_PYTHON", "/work/bambi-venv/bin/python")
+BAMBI_PYTHON = os.environ.get("LMMARG_BAMBI_PYTHON", os.path.expanduser("~/bambi-venv/bin/python"))
 
 
 def _prior_spec(d):

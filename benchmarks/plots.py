@@ -22,7 +22,7 @@ def collapse_single(df: pd.DataFrame) -> pd.DataFrame:
     if "min_ess_per_s" not in df:
         return df
     rows = []
-    for exp, d in df.groupby("experiment", sort=False):
+    for _, d in df.groupby("experiment", sort=False):
         single = d[d.method.str.startswith("marg:")]
         rest = d[~d.method.str.startswith("marg:")]
         rows.append(rest)

@@ -61,7 +61,7 @@ def best_per_experiment(s: pd.DataFrame) -> pd.DataFrame:
     ok = s[s["error"].isna()] if "error" in s else s
     rows = []
     for exp, d in ok.groupby("experiment", sort=False):
-        def best(mask):
+        def best(mask, d=d):
             x = d[mask]
             return (x.loc[x["min_ess_per_s"].idxmax()] if len(x) and x["min_ess_per_s"].notna().any() else None)
 

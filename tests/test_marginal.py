@@ -621,3 +621,43 @@ def test_pooled_fill_merges_groups_with_equal_statistics():
     m0 = kernels.conditional_mean(pairs, beta, sigma, sc)
     for x1, x0 in zip(m1, m0):
         np.testing.assert_allclose(x1, x0, rtol=1e-9, atol=1e-11)
+
+
+def test_too_large_advice_names_terms_that_resolve():
+    """MarginalTooLarge's suggestion names terms (not indices), so it works as written in Model(marginalize=...)."""
+    import ast
+    import re
+
+    from lmmarg.marginal import MarginalTooLarge
+
+    des = make_design("crossed3", 46, (1, 1, 1), False)
+    with pytest.raises(MarginalTooLarge) as err:
+        build_plan(des["X"], des["y"], des["classes"], [0, 1, 2], dense_limit=6)
+    names = ast.literal_eval(re.search(r"marginalize=(\[.*?\])", str(err.value)).group(1))
+    assert names and set(names) <= {c.name for c in des["classes"]}
+    idx = [[c.name for c in des["classes"]].index(n) for n in names]
+    plan = build_plan(des["X"], des["y"], des["classes"], idx, dense_limit=6)
+    assert plan.dense_size <= 6
+
+
+def test_potri_inverse_matches_cho_solve(monkeypatch):
+    """The host LAPACK potri inverse of large dense blocks (CPU) gives the cho_solve inverse's gradient."""
+    from lmmarg.marginal import kernels
+
+    rng = np.random.default_rng(11)
+    A = rng.normal(size=(12, 12))
+    F, B = jnp.asarray(A @ A.T + 12 * np.eye(12)), jnp.asarray(rng.normal(size=(12, 3)))
+
+    def grad():
+        return jax.jit(jax.grad(lambda F, B: (lambda r: r[0] + jnp.sum(r[1] ** 2))(kernels.dense_logdet_gram(F, B)),
+                                argnums=(0, 1)))(F, B)
+
+    monkeypatch.setattr(kernels, "POTRI_MIN_SIZE", 1)
+    g1 = grad()
+    monkeypatch.setattr(kernels, "POTRI_MIN_SIZE", 10**9)
+    g0 = grad()
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    jac = jax.vmap(lambda F: kernels._spd_inverse(jnp.linalg.cholesky(F)))
+    monkeypatch.setattr(kernels, "POTRI_MIN_SIZE", 1)
+    np.testing.assert_allclose(jac(jnp.stack([F, 2 * F])), np.linalg.inv(np.stack([F, 2 * F])), rtol=1e-10)

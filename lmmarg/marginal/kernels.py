@@ -494,7 +494,7 @@ def _eliminate_rhs(plan: Plan, levels, ht):
 
 
 def _eliminate(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
-    """Chain elimination; returns (Factor without the dense factor, F_DD, x_D) (F_DD, x_D None without a dense block)."""
+    """Chain elimination -> (Factor without the dense factor, F_DD, x_D); F_DD, x_D are None without a dense block."""
     return _eliminate_prepared(plan, _prepare(plan, beta, sigma, scales, offset, beta_prior))
 
 
@@ -530,10 +530,36 @@ def _chol(F):
     return lax.linalg.cholesky(F, symmetrize_input=False)
 
 
+# Dense blocks at least this large are inverted on the CPU by LAPACK's potri (2n^3/3 flops) in a host callback rather
+# than by cho_solve against the identity (2n^3 flops): XLA has no potri, and on the CPU the callback copies nothing.
+POTRI_MIN_SIZE = 384
+
+
+def _potri_host(L):
+    """F^{-1} (n, n) from its lower Cholesky factor, on the host (LAPACK potri fills the lower triangle)."""
+    import scipy.linalg.lapack as lapack
+
+    L = np.asarray(L)
+    inv, info = (lapack.dpotri if L.dtype == np.float64 else lapack.spotri)(L, lower=1)
+    if info:
+        return np.full_like(L, np.nan)
+    return inv + np.tril(inv, -1).T
+
+
 def _spd_inverse(L):
-    """F^{-1} from the lower Cholesky factor L of F."""
+    """F^{-1} from the lower Cholesky factor L of F: LAPACK potri on the CPU for large blocks, else cho_solve."""
     n = L.shape[0]
-    return jax.scipy.linalg.cho_solve((L, True), jnp.zeros((n, n), L.dtype).at[jnp.arange(n), jnp.arange(n)].set(1))
+
+    def solve(L):
+        return jax.scipy.linalg.cho_solve((L, True), jnp.zeros((n, n), L.dtype).at[jnp.arange(n), jnp.arange(n)].set(1))
+
+    if n < POTRI_MIN_SIZE:
+        return solve(L)
+
+    def host(L):
+        return jax.pure_callback(_potri_host, jax.ShapeDtypeStruct(L.shape, L.dtype), L, vmap_method="sequential")
+
+    return lax.platform_dependent(L, cpu=host, default=solve)
 
 
 def _dense_chol(F, x):
@@ -587,8 +613,8 @@ def logdet_gram(plan: Plan, lams, sigma, c):
     F = I + Zt^T Zt / sigma^2 with Zt = [Z_u Lambda_u]_u (plan units), right-hand sides r_j = [X r0] c[:, j] with
     r0 = y - X beta0 (so c = [-(beta - beta0); 1] gives the residual at beta).  lams: per-unit Lambda (d_u, d_u) in
     plan unit order (any square root of Sigma_u / sigma-free scale); sigma: scalar; c: (p + 1, k).
-    Returns (log|F| (), G (k, k)) with G = h^T F^{-1} h, h = Zt^T r / sigma^2 -- the term subtracted from r^T r / sigma^2
-    in the marginal density (log_marginal: k = 1) and in the profiled ML criterion (k = p + 1).
+    Returns (log|F| (), G (k, k)) with G = h^T F^{-1} h, h = Zt^T r / sigma^2 -- the term subtracted from
+    r^T r / sigma^2 in the marginal density (log_marginal: k = 1) and in the profiled ML criterion (k = p + 1).
     Every quantity comes from the plan's sufficient statistics: no pass over the N observations.
     """
     s2 = sigma**2
@@ -657,10 +683,10 @@ def _backsolve(plan: Plan, fac: Factor, eps_levels, eps_D):
         rhs = z + eps_levels[j]
         if j + 1 < K:
             anc, mp = [], plan.parent[j]
-            for l in range(j + 1, K):
-                anc.append(vs[l][mp])
-                if l + 1 < K:
-                    mp = plan.parent[l][mp]
+            for lev in range(j + 1, K):
+                anc.append(vs[lev][mp])
+                if lev + 1 < K:
+                    mp = plan.parent[lev][mp]
             rhs = rhs - _mv(Wm, jnp.concatenate(anc, axis=-1))
         if plan.m:
             cv = jnp.einsum("kim,km->ki", V, vD[plan.dense_idx])

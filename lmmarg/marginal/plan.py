@@ -382,7 +382,7 @@ def _too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta=0):
     if leave:
         msg += (
             "Suggestion: leave " + ", ".join(repr(classes[i].name) for i in leave)
-            + f" to HMC (marginalize={sorted(keep)}), or raise dense_limit."
+            + f" to HMC (marginalize={[classes[i].name for i in sorted(keep)]}), or raise dense_limit."
         )
     else:
         msg += "Raise dense_limit or marginalize fewer classes."
@@ -403,18 +403,27 @@ def _aggregate(cell: np.ndarray, n_cells: int, cols: np.ndarray, chunk: int = 1 
     return out
 
 
-def _outer_stats(cell, n_cells, Zt, chunk=1 << 22):
-    """S_zz (n_cells, D, D) = sum over cells of Zt_i Zt_i^T, chunked over obs."""
-    N, D = Zt.shape
-    chunk_rows = max(1, chunk // max(D * D, 1))
-    out = np.zeros((n_cells, D * D))
-    for s in range(0, N, chunk_rows):
-        Zc = Zt[s : s + chunk_rows]
-        oc = (Zc[:, :, None] * Zc[:, None, :]).reshape(Zc.shape[0], D * D)
-        c = cell[s : s + chunk_rows]
-        ind = sp.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_cells, len(c)))
-        out += ind @ oc
-    return out.reshape(n_cells, D, D)
+def _cell_statistics(cell: np.ndarray, n_cells: int, Zt, X, r0):
+    """S_zz (n_cells, D, D), S_zr (n_cells, D), S_zX (n_cells, D, p): cell sums of Zt_i Zt_i^T, Zt_i r0_i, Zt_i X_i^T.
+
+    One weighted np.bincount per column (a sequential pass over N rows into n_cells accumulators: no sort, no
+    gather, no index structure); S_zz sums the upper triangle and mirrors it."""
+    D, p = Zt.shape[1], X.shape[1]
+
+    def sums(w):
+        return np.bincount(cell, weights=w, minlength=n_cells)
+
+    S_zz = np.zeros((n_cells, D, D))
+    for a in range(D):
+        for b in range(a, D):
+            S_zz[:, a, b] = S_zz[:, b, a] = sums(Zt[:, a] * Zt[:, b])
+    S_zr = np.zeros((n_cells, D))
+    S_zX = np.zeros((n_cells, D, p))
+    for a in range(D):
+        S_zr[:, a] = sums(Zt[:, a] * r0)
+        for j in range(p):
+            S_zX[:, a, j] = sums(Zt[:, a] * X[:, j])
+    return S_zz, S_zr, S_zX
 
 
 def _same_node_pairs(node: np.ndarray, G: int):
@@ -646,7 +655,6 @@ def build_plan(
         units.append(("beta", X, np.zeros(N, np.int64), 1, BETA))
     dims = tuple(u[1].shape[1] for u in units)
     groups = tuple(u[3] for u in units)
-    D = int(sum(dims))
 
     # ---- cells
     if units:
@@ -662,11 +670,7 @@ def build_plan(
     # ---- sufficient statistics around an OLS beta0 (reduces cancellation)
     beta0 = np.linalg.lstsq(X, y, rcond=None)[0] if (p and N) else np.zeros(p)
     r0 = y - X @ beta0
-    S_zz = _outer_stats(cell, n_cells, Zt)
-    S_zr = _aggregate(cell, n_cells, Zt * r0[:, None])
-    S_zX = _aggregate(cell, n_cells, (Zt[:, :, None] * X[:, None, :]).reshape(N, D * p)).reshape(
-        n_cells, D, p
-    ) if D * p else np.zeros((n_cells, D, p))
+    S_zz, S_zr, S_zX = _cell_statistics(cell, n_cells, Zt, X, r0)
 
     # ---- chain structure
     dense_offsets, off = [], 0

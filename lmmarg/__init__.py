@@ -8,7 +8,15 @@ from . import datasets
 from .design import Design, DesignError, RandomTerm, build_design
 from .formula import FormulaError, parse_formula
 from .model import Model
+# public submodules, reachable as attributes right after `import lmmarg` (lmmarg.results.Fit, lmmarg.priors.LKJ, ...)
+from . import design, formula, inference, loo, marginal, model, potential, priors, results  # noqa: E402
+from .inference import mapvi, ml, nuts  # noqa: E402  (loads lmmarg.inference.ml, ...)
+from .loo import compare
+from .results import Fit, load
+
+del mapvi, ml, nuts  # reachable as lmmarg.inference.<name>, not as top-level names
 
 __version__ = "0.1.0"
-__all__ = ["Model", "Design", "DesignError", "FormulaError", "RandomTerm", "build_design", "parse_formula",
-           "datasets", "__version__"]
+__all__ = ["Model", "Fit", "Design", "DesignError", "FormulaError", "RandomTerm", "build_design", "parse_formula",
+           "compare", "load", "datasets", "design", "formula", "inference", "loo", "marginal", "model",
+           "potential", "priors", "results", "__version__"]

@@ -7,6 +7,8 @@ the per-group sufficient statistics. Everything is NumPy; the JAX kernels receiv
 from __future__ import annotations
 
 import difflib
+import re
+import functools
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -16,9 +18,51 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from .formula import BarTerm, FormulaError, FormulaSpec, parse_formula
+from ._warnings import warn_user
+from .formula import FormulaError, FormulaSpec, parse_formula
 
 __all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design"]
+
+
+def _group_sum(codes: np.ndarray, n_groups: int, w: np.ndarray) -> np.ndarray:
+    """(n_groups,) sums of w (N,) by group code."""
+    return np.bincount(codes, weights=w, minlength=n_groups)
+
+
+def column_standardizer(M: np.ndarray) -> np.ndarray:
+    """S (d, d) with M S = columns centred against M's constant column (if any) and of unit scale.
+
+    Used to make estimation unit-free: coefficients b of M equal S b̃ for the coefficients b̃ of M S (ML's
+    standardized coordinates, the sampler's coordinates of the fixed effects).
+
+    M: (N, d) a model matrix (X, or one term's Z). Without a constant column the columns are only scaled (by their
+    root mean square over the rows where they are non-zero, so that a dummy column keeps scale 1).
+    """
+    d = M.shape[1]
+    S = np.eye(d)
+    if M.shape[0] == 0:
+        return S
+    lo, hi = M.min(axis=0), M.max(axis=0)
+    const = np.flatnonzero((lo == hi) & (lo != 0))
+    c = int(const[0]) if const.size else None
+    if c is not None:
+        S[c, c] = 1.0 / abs(lo[c])
+    for j in range(d):
+        if j == c:
+            continue
+        z = M[:, j]
+        if c is not None:
+            m, s = float(z.mean()), float(z.std())
+        else:
+            nz = z[z != 0]
+            m, s = 0.0, float(np.sqrt(np.mean(nz ** 2))) if nz.size else 1.0
+        if not np.isfinite(s) or s <= 0:
+            m, s = 0.0, 1.0
+        S[j, j] = 1.0 / s
+        if c is not None:
+            S[c, j] = -m / (lo[c] * s)
+    return S
+
 
 
 class DesignError(ValueError):
@@ -100,6 +144,8 @@ class Design:
     terms: list[RandomTerm]
     structure: Structure
     fixed_spec: object = field(default=None, repr=False)
+    offset: np.ndarray | None = None  # (N,) sum of the formula's offset(...) terms; None without offsets
+    offset_specs: list = field(default_factory=list, repr=False)  # formulaic specs to evaluate them on new data
 
     @property
     def n_obs(self) -> int:
@@ -122,11 +168,12 @@ class Design:
         out = {"XtX": self.X.T @ self.X, "Xty": self.X.T @ self.y, "yty": float(self.y @ self.y)}
         for t in self.terms:
             G, d, p = t.n_groups, t.d, self.X.shape[1]
-            seg = lambda w: np.bincount(t.codes, weights=w, minlength=G)  # noqa: E731
+            seg = functools.partial(_group_sum, t.codes, G)
             out[t.name] = {
-                "ZtZ": np.stack([[seg(t.Z[:, a] * t.Z[:, b]) for b in range(d)] for a in range(d)], -1).transpose(1, 0, 2)
-                if d else np.zeros((G, 0, 0)),
-                "ZtX": np.stack([[seg(t.Z[:, a] * self.X[:, j]) for j in range(p)] for a in range(d)], 0).transpose(2, 0, 1),
+                "ZtZ": np.stack([[seg(t.Z[:, a] * t.Z[:, b]) for b in range(d)] for a in range(d)], -1)
+                .transpose(1, 0, 2) if d else np.zeros((G, 0, 0)),
+                "ZtX": np.stack([[seg(t.Z[:, a] * self.X[:, j]) for j in range(p)] for a in range(d)], 0)
+                .transpose(2, 0, 1),
                 "Zty": np.stack([seg(t.Z[:, a] * self.y) for a in range(d)], -1),
                 "n": np.bincount(t.codes, minlength=G),
             }
@@ -162,31 +209,95 @@ def _unknown_column(name: str, data: pd.DataFrame, where: str) -> DesignError:
     return DesignError(f"unknown column {name!r} in {where}{hint}")
 
 
+_QUOTED = re.compile(r"`([^`]+)`")
+
+
 def _variables(expr: str, where: str) -> set[str]:
     try:
-        return set(formulaic.Formula(expr).required_variables)
+        found = set(formulaic.Formula(expr).required_variables)
     except Exception as exc:  # formulaic's own parser errors
         raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from None
+    # formulaic reports a quoted `my.x` as the variable 'my' (attribute access); the quoted name is the column
+    quoted = set(_QUOTED.findall(expr))
+    spurious = {v for v in found if v not in quoted and any(q.startswith(v + ".") for q in quoted)}
+    return (found - spurious) | quoted
 
 
-def _check_columns(spec: FormulaSpec, data: pd.DataFrame) -> list[str]:
-    """Return every data column the formula uses; raise naming the first unknown one."""
+def used_columns(spec: FormulaSpec) -> dict[str, str]:
+    """{data column: where the formula uses it (for messages)}, in formula order."""
     used: dict[str, str] = {}
     for v in _variables(f"{spec.response} ~ 1", "response"):
         used.setdefault(v, f"the response {spec.response!r}")
     for v in _variables(spec.fixed, "fixed effects"):
         used.setdefault(v, "the fixed effects")
+    for expr in spec.offsets:
+        for v in _variables(f"I({expr})", f"offset({expr})"):
+            used.setdefault(v, f"offset({expr})")
     for bar in spec.bars:
         for v in _variables(bar.expr, f"random-effect term ({bar.expr} | {bar.group})"):
             used.setdefault(v, f"random-effect term ({bar.expr} | {bar.group})")
         for f in bar.factors:
             used.setdefault(f, f"grouping factor of ({bar.expr} | {bar.group})")
+    return used
+
+
+def _check_columns(spec: FormulaSpec, data: pd.DataFrame, extra: dict[str, str]) -> list[str]:
+    """Return every data column the formula (and ``extra``: {column: where}) uses; raise naming an unknown one."""
+    used = used_columns(spec)
+    for name, where in extra.items():
+        used.setdefault(name, where)
     columns = set(map(str, data.columns))
     for name, where in used.items():
         if name not in columns:
             # formulaic also reports names of functions it could not resolve; only flag plain names
             raise _unknown_column(name, data, where)
+    if "Intercept" in used and not used["Intercept"].startswith("the response"):
+        # formulaic would merge it with the intercept column of the same name
+        raise DesignError(f"data column 'Intercept' is used in {used['Intercept']}, but 'Intercept' is the name of "
+                          "the model's intercept; rename the data column")
     return list(used)
+
+
+def _check_data_columns(data: pd.DataFrame) -> None:
+    """Column names must be unique (after conversion to str) for a column to be looked up by its name."""
+    names = pd.Index(map(str, data.columns))
+    dup = names[names.duplicated()].unique().tolist()
+    if dup:
+        raise DesignError(f"data has duplicate column name(s) {dup}; rename them so that each name is unique")
+
+
+def _check_bars(spec: FormulaSpec) -> None:
+    """A random-effect term written twice is an error (lme4 would fit two copies of one variance)."""
+    seen = set()
+    for bar in spec.bars:
+        key = (bar.expr.replace(" ", ""), bar.factors, bar.correlated)
+        if key in seen:
+            sep = "|" if bar.correlated else "||"
+            raise FormulaError(f"random-effect term ({bar.expr} {sep} {bar.group}) appears twice in "
+                               f"{spec.formula!r} (after expanding a/b nesting); remove the duplicate")
+        seen.add(key)
+
+
+def _check_duplicate_terms(terms: list[RandomTerm], formula: str) -> None:
+    """Two terms with the same grouping and the same columns, e.g. from (x || g) + (1 | g), are an error."""
+    seen: dict[tuple, RandomTerm] = {}
+    for t in terms:
+        key = (t.factors, tuple(t.columns))
+        if key in seen:
+            raise FormulaError(f"random-effect column(s) {t.columns} of grouping factor {t.group!r} appear in two "
+                               f"terms ({seen[key].name!r} and {t.name!r}) of {formula!r}; remove the duplicate")
+        seen[key] = t
+
+
+def _warn_fixed_grouping(terms: list[RandomTerm], fixed_names: list[str]) -> None:
+    """Warn when a grouping factor with random intercepts also enters the fixed part as a factor."""
+    for g in dict.fromkeys(t.group for t in terms if len(t.factors) == 1 and "Intercept" in t.columns):
+        quoted = f"`{g}`" if not re.match(r"^[A-Za-z_.][A-Za-z0-9_.]*$", g) else g
+        prefixes = tuple(f"{pre}[" for pre in (g, quoted, f"C({g})", f"C({quoted})"))
+        if any(n.startswith(prefixes) for n in fixed_names):
+            warn_user(f"grouping factor {g!r} is also a fixed effect (factor columns {g}[...] in the fixed part): "
+                      f"its random intercepts are not identified separately from the fixed effects of {g!r}; "
+                      "remove one of them")
 
 
 def _handle_missing(data: pd.DataFrame, used: list[str], na_action: str) -> pd.DataFrame:
@@ -246,49 +357,159 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
     return y
 
 
-def _aliased_columns(X: np.ndarray, names: list[str]) -> list[str]:
-    """Columns of X that are linear combinations of earlier columns (lme4 drops these)."""
-    scale = np.sqrt((X**2).sum(0))
-    scale[scale == 0] = 1.0
-    Xs = X / scale
-    kept, aliased = [], []
-    for j in range(X.shape[1]):
-        cand = Xs[:, kept + [j]]
-        s = np.linalg.svd(cand, compute_uv=False)
-        if s.size and s[-1] <= 1e-9 * max(s[0], 1.0):
+def _qr_r(X: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
+    """R factor (min(N, p), p) of X (N, p) by a QR over row chunks (TSQR): O(N p²) time, O(p² + chunk) memory.
+
+    Householder QR is column-wise backward stable, so R is exact for X + E with |E_j| ≲ eps |X_j| per column.
+    """
+    N, p = X.shape
+    rows = max(4 * p, chunk_bytes // (8 * max(p, 1)))  # >= 4p rows: re-factoring the stacked R stays cheap
+    R = np.zeros((0, p))
+    for s in range(0, N, rows):
+        R = np.linalg.qr(np.vstack([R, X[s:s + rows]]), mode="r")
+    return R
+
+
+def _clearly_full_rank(X: np.ndarray, margin: float = 1e-6) -> bool:
+    """Fast path of the rank check: X (N, p) has full column rank with every column at distance > sqrt(margin)
+    (relative to its norm) from the span of the earlier ones. From XᵀX (one BLAS pass, ~10x cheaper than the
+    QR): the squared diagonal of the Cholesky factor of the unit-diagonal Gram matrix holds those squared
+    distances, with an error near N·eps, far below ``margin``. False means "ask the QR", not "rank deficient"."""
+    G = X.T @ X
+    d = np.sqrt(np.diag(G))
+    if not (d > 0).all():
+        return False
+    try:
+        L = np.linalg.cholesky(G / np.outer(d, d))
+    except np.linalg.LinAlgError:
+        return False
+    return bool(np.diag(L).min() ** 2 > margin)
+
+
+def _aliased_columns(X: np.ndarray, names: list[str], tol: float = 1e-9) -> list[str]:
+    """Columns of X (N, p) that are linear combinations of earlier columns (lme4 drops these).
+
+    Column j is aliased when its distance to the span of the earlier non-aliased columns is at most ``tol`` times
+    its norm. X only enters through R of its QR (X = QR, so distances are those of R's columns): the test costs
+    O(N p²) for R plus O(p³) for a Gram-Schmidt pass over R's columns, kept directions only (reorthogonalized).
+    """
+    p = X.shape[1]
+    if p == 0 or _clearly_full_rank(X):
+        return []
+    R = _qr_r(X)
+    R = np.vstack([R, np.zeros((p - R.shape[0], p))]) if R.shape[0] < p else R
+    norms = np.linalg.norm(R, axis=0)
+    Q = np.zeros((p, p))
+    k, aliased = 0, []
+    for j in range(p):
+        if norms[j] == 0:
+            aliased.append(names[j])
+            continue
+        v = R[:, j] / norms[j]
+        for _ in range(2):  # classical Gram-Schmidt twice: orthogonal to working precision
+            v = v - Q[:, :k] @ (Q[:, :k].T @ v)
+        dist = np.linalg.norm(v)
+        if dist <= tol:
             aliased.append(names[j])
         else:
-            kept.append(j)
+            Q[:, k] = v / dist
+            k += 1
     return aliased
 
 
-def _level_key(values: pd.Series) -> tuple[np.ndarray, list]:
-    """Sorted distinct values of one grouping factor (natural order: numeric or categorical order, else text)."""
+def _check_rank(X: np.ndarray, names: list[str]) -> None:
+    """Raise naming the fixed-effect columns that are linear combinations of earlier ones."""
+    aliased = _aliased_columns(X, names)
+    if not aliased:
+        return
+    zero = [n for n in aliased if not X[:, names.index(n)].any()]
+    msg = (f"fixed-effects model matrix is rank deficient: column(s) {aliased} are linear combinations of earlier "
+           "columns")
+    if zero:
+        msg += (f"; {zero} are all zero: no row has that level or combination of levels (an empty cell of an "
+                "interaction, or a constant column)")
+    raise DesignError(msg + "; remove them from the formula")
+
+
+def _drop_unused_levels(data: pd.DataFrame, used: list[str], spec: FormulaSpec) -> pd.DataFrame:
+    """Drop categories no row has from the categorical columns the formula uses (lme4's drop.unused.levels);
+    warn naming them for columns of the fixed or random-effect expressions, where they would be all-zero columns."""
+    grouping_only = {f for bar in spec.bars for f in bar.factors}
+    grouping_only -= _variables(spec.fixed, "fixed effects").union(*(_variables(b.expr, "random effects")
+                                                                       for b in spec.bars))
+    out = data
+    for col in used:
+        s = data[col]
+        if not isinstance(s.dtype, pd.CategoricalDtype):
+            continue
+        counts = s.value_counts(sort=False)
+        unused = counts.index[counts.to_numpy() == 0].tolist()
+        if not unused:
+            continue
+        if out is data:
+            out = data.copy()
+        out[col] = s.cat.remove_unused_categories()
+        if col not in grouping_only:
+            warn_user(f"factor {col!r} has unused level(s) {unused} (categories no row has); they are dropped, as "
+                      f"lme4 does. To silence this: data[{col!r}] = data[{col!r}].cat.remove_unused_categories()")
+    return out
+
+
+def _level_codes(values: pd.Series) -> tuple[np.ndarray, list]:
+    """Rank of each row's value among the sorted distinct values, and those values (natural order: numeric or
+    categorical order, else text). One hash factorization in the column's own dtype; only the distinct values are
+    sorted and compared as Python objects."""
+    codes, uniq = pd.factorize(values, sort=False, use_na_sentinel=False)
+    uniq = list(uniq.astype(object)) if hasattr(uniq, "astype") else list(uniq)
     if isinstance(values.dtype, pd.CategoricalDtype):
-        cats = [c for c in values.cat.categories if (values == c).any()]
-        return values.astype(object).to_numpy(), cats
-    uniq = pd.unique(values)
+        rank = {c: i for i, c in enumerate(values.cat.categories)}
+        order = sorted(uniq, key=lambda v: rank.get(v, len(rank)))
+    else:
+        try:
+            order = sorted(uniq)
+        except TypeError:
+            order = sorted(uniq, key=str)
+    perm = pd.Index(order, dtype=object).get_indexer(pd.Index(uniq, dtype=object))
+    return perm[codes].astype(np.int64), order
+
+
+def _is_missing(v) -> bool:
     try:
-        order = sorted(uniq)
-    except TypeError:
-        order = sorted(uniq, key=str)
-    return values.to_numpy(dtype=object), order
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # array-like values are not missing scalars
+        return False
+
+
+def _check_levels(column: str, order: list) -> None:
+    """Levels of a grouping column: none missing, and distinct values must print distinctly (they become labels)."""
+    if any(_is_missing(v) for v in order):
+        raise DesignError(f"grouping column {column!r} has missing values (NaN/None); clean the data or pass "
+                          "na_action='drop'")
+    seen: dict[str, object] = {}
+    for v in order:
+        label = str(v)
+        if label in seen:
+            w = seen[label]
+            raise DesignError(f"grouping column {column!r} holds the distinct values {w!r} ({type(w).__name__}) and "
+                              f"{v!r} ({type(v).__name__}), both labelled {label!r}; give the column one type, "
+                              f"e.g. data[{column!r}] = data[{column!r}].astype(str)")
+        seen[label] = v
 
 
 def _grouping(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray, list[str], list[tuple]]:
     """Integer codes (N,) and labels of the interaction of `factors`, levels in lexicographic factor order."""
     per_factor = []
     for f in factors:
-        vals, order = _level_key(data[f])
-        rank = {v: i for i, v in enumerate(order)}
-        per_factor.append((np.fromiter((rank[v] for v in vals), dtype=np.int64, count=len(vals)), order))
+        ranks, order = _level_codes(data[f])
+        _check_levels(f, order)
+        per_factor.append((ranks, order))
     # one int64 key per row (mixed radix over the factors' level counts) keeps the lexicographic order
     radix = [max(len(order), 1) for _, order in per_factor]
     if float(np.prod(np.asarray(radix, dtype=float))) < 2.0**62:
         key = np.zeros(len(data), np.int64)
         for (c, _), r in zip(per_factor, radix):
             key = key * r + c
-        ukey, codes = np.unique(key, return_inverse=True)
+        codes, ukey = pd.factorize(key, sort=True)   # hash-based, O(N); sorted keys keep the lexicographic order
         uniq = np.empty((ukey.size, len(per_factor)), np.int64)
         for j in reversed(range(len(per_factor))):
             uniq[:, j] = ukey % radix[j]
@@ -304,9 +525,10 @@ def _structure(terms: list[RandomTerm]) -> Structure:
     relations = {}
 
     def nested(a: RandomTerm, b: RandomTerm) -> bool:
-        """Every level of a lies in one level of b (distinct (a, b) code pairs = levels of a)."""
-        key = a.codes.astype(np.int64) * max(b.n_groups, 1) + b.codes
-        return len(np.unique(key)) == a.n_groups
+        """Every level of a lies in one level of b: scatter one b code per a level, compare every row (O(N))."""
+        seen = np.empty(max(a.n_groups, 1), np.int64)
+        seen[a.codes] = b.codes
+        return bool(np.array_equal(seen[a.codes], b.codes))
 
     kinds = set()
     for a in terms:
@@ -345,12 +567,18 @@ def _random_terms(spec: FormulaSpec, data: pd.DataFrame) -> list[RandomTerm]:
         if Z.shape[1] == 0:
             raise DesignError(f"{where} has no columns")
         codes, levels, keys = _grouping(data, bar.factors)
-        pieces = [list(range(len(cols)))] if bar.correlated else [[j] for j in range(len(cols))]
-        for idx in pieces:
-            terms.append(RandomTerm(name=bar.group, group=bar.group, factors=bar.factors, expr=bar.expr,
-                                    columns=[cols[j] for j in idx], levels=levels, codes=codes,
-                                    Z=np.ascontiguousarray(Z[:, idx]), correlated=bar.correlated,
-                                    model_spec=mspec, level_keys=keys))
+        pieces = [(bar.expr, Z, cols, mspec)]
+        if not bar.correlated:
+            # ||: lme4's expandDoubleVerts: (1 | g) if there is an intercept, then (0 + <term> | g) per formula
+            # term, each evaluated on its own (a factor gets all its indicator columns, one correlated block)
+            pieces = []
+            for term in mspec.term_indices:
+                texpr = "1" if str(term) == "1" else f"0 + {term}"
+                pieces.append((texpr, *_model_matrix(texpr, data, where)))
+        for texpr, Zt, ct, st in pieces:
+            terms.append(RandomTerm(name=bar.group, group=bar.group, factors=bar.factors, expr=texpr,
+                                    columns=list(ct), levels=levels, codes=codes, Z=np.ascontiguousarray(Zt),
+                                    correlated=bar.correlated, model_spec=st, level_keys=keys))
     _unique_names(terms)
     return terms
 
@@ -366,11 +594,14 @@ def _warn_identifiability(terms: list[RandomTerm], n_obs: int) -> None:
                           "unidentifiable", stacklevel=4)
 
 
-def build_design(formula: str | FormulaSpec, data, na_action: str = "raise") -> Design:
+def build_design(formula: str | FormulaSpec, data, na_action: str = "raise",
+                 extra_columns: dict[str, str] | None = None) -> Design:
     """Parse `formula` and build every model matrix from `data` (a pandas DataFrame or dict of columns).
 
     na_action: "raise" (default: rows with NaN/inf in used columns are an error naming the column) or "drop"
     (drop them with a warning giving the count).
+    extra_columns: {column: where it is used}, columns the model needs beyond the formula (``sigma_by``, a sigma
+    formula): they must exist, and rows missing them follow ``na_action`` like the formula's own columns.
     """
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
     if na_action not in ("raise", "drop"):
@@ -381,18 +612,35 @@ def build_design(formula: str | FormulaSpec, data, na_action: str = "raise") -> 
         raise TypeError(f"data must be a pandas DataFrame or a dict of columns, got {type(data).__name__}")
     if len(data) == 0:
         raise DesignError("data has no rows")
+    _check_data_columns(data)
     data = data.rename(columns=str)
-    used = _check_columns(spec, data)
+    _check_bars(spec)
+    used = _check_columns(spec, data, dict(extra_columns or {}))
     data = _handle_missing(data, used, na_action).reset_index(drop=True)
     if len(data) == 0:
         raise DesignError("no rows left after dropping missing values")
+    data = _drop_unused_levels(data, used, spec)
     y = _response(spec.response, data)
     X, fixed_names, fixed_spec = _model_matrix(spec.fixed, data, "the fixed effects")
-    aliased = _aliased_columns(X, fixed_names)
-    if aliased:
-        raise DesignError(f"fixed-effects model matrix is rank deficient: column(s) {aliased} are linear "
-                          "combinations of earlier columns; remove them from the formula")
+    _check_rank(X, fixed_names)
     terms = _random_terms(spec, data)
+    _check_duplicate_terms(terms, spec.formula)
+    _warn_fixed_grouping(terms, fixed_names)
     _warn_identifiability(terms, len(y))
+    offset, offset_specs = _offsets(spec, data)
     return Design(spec=spec, data=data, y=y, X=X, fixed_names=fixed_names, terms=terms,
-                  structure=_structure(terms), fixed_spec=fixed_spec)
+                  structure=_structure(terms), fixed_spec=fixed_spec, offset=offset, offset_specs=offset_specs)
+
+
+def _offsets(spec: FormulaSpec, data: pd.DataFrame) -> tuple[np.ndarray | None, list]:
+    """Sum (N,) of the formula's offset(expr) terms and their formulaic specs; (None, []) without offsets."""
+    if not spec.offsets:
+        return None, []
+    total, specs = np.zeros(len(data)), []
+    for expr in spec.offsets:
+        vals, cols, mspec = _model_matrix(f"0 + I({expr})", data, f"offset({expr})")  # R arithmetic
+        if vals.shape[1] != 1:
+            raise DesignError(f"offset({expr}) must be one numeric column, got columns {cols}")
+        total += vals[:, 0]
+        specs.append(mspec)
+    return total, specs

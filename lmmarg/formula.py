@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["FormulaError", "BarTerm", "FormulaSpec", "parse_formula", "split_top_level"]
+__all__ = ["FormulaError", "BarTerm", "FormulaSpec", "parse_formula", "r_habits", "split_top_level"]
 
 
 class FormulaError(ValueError):
@@ -46,6 +46,7 @@ class FormulaSpec:
     response: str
     fixed: str
     bars: tuple[BarTerm, ...]
+    offsets: tuple[str, ...] = ()  # expressions of top-level offset(...) terms, added to the linear predictor
 
 
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$|^`[^`]+`$")
@@ -98,15 +99,17 @@ def _parse_group(group: str, bar: str) -> list[tuple[str, ...]]:
     group = group.strip()
     if not group:
         raise FormulaError(f"random-effect term ({bar}) has no grouping factor after '|'")
-    nests = [p.strip() for p in group.split("/")]
+    nests = [p.strip() for _, p in split_top_level(group, "/")]
     out, prefix = [], ()
     for nest in nests:
-        factors = tuple(f.strip().strip("`") for f in nest.split(":"))
-        for f in factors:
+        raw = [f.strip() for _, f in split_top_level(nest, ":")]
+        for f in raw:
             if not f or not _NAME.match(f):
                 raise FormulaError(
-                    f"grouping factor {f!r} in ({bar}) must be a column name (use a:b for interactions, a/b for nesting)"
+                    f"grouping factor {f!r} in ({bar}) must be a column name (use a:b for interactions, a/b for "
+                    "nesting; quote other names with backticks, e.g. `my g`)"
                 )
+        factors = tuple(f[1:-1] if f.startswith("`") else f for f in raw)  # `my g` -> column "my g"
         prefix = prefix + factors
         out.append(prefix)
     return out
@@ -121,10 +124,57 @@ def _parse_bar(inner: str) -> list[BarTerm]:
     if not expr:
         raise FormulaError(f"random-effect term ({inner}) has no expression before '|' (write (1 | g) for intercepts)")
     correlated = m.group("bar") == "|"
+    expr = r_habits(expr)
     return [
         BarTerm(expr=expr, group=":".join(factors), factors=factors, correlated=correlated)
         for factors in _parse_group(m.group("group"), inner)
     ]
+
+
+_FACTOR = re.compile(r"(?<![\w.])(?:as\.)?factor\s*\(")
+_OFFSET = re.compile(r"(?<![\w.])offset\s*\(")
+
+
+def _offset_arg(term: str) -> str | None:
+    """The argument of a term that is exactly ``offset(<expr>)``, else None."""
+    m = re.match(r"offset\s*(?=\()", term)
+    return None if m is None else _strip_outer_parens(term[m.end():])
+
+
+def r_habits(expr: str) -> str:
+    """Translate R formula habits to formulaic: ``^`` inside a function call (``I(x^2)``, ``log(x^2)``) is R's
+    power, ``**`` in Python (formulaic would evaluate Python's XOR); ``factor(x)`` / ``as.factor(x)`` is ``C(x)``.
+    ``^`` outside calls keeps its formula meaning (``(a + b)^2``: interactions up to order 2), as in R.
+    ``offset(x)`` anywhere but as a top-level term of the fixed part (``y ~ x + offset(log(t))``, handled by
+    ``parse_formula``) raises a FormulaError.
+
+    >>> r_habits("I(Days^2) + factor(g) + (a + b)^2")
+    'I(Days**2) + C(g) + (a + b)^2'
+    """
+    if _OFFSET.search(expr):
+        raise FormulaError(f"offset() in {expr!r}: an offset must be a top-level term of the fixed part, "
+                           "e.g. 'y ~ x + offset(log(t)) + (1 | g)' (not inside a random-effect term, another "
+                           "function, an interaction or the sigma formula)")
+    expr = _FACTOR.sub("C(", expr)
+    out, stack, quote = [], [], None  # stack: True for a function call's parentheses, False for grouping
+    for i, ch in enumerate(expr):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"`":
+            quote = ch
+        elif ch == "(":
+            j = i - 1
+            while j >= 0 and expr[j] == " ":
+                j -= 1
+            stack.append(j >= 0 and (expr[j].isalnum() or expr[j] in "_."))
+        elif ch == ")":
+            if stack:
+                stack.pop()
+        elif ch == "^" and any(stack):
+            out.append("**")
+            continue
+        out.append(ch)
+    return "".join(out)
 
 
 def parse_formula(formula: str) -> FormulaSpec:
@@ -140,7 +190,7 @@ def parse_formula(formula: str) -> FormulaSpec:
     response, rhs = sides[0][1].strip(), sides[1][1].strip()
     if not rhs:
         raise FormulaError(f"formula {formula!r} has an empty right-hand side")
-    fixed_parts, bars = [], []
+    fixed_parts, bars, offsets = [], [], []
     for pos, (sign, term) in enumerate(split_top_level(rhs, "+-")):
         if not term.strip():
             if pos == 0 and rhs.lstrip().startswith(("-", "+")):
@@ -153,10 +203,16 @@ def parse_formula(formula: str) -> FormulaSpec:
             bars.extend(_parse_bar(inner))
         elif "|" in term:
             raise FormulaError(f"'|' outside a parenthesized random-effect term in {term.strip()!r}")
+        elif _offset_arg(term.strip()) is not None:
+            if sign == "-":
+                raise FormulaError(f"offset term {term.strip()!r} cannot be subtracted (write offset(-x))")
+            # an R arithmetic expression: translated as the argument of a call (t^2 is a power)
+            offsets.append(r_habits(f"I({_offset_arg(term.strip()).strip()})")[2:-1])
         else:
             fixed_parts.append((sign, term.strip()))
     fixed = "".join(f" {s} {t}" if s else t for s, t in fixed_parts).strip()
     if not fixed or fixed.startswith(("+", "-")):
         # "y ~ (1|g)" or "y ~ (1|g) - 1": lme4 implies the intercept unless it is removed
         fixed = f"1 {fixed}".strip()
-    return FormulaSpec(formula=formula, response=response, fixed=fixed, bars=tuple(bars))
+    return FormulaSpec(formula=formula, response=r_habits(response), fixed=r_habits(fixed), bars=tuple(bars),
+                       offsets=tuple(offsets))

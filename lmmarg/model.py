@@ -25,6 +25,21 @@ def _ensure_dtype(dtype: str):
     return jnp.float64 if dtype == "float64" else jnp.float32
 
 
+def _warn_discrete_response(y: np.ndarray, response: str) -> None:
+    """Warn when a 0/1 or count response is about to be fitted as Gaussian (no GLMM family yet)."""
+    if not np.all(y == np.round(y)) or y.min() < 0:
+        return
+    from ._warnings import warn_user
+    if set(np.unique(y)) <= {0.0, 1.0}:
+        warn_user(f"response {response!r} only takes the values 0 and 1 but is fitted as gaussian (a linear "
+                  "probability model: predictions are not bounded to [0, 1]); a binomial/bernoulli family is "
+                  "planned but not available yet")
+    elif (y == 0).any() and np.median(y) <= 20:
+        warn_user(f"response {response!r} looks like counts (non-negative integers with zeros) but is fitted as "
+                  "gaussian; a Poisson/negative-binomial family is planned but not available yet (consider "
+                  "family='lognormal' on y + 1 or a transformation)")
+
+
 class Model:
     """A linear mixed model given by an lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
 
@@ -43,25 +58,43 @@ class Model:
                  dtype: str = "float64", priors: dict | None = None, sigma_by: str | None = None,
                  sigma: str | None = None):
         self.dtype = _ensure_dtype(dtype)
-        self.design: Design = build_design(formula, data, na_action=na_action)
+        from .priors import build_priors, build_sigma_spec, sigma_columns
+        # the residual-scale columns join the formula's in the checks and the missing-value handling
+        self.design: Design = build_design(formula, data, na_action=na_action,
+                                           extra_columns=sigma_columns(sigma_by, sigma))
         if family not in ("gaussian", "lognormal"):
             raise ValueError(f"family must be 'gaussian' or 'lognormal', got {family!r}")
         self.family = family
         y = self.design.y
+        if family == "gaussian":
+            _warn_discrete_response(y, self.design.response)
         if family == "lognormal":
             if (y <= 0).any():
                 row = int(np.flatnonzero(y <= 0)[0])
                 raise DesignError(f"family='lognormal' needs a positive response, but {self.design.response!r} "
                                   f"is {y[row]} at row {row}")
             y = np.log(y)
-        self.y = y  # (N,) the Gaussian-scale response (log y for lognormal)
+        if self.design.offset is not None:
+            y = y - self.design.offset  # offset(...) terms: a known part of the linear predictor
+        self.y = y  # (N,) the Gaussian-scale working response: y (log y for lognormal) minus any offset
         self.log_jacobian = float(-np.log(self.design.y).sum()) if family == "lognormal" else 0.0
         self._plans: dict = {}
         self._jitted: dict = {}
-        from .priors import build_priors, build_sigma_spec
-        self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma)
+        self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma, na_action=na_action)
+        if self.sigma_spec.kind == "formula" and self.sigma_spec.design.spec.offsets:
+            raise ValueError(f"the sigma formula {sigma!r} cannot have an offset() term")
         self._priors = build_priors(self, priors)
         self._potentials: dict = {}
+
+    # -- pickling: caches hold local closures and compiled kernels; they are rebuilt on demand ---------------
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_plans"], state["_jitted"], state["_potentials"] = {}, {}, {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        _ensure_dtype("float64" if self.dtype == jnp.float64 else "float32")
 
     # -- names (contract) ---------------------------------------------------------------------------------------
     @property
@@ -181,7 +214,8 @@ class Model:
         beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
         if beta.shape != (len(self.fixed_names),):
             raise ValueError(f"beta must have {len(self.fixed_names)} entries {self.fixed_names}")
-        val = self._kernel("log_marginal")(self.plan("all", per_obs_sigma=np.ndim(sigma) > 0), beta, jnp.asarray(sigma, self.dtype),
+        plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
+        val = self._kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
                                            tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
@@ -191,7 +225,8 @@ class Model:
         if scales is None:
             raise ValueError("cov is not positive semi-definite")
         beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
-        means = self._kernel("conditional_mean")(self.plan("all", per_obs_sigma=np.ndim(sigma) > 0), beta, jnp.asarray(sigma, self.dtype),
+        plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
+        means = self._kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),
                                                  tuple(jnp.asarray(L, self.dtype) for L in scales))
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
 
@@ -209,11 +244,18 @@ class Model:
         return self.potential(marginalize, parameterization).model_fn
 
     def sample(self, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
-               chain_method: str = "vectorized", progress_bar: bool = True, **nuts_kwargs):
-        """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample."""
+               chain_method: str = "vectorized", progress_bar=True, parameterization=None, recover: bool = True,
+               compilation_cache=None, **nuts_kwargs):
+        """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample.
+
+        nuts_kwargs: NUTS options, e.g. adapt_delta / target_accept_prob, max_treedepth / max_tree_depth,
+        dense_mass; unknown keywords raise a TypeError listing the valid ones. Diagnostics problems (divergences,
+        R-hat, ESS, tree depth) are reported as SamplerWarning after the fit, as brms does.
+        """
         from .inference.nuts import sample
         return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
-                      chain_method=chain_method, progress_bar=progress_bar, **nuts_kwargs)
+                      chain_method=chain_method, progress_bar=progress_bar, parameterization=parameterization,
+                      recover=recover, compilation_cache=compilation_cache, **nuts_kwargs)
 
     # -- inference (each lives in its own module) ---------------------------------------------------------------
     def fit_ml(self, reml: bool = False, **kwargs):

@@ -23,9 +23,11 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from numpyro.distributions.transforms import biject_to
+from numpyro.distributions import constraints
+from numpyro.distributions.transforms import CorrCholeskyTransform, biject_to
 from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
+from .design import column_standardizer
 from .marginal import kernels
 
 __all__ = ["Potential", "make_model_fn"]
@@ -94,6 +96,32 @@ class _Parts:
 _log_marginal_jit = jax.jit(kernels.log_marginal)
 
 
+class _CorrCholeskyTransform(CorrCholeskyTransform):
+    """NumPyro's transform fills a buffer of JAX's default float dtype (float64 under x64), which fails for a
+    float32 model in a process where x64 is on: work in the wider dtype, return the input's dtype."""
+
+    def __call__(self, x):
+        wide = jnp.promote_types(x.dtype, jax.dtypes.canonicalize_dtype(np.float64))
+        return super().__call__(x.astype(wide)).astype(x.dtype)
+
+
+class _CorrCholeskyConstraint(type(constraints.corr_cholesky)):
+    """corr_cholesky, distinct type so that biject_to picks the dtype-preserving transform above."""
+
+
+_corr_cholesky = _CorrCholeskyConstraint()
+biject_to.register(_CorrCholeskyConstraint, lambda c: _CorrCholeskyTransform())
+
+
+class _LKJCholesky(dist.LKJCholesky):
+    support = _corr_cholesky
+
+
+def _lkj(d: int, eta: float, dtype):
+    """LKJ prior on a (d, d) correlation Cholesky factor, parameters in the model's dtype."""
+    return _LKJCholesky(d, jnp.asarray(eta, dtype))
+
+
 def _lam(sd, corr_chol):
     return sd[:, None] * corr_chol
 
@@ -119,7 +147,7 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
         if pc.is_fixed:
             Lc = jnp.asarray(pc.fixed, dt)
         else:
-            Lc = numpyro.sample(pc.site, dist.LKJCholesky(t.d, pc.dist.eta))
+            Lc = numpyro.sample(pc.site, _lkj(t.d, pc.dist.eta, dt))
         numpyro.deterministic(f"corr_{sfx}{t.name}", Lc @ Lc.T)
         return _lam(sd, Lc)
 
@@ -197,6 +225,7 @@ class Potential:
         jax.eval_shape(_trace, jax.random.PRNGKey(0))
         self.transforms = {n: biject_to(s["support"]) for n, s in self.sites.items()}
         self.unc_shapes = {n: tuple(self.transforms[n].inverse_shape(s["shape"])) for n, s in self.sites.items()}
+        self.shift, self.scale = self._standardization()
         public = ["beta", "sigma", "b_sigma"]
         for sfx, terms in (("", model.terms), ("sigma_", getattr(model.sigma_spec.design, "terms", []))):
             for t in terms:
@@ -209,20 +238,87 @@ class Potential:
         self._pe_jit = None
 
     # -- NumPyro interface --------------------------------------------------------------------------------------
+    def _in_model_dtype(self, params: dict) -> dict:
+        """Cast floating site values to the model's dtype. Samplers may hold them in JAX's default float dtype
+        (NumPyro's NUTS builds momenta and mass matrices in it: float64 whenever x64 is on, even for a float32
+        model); the model itself then computes in its own dtype."""
+        dt = self.model.dtype
+        return {k: (v.astype(dt) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v)
+                for k, v in ((k, jnp.asarray(v)) for k, v in params.items())}
+
     def potential_fn(self, params: dict):
-        """-log p(params, y) on unconstrained space (Jacobians included); params: {site: array}. Jit-friendly."""
-        return potential_energy(self.model_fn, (), {}, params)
+        """-log p(params, y) on unconstrained space (Jacobians included); params: {site: array}. Jit-friendly.
+
+        Computed in the model's dtype; returned in the dtype of ``params`` (what the sampler carries)."""
+        pe = potential_energy(self.model_fn, (), {}, self._in_model_dtype(self._to_numpyro(params)))
+        leaves = jax.tree.leaves(params)
+        return pe.astype(jnp.result_type(*leaves)) if leaves else pe
 
     def log_density(self, values: dict):
         """log joint density at constrained site values (no Jacobian): priors + marginal log-likelihood."""
-        return log_density(self.model_fn, (), {}, values)[0]
+        return log_density(self.model_fn, (), {}, self._in_model_dtype(values))[0]
 
     def unconstrain(self, values: dict) -> dict:
-        """Constrained site values -> unconstrained (inverse of the sites' bijections)."""
-        return {n: self.transforms[n].inv(jnp.asarray(values[n])) for n in self.sites}
+        """Constrained site values -> the sampler's standardized unconstrained coordinates."""
+        return self._from_numpyro({n: self.transforms[n].inv(jnp.asarray(values[n])) for n in self.sites})
+
+    def to_constrained(self, params: dict) -> dict:
+        """The sampler's coordinates -> constrained site values {site: value} (no deterministic sites)."""
+        u = self._to_numpyro(params)
+        return {n: self.transforms[n](u[n]) for n in self.sites}
+
+    # -- standardized coordinates -------------------------------------------------------------------------------
+    def _standardization(self) -> tuple[dict, dict]:
+        """Per site (shift, scale): NumPyro's unconstrained value = shift + scale * x for the sampler's x; and for
+        the fixed effects jointly (``self.b_sites``): b = b_ols + sd(y) S_X x (``design.column_standardizer``).
+
+        Fixed effects and centred HMC effects live on the scale of y and x; NUTS' step size and its mass-matrix
+        adaptation (a diagonal, regularized towards a fixed unit-scale value) then depend on the units the data
+        were recorded in (y * 1e-12 froze every SD), and an uncentred covariate (Days + 1e4) correlates the
+        intercept with its slope. In the sampler's coordinates the fixed effects are those of the centred,
+        unit-scale columns in units of sd(y), so the geometry is unit-free; log-scale sites (SDs, sigma) already
+        are, up to a shift. The map is affine: its Jacobian is a constant and the posterior is unchanged."""
+        center, width = self._center()
+        shift, scale = {}, {}
+        for n in self.unc_shapes:
+            shift[n], scale[n] = 0.0, 1.0
+            if n.startswith("u_"):
+                scale[n] = float(10.0 * width[n])          # width = 0.1 residual SD
+            if not np.isfinite(scale[n]) or scale[n] <= 0:
+                scale[n] = 1.0
+        m = self.model
+        self.b_sites = [f"b_{c}" for c in m.fixed_names if f"b_{c}" in self.sites]
+        if self.b_sites:
+            cols = [m.fixed_names.index(n[2:]) for n in self.b_sites]
+            X = np.asarray(m.design.X, dtype=np.float64)[:, cols]
+            sy = float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0
+            self.b_shift = np.array([float(center[n]) for n in self.b_sites])
+            self.b_map = sy * column_standardizer(X)       # (k, k): b = b_shift + b_map x
+            self.b_inv = np.linalg.inv(self.b_map)
+            for n in self.b_sites:
+                shift.pop(n)
+                scale.pop(n)
+        return shift, scale
+
+    def _to_numpyro(self, params: dict) -> dict:
+        out = {n: (self.shift[n] + self.scale[n] * v if n in self.shift else v) for n, v in params.items()}
+        if self.b_sites and self.b_sites[0] in params:
+            x = jnp.stack([jnp.asarray(params[n]) for n in self.b_sites], axis=-1)
+            b = jnp.asarray(self.b_shift, x.dtype) + x @ jnp.asarray(self.b_map.T, x.dtype)
+            out.update({n: b[..., i] for i, n in enumerate(self.b_sites)})
+        return out
+
+    def _from_numpyro(self, params: dict) -> dict:
+        out = {n: ((v - self.shift[n]) / self.scale[n] if n in self.shift else v) for n, v in params.items()}
+        if self.b_sites and self.b_sites[0] in params:
+            b = jnp.stack([jnp.asarray(params[n]) for n in self.b_sites], axis=-1)
+            x = (b - jnp.asarray(self.b_shift, b.dtype)) @ jnp.asarray(self.b_inv.T, b.dtype)
+            out.update({n: x[..., i] for i, n in enumerate(self.b_sites)})
+        return out
 
     def _constrain_one(self, params: dict) -> dict:
-        out = constrain_fn(self.model_fn, (), {}, params, return_deterministic=True)
+        out = constrain_fn(self.model_fn, (), {}, self._in_model_dtype(self._to_numpyro(params)),
+                           return_deterministic=True)
         return {k: out[k] for k in self.output_keys}
 
     def _lead(self, samples: dict) -> tuple:
@@ -237,9 +333,17 @@ class Potential:
             raise KeyError(f"samples lack the site(s) {missing}; sites are {list(self.sites)}")
         lead = self._lead(samples)
         S = math.prod(lead)
-        flat = {n: jnp.reshape(jnp.asarray(samples[n]), (S,) + tuple(self.unc_shapes[n])) for n in self.sites}
-        out = self._constrain_jit(flat)
-        return {k: np.asarray(v).reshape(lead + v.shape[1:]) for k, v in out.items()}
+        flat = {n: np.reshape(np.asarray(samples[n]), (S,) + tuple(self.unc_shapes[n])) for n in self.sites}
+        # fixed-size batches (the last one padded on the host): one compilation serves every number of draws
+        bs = 512
+        n_b = max(1, -(-S // bs))
+        pad = n_b * bs - S
+        if pad:
+            flat = {k: np.concatenate([v, np.repeat(v[-1:] if S else np.zeros((1,) + v.shape[1:], v.dtype), pad, 0)])
+                    for k, v in flat.items()}
+        res = [self._constrain_jit({k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}) for b in range(n_b)]
+        out = {k: np.concatenate([np.asarray(r[k]) for r in res])[:S] for k in res[0]}
+        return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
 
     # -- initial values -----------------------------------------------------------------------------------------
     def _center(self) -> tuple[dict, dict]:
@@ -281,10 +385,15 @@ class Potential:
             center[n], width[n] = np.full(shape, v), w
         return center, width
 
-    def init_params(self, key, num_chains: int | None = 4) -> dict:
-        """Starting points: a data-scaled centre (OLS β, residual SD, ...) jittered in unconstrained space.
+    def init_params(self, key, num_chains: int | None = 4, check: bool = True) -> dict:
+        """Starting points: a data-scaled centre (OLS β, residual SD, ...) jittered in unconstrained space, in the
+        sampler's standardized coordinates (``potential_fn``'s arguments; see ``_standardization``).
 
-        Returns {site: (num_chains, *unconstrained shape)} (no leading dim if num_chains is None).
+        check: evaluate the potential at the starts and put chains whose start is invalid at the un-jittered
+        centre (False: the caller checks, e.g. sample()'s compiled NUTS init, saving a compilation).
+
+        Returns {site: (num_chains, *unconstrained shape)} (no leading dim if num_chains is None), in JAX's
+        default float dtype (what NumPyro's samplers carry; ``potential_fn`` computes in the model's dtype).
         """
         center, width = self._center()
         n = 1 if num_chains is None else int(num_chains)
@@ -294,15 +403,18 @@ class Potential:
             base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
                     else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
             out[name] = base + width[name] * jax.random.uniform(k, (n,) + tuple(shape), self.model.dtype, -1.0, 1.0)
-        if self._pe_jit is None:
+        out = self._from_numpyro(out)   # the sampler's standardized coordinates
+        if check and self._pe_jit is None:
             self._pe_jit = jax.jit(jax.vmap(self.potential_fn))
-        pe = self._pe_jit(out)
-        bad = ~np.isfinite(np.asarray(pe))
+        bad = ~np.isfinite(np.asarray(self._pe_jit(out))) if check else np.zeros(n, bool)
         if bad.any():  # fall back to the un-jittered centre for chains whose start is invalid
             for name, shape in self.unc_shapes.items():
                 base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
                         else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
+                base = self._from_numpyro({name: base})[name]
                 out[name] = jnp.where(jnp.asarray(bad).reshape((n,) + (1,) * len(shape)), base, out[name])
+        wide = jnp.promote_types(self.model.dtype, jax.dtypes.canonicalize_dtype(np.float64))
+        out = {k: v.astype(wide) for k, v in out.items()}
         if num_chains is None:
             out = {k: v[0] for k, v in out.items()}
         return out
@@ -324,6 +436,23 @@ class Potential:
                                            parts.offset(u))
         return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
 
+    def _recover_batch(self) -> int:
+        """Draws per recovery batch, fixed per model (so that runs with any number of draws reuse the compiled
+        batch; the last batch is padded): 256, or less to bound the working memory (~N doubles per draw and term).
+        """
+        per = self.model.n_obs * (2 + sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
+        cap = int(max(1, min(256, 2e8 // (8 * max(per, 1)))))
+        return 1 << (cap.bit_length() - 1)
+
+    def _recover_fn(self, bs: int):
+        """The compiled recovery of one batch of bs draws (cached per batch size): (key, batch index, draws) ->
+        {"u_<term>": (bs, G, d)}; the per-draw keys are derived inside (fold_in the batch index, split)."""
+        if bs not in self._recover_jit:
+            one = jax.vmap(self._recover_one)
+            self._recover_jit[bs] = jax.jit(
+                lambda key, b, c: one(jax.random.split(jax.random.fold_in(key, b), bs), c))
+        return self._recover_jit[bs]
+
     def recover(self, draws: dict, key, batch_size: int | None = None) -> dict:
         """Exact draws of every marginalized term's effects given each posterior draw (one key per draw).
 
@@ -332,28 +461,23 @@ class Potential:
         """
         lead = tuple(np.shape(draws["beta"])[:-1])
         S = math.prod(lead)
-        needed = ["beta", "sigma", "b_sigma"] + [k for k in draws if k.startswith(("sd_", "corr_", "u_"))]
-        flat = {k: jnp.reshape(jnp.asarray(draws[k]), (S,) + np.shape(draws[k])[len(lead):])
-                for k in needed if k in draws}
-        keys = jax.random.split(key, S)
         out = {}
-        if self.marg:
-            if batch_size is None:  # bound the per-batch working memory (~N doubles per draw and term)
-                per = self.model.n_obs * (2 + sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
-                batch_size = int(max(1, min(S, 2e8 // (8 * max(per, 1)))))
-            batch_size = int(min(batch_size, S))
-            n_b = -(-S // batch_size)
-            pad = n_b * batch_size - S
-            if batch_size not in self._recover_jit:
-                one = jax.vmap(self._recover_one)
-                self._recover_jit[batch_size] = jax.jit(lambda k, c: jax.lax.map(lambda a: one(*a), (k, c)))
+        if self.marg and S:
+            needed = ["beta", "sigma", "b_sigma"] + [k for k in draws if k.startswith(("sd_", "corr_", "u_"))]
+            # flattened and padded on the host: eager JAX ops would compile once per number of draws
+            flat = {k: np.reshape(np.asarray(draws[k]), (S,) + np.shape(draws[k])[len(lead):])
+                    for k in needed if k in draws}
+            bs = self._recover_batch() if batch_size is None else int(batch_size)
+            n_b = -(-S // bs)
+            pad = n_b * bs - S
             if pad:  # repeat the last draw so every batch has the same shape (one compilation)
-                keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, 0)])
-                flat = {k: jnp.concatenate([v, jnp.repeat(v[-1:], pad, 0)]) for k, v in flat.items()}
-            shaped = jax.tree.map(lambda v: v.reshape((n_b, batch_size) + v.shape[1:]), (keys, flat))
-            res = self._recover_jit[batch_size](*shaped)
-            res = {k: v.reshape((n_b * batch_size,) + v.shape[2:])[:S] for k, v in res.items()}
-            out.update({k: np.asarray(v).reshape(lead + v.shape[1:]) for k, v in res.items()})
+                flat = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in flat.items()}
+            fn = self._recover_fn(bs)
+            # every batch is dispatched before any result is read, so the device never waits for the host
+            res = [fn(key, b, {k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}) for b in range(n_b)]
+            for k in res[0]:
+                v = np.concatenate([np.asarray(r[k]) for r in res])[:S]
+                out[k] = v.reshape(lead + v.shape[1:])
         for name in self.hmc_terms:
             out[f"u_{name}"] = np.asarray(draws[f"u_{name}"])
         return {f"u_{t.name}": out[f"u_{t.name}"] for t in self.model.terms}

@@ -31,20 +31,33 @@ import numpyro.distributions as dist
 import pandas as pd
 from numpyro.distributions import constraints
 
-from .design import DesignError, _grouping, build_design
+from .design import DesignError, _grouping, build_design, used_columns
+from .formula import parse_formula
 
-__all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec"]
+__all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec",
+           "sigma_columns"]
 
 
 @dataclass(frozen=True)
 class LKJ:
-    """LKJ(eta) prior on a correlation matrix (sampled through its Cholesky factor)."""
+    """LKJ(eta) prior on a correlation matrix (sampled through its Cholesky factor); eta > 0."""
 
     eta: float = 1.0
 
+    def __post_init__(self):
+        try:
+            eta = float(self.eta)
+        except (TypeError, ValueError):
+            eta = np.nan
+        if isinstance(self.eta, bool) or not np.isfinite(eta) or eta <= 0:
+            raise ValueError(f"LKJ(eta): eta must be a finite number > 0, got {self.eta!r}")
+
 
 def half_student_t(df: float, scale: float):
-    """|t| with t ~ Student-t(df, 0, scale): the brms default for SDs."""
+    """|t| with t ~ Student-t(df, 0, scale): the brms default for SDs; df > 0, scale > 0."""
+    for name, v in (("df", df), ("scale", scale)):
+        if not _is_number(v) or not np.isfinite(v) or v <= 0:
+            raise ValueError(f"half_student_t(df, scale): {name} must be a finite number > 0, got {v!r}")
     return dist.FoldedDistribution(dist.StudentT(df, 0.0, scale))
 
 
@@ -148,7 +161,23 @@ def describe(d) -> str:
 # residual scale
 
 
-def build_sigma_spec(design, sigma_by=None, sigma=None) -> SigmaSpec:
+_SIGMA_RESPONSE = "lmmarg_sigma_response_"
+
+
+def sigma_columns(sigma_by=None, sigma=None) -> dict[str, str]:
+    """{data column: where} for the columns ``sigma_by`` / a ``sigma`` formula use, so that the model's design
+    checks them and handles their missing values with the formula's (``build_design(extra_columns=...)``).
+    Malformed arguments give {} here; ``build_sigma_spec`` reports them."""
+    if isinstance(sigma_by, str) and sigma is None:
+        return {f.strip(): f"sigma_by={sigma_by!r}" for f in sigma_by.split(":")}
+    if isinstance(sigma, str) and "~" in sigma and sigma_by is None:
+        rhs = sigma.split("~", 1)[1].strip()
+        used = used_columns(parse_formula(f"{_SIGMA_RESPONSE} ~ {rhs}"))
+        return {c: f"the sigma formula {sigma!r}" for c in used if c != _SIGMA_RESPONSE}
+    return {}
+
+
+def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise") -> SigmaSpec:
     """Residual-SD structure from ``sigma_by`` (grouping column(s), "a" or "a:b") or ``sigma`` (formula)."""
     if sigma_by is not None and sigma is not None:
         raise ValueError("give at most one of sigma_by= and sigma= (a sigma formula can contain the grouping)")
@@ -165,10 +194,10 @@ def build_sigma_spec(design, sigma_by=None, sigma=None) -> SigmaSpec:
         if not isinstance(sigma, str) or "~" not in sigma:
             raise ValueError(f"sigma must be a formula string like '~ x + (x | g)', got {sigma!r}")
         rhs = sigma.split("~", 1)[1].strip()
-        dummy = "lmmarg_sigma_response_"
+        dummy = _SIGMA_RESPONSE
         data = design.data.copy()
         data[dummy] = 0.0
-        sdesign = build_design(f"{dummy} ~ {rhs}", data)
+        sdesign = build_design(f"{dummy} ~ {rhs}", data, na_action=na_action)
         return SigmaSpec(kind="formula", design=sdesign, formula="~ " + rhs)
     return SigmaSpec()
 
@@ -198,19 +227,45 @@ def _cor_fixed(v, d: int, where: str) -> np.ndarray:
         raise ValueError(f"fixed value of {where!r} is not a positive-definite correlation matrix") from None
 
 
+def _check_params(d, name: str) -> None:
+    """Every parameter of the distribution ``d`` (and of a wrapped base distribution) finite and valid."""
+    while d is not None:
+        for arg, constraint in getattr(d, "arg_constraints", {}).items():
+            value = getattr(d, arg, None)
+            if value is None or constraints.is_dependent(constraint):
+                continue
+            try:
+                a = np.asarray(value, dtype=float)
+            except (TypeError, ValueError):  # traced or non-numeric parameters cannot be checked here
+                continue
+            if not np.isfinite(a).all():
+                raise ValueError(f"prior {name!r}: parameter {arg}={value} of {type(d).__name__} is not finite")
+            if not np.all(np.asarray(constraint(value))):
+                raise ValueError(f"prior {name!r}: parameter {arg}={value} of {type(d).__name__} is invalid "
+                                 f"(must satisfy {constraint})")
+        d = getattr(d, "base_dist", None)
+
+
 def _check_value(v, kind: str, name: str):
     """Validate a user prior value for a parameter of this kind; returns (dist, fixed)."""
     if kind.startswith("cor"):
         if isinstance(v, LKJ):
             return v, None
         if isinstance(v, (dist.LKJCholesky, dist.LKJ)):
-            return LKJ(float(np.asarray(v.concentration))), None
+            eta = np.asarray(v.concentration, dtype=float)
+            if eta.ndim or not np.isfinite(eta) or eta <= 0:
+                raise ValueError(f"prior {name!r}: LKJ concentration must be a finite number > 0, got {eta}")
+            return LKJ(float(eta)), None
         if _is_number(v) or isinstance(v, (np.ndarray, list)):
+            if not np.isfinite(np.asarray(v, dtype=float)).all():
+                raise ValueError(f"prior {name!r}: a fixed correlation must be finite, got {v}")
             return None, v
         raise TypeError(f"prior {name!r}: a correlation prior must be lmmarg.priors.LKJ(eta), a NumPyro LKJ "
                         f"distribution or a fixed correlation, got {type(v).__name__}")
     if _is_number(v):
         v = float(v)
+        if not np.isfinite(v):
+            raise ValueError(f"prior {name!r}: a fixed value must be finite, got {v}")
         if kind in ("sigma", "sd", "sd_sigma") and v < 0:
             raise ValueError(f"prior {name!r}: a fixed standard deviation must be >= 0, got {v}")
         if kind == "sigma" and v == 0:
@@ -221,6 +276,7 @@ def _check_value(v, kind: str, name: str):
     if v.batch_shape or v.event_shape:
         raise ValueError(f"prior {name!r} must be a scalar distribution, got batch shape {v.batch_shape} and "
                          f"event shape {v.event_shape}")
+    _check_params(v, name)
     if kind in ("sigma", "sd", "sd_sigma"):
         sup = v.support
         if sup not in (constraints.positive, constraints.nonnegative) and not isinstance(
@@ -274,7 +330,7 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
             if t.d > 1:
                 keys = [f"cor_{sfx}{t.name}"] + ([f"cor_{sfx}{t.group}"] if t.group != t.name else []) + \
                        [f"cor_{sfx}".rstrip("_")]
-                entries.append((Prior(site=f"cor_{sfx}{t.name}", label=f"cor_{t.group}" + (" (sigma)" if sfx else ""),
+                entries.append((Prior(site=f"cor_{sfx}{t.name}", label=f"cor_{'sigma_' if sfx else ''}{t.group}",
                                       kind=f"cor{'_sigma' if sfx else ''}", dist=LKJ(1.0), dim=t.d), keys))
 
     add_terms(model.terms, "", half_student_t(3.0, s_mad))

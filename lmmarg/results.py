@@ -1,4 +1,5 @@
-"""Posterior results: brms-like summaries, ArviZ conversion and posterior predictions.
+"""Posterior results: brms-like summaries, ArviZ conversion, posterior predictions and the brms workflow
+(``fixef``, ``coef``, ``bayes_R2``, ``pp_check``, ``conditional_effects``, ``loo``, ``save`` / ``load``).
 
 ``Fit(model, samples)`` works for any sampler: ``samples`` is a dict of arrays with leading dims (chain, draw)
 and the keys of ``model.sample()``: beta (p,), sigma (() or (K,) for sigma_by), sd_<term> (d,),
@@ -12,18 +13,67 @@ import pandas as pd
 
 from .design import DesignError
 
-__all__ = ["Fit"]
+__all__ = ["Fit", "load"]
+
+
+_STATS = {"mean": np.mean, "sd": lambda a, axis: np.std(a, axis=axis, ddof=1), "median": np.median,
+          "min": np.min, "max": np.max}
+
+
+def _stat_fn(stat):
+    """A statistic by name (mean, sd, median, min, max) or a function f(array) applied along an axis."""
+    if callable(stat):
+        return lambda a, axis: np.apply_along_axis(stat, axis, a)
+    if stat not in _STATS:
+        raise ValueError(f"stat must be one of {sorted(_STATS)} or a function, got {stat!r}")
+    return _STATS[stat]
+
+
+def _categorical_levels(spec, columns) -> dict:
+    """{data column: fitted levels} for the categorical predictors of a formulaic model spec (``x`` or ``C(x)``)."""
+    import re
+
+    out = {}
+    for expr, (kind, state) in getattr(spec, "encoder_state", {}).items():
+        if getattr(kind, "value", kind) != "categorical" or "categories" not in state:
+            continue
+        m = re.fullmatch(r"\s*(?:C|factor)\(\s*`?([^,`)]+)`?\s*(?:,.*)?\)\s*", expr)
+        col = expr if expr in columns else (m.group(1).strip() if m else None)
+        if col in columns:
+            out[col] = list(state["categories"])
+    return out
+
+
+def _check_levels(spec, data: pd.DataFrame, where: str) -> None:
+    """Raise naming the column and level when new_data has a level of a categorical predictor that the fitted
+    data did not have (formulaic would only warn and encode it as the reference level)."""
+    for col, cats in _categorical_levels(spec, data.columns).items():
+        seen, seen_str = set(cats), {str(c) for c in cats}  # 3.0 matches a fitted level 3, "3" too
+        unseen = sorted({str(v) for v in pd.unique(data[col])
+                         if not pd.isna(v) and v not in seen and str(v) not in seen_str})
+        if unseen:
+            raise DesignError(f"new_data column {col!r} has level(s) {unseen} not seen in the fitted data "
+                              f"({where}); fitted levels are {cats}")
 
 
 def _matrix(spec, data: pd.DataFrame, where: str) -> pd.DataFrame:
+    import warnings
+
+    from formulaic.errors import DataMismatchWarning
+
+    _check_levels(spec, data, where)
     try:
-        return spec.get_model_matrix(data, na_action="raise")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DataMismatchWarning)  # any other level mismatch: an error, not a guess
+            return spec.get_model_matrix(data, na_action="raise")
     except Exception as exc:
         raise DesignError(f"cannot build {where} for new_data: {exc}") from None
 
 
 class Fit:
-    """Posterior draws of a model with summaries (``summary()``), ``diagnostics``, ``to_arviz()``, ``predict()``.
+    """Posterior draws of a model with summaries (``summary()``, ``fixef()``, ``coef()``, ``ranef()``,
+    ``bayes_R2()``), ``diagnostics``, ``to_arviz()``, ``predict()``, checks and plots (``pp_check()``,
+    ``conditional_effects()``), integrated leave-one-out (``loo()``) and ``save()``; picklable.
 
     samples: {key: array (chain, draw, ...)}; sample_stats: {name: (chain, draw)} (NUTS statistics);
     diagnostics: dict of divergences, tree depth, step sizes and timings; method: "nuts" | "map" | "vi" | ...
@@ -44,6 +94,28 @@ class Fit:
         self.method = method
         self.potential = potential
 
+    # -- pickling -------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Drop what cannot (or need not) be pickled: the NumPyro potential (local closures, compiled kernels) and
+        compiled LOO kernels; the model drops its own caches (``Model.__getstate__``). Both rebuild on demand."""
+        state = dict(self.__dict__)
+        state["potential"] = None
+        state.pop("_loo_cache", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def save(self, path) -> None:
+        """Write the fit (model, design, draws, diagnostics) to ``path`` with pickle; read it with ``lmmarg.load``.
+
+        Pickle files run code when loaded: load only files you trust. The file is tied to the lmmarg, NumPy
+        and pandas versions that wrote it."""
+        import pickle
+
+        with open(path, "wb") as fh:
+            pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
     @property
     def n_chains(self) -> int:
         return self.samples["beta"].shape[0]
@@ -53,9 +125,12 @@ class Fit:
         return self.samples["beta"].shape[1]
 
     # -- named scalar quantities --------------------------------------------------------------------------------
-    def _labels(self, terms, sfx: str) -> dict:
-        groups = [t.group for t in terms]
-        return {t.name: (t.group if groups.count(t.group) == 1 or t.group == t.name else t.name) for t in terms}
+    @staticmethod
+    def _labels(terms, sfx: str = "") -> dict:
+        """{term name: brms group label}: the grouping factor, as in the prior table and brms; a term's own name
+        ("g.1") only where two terms on the same factor have a column of the same name, e.g. (1|g) + (1|g)."""
+        return {t.name: (t.name if any(o is not t and o.group == t.group and set(o.columns) & set(t.columns)
+                                       for o in terms) else t.group) for t in terms}
 
     def draws_by_name(self, ranef: bool = False) -> dict:
         """{brms-like row name: (chain, draw) array}: b_<x>, sd_<group>__<col>, cor_<group>__<a>__<b>, sigma;
@@ -105,7 +180,8 @@ class Fit:
 
     def summary(self, prob: float = 0.95, ranef: bool = False) -> pd.DataFrame:
         """Posterior summary: mean, sd, equal-tailed interval (q2.5, q97.5 for prob=0.95), ess_bulk, ess_tail,
-        r_hat (rank-normalized, ArviZ). Rows are brms-like names (see ``draws_by_name``)."""
+        r_hat (rank-normalized, ArviZ). Rows are brms-like names (see ``draws_by_name``). A single-draw fit (MAP)
+        has NaN sd and interval: it is a point estimate."""
         import arviz as az
         import xarray as xr
 
@@ -114,8 +190,10 @@ class Fit:
         arr = np.stack([rows[n] for n in names], -1)  # (chain, draw, R)
         lo, hi = (1 - prob) / 2, 1 - (1 - prob) / 2
         q = np.quantile(arr, [lo, hi], axis=(0, 1))
+        if arr.shape[0] * arr.shape[1] == 1:  # a point estimate (MAP): no posterior spread to report
+            q = np.full_like(q, np.nan)
         df = pd.DataFrame({"mean": arr.mean((0, 1)), "sd": arr.std((0, 1), ddof=1) if arr.shape[0] * arr.shape[1] > 1
-                           else np.zeros(len(names)),
+                           else np.full(len(names), np.nan),
                            f"q{100 * lo:g}": q[0], f"q{100 * hi:g}": q[1]}, index=names)
         if self.n_draws >= 4:
             ds = xr.Dataset({"x": (("chain", "draw", "row"), arr)})
@@ -142,32 +220,59 @@ class Fit:
                 for t in self.model.terms if f"u_{t.name}" in self.samples}
 
     # -- ArviZ ----------------------------------------------------------------------------------------------------
-    def _coords_dims(self):
-        m = self.model
-        coords, dims = {"fixed": list(m.fixed_names), "obs": np.arange(m.n_obs)}, {"beta": ["fixed"]}
-        sspec = m.sigma_spec
-        if sspec.kind == "by":
-            coords["sigma_level"] = list(sspec.levels)
-            dims["sigma"] = ["sigma_level"]
-        parts = [("", m.terms)]
-        if sspec.kind == "formula":
-            coords["fixed_sigma"] = list(sspec.design.fixed_names)
-            dims["b_sigma"] = ["fixed_sigma"]
-            parts.append(("sigma_", sspec.design.terms))
-        for sfx, terms in parts:
-            for t in terms:
-                n = f"{sfx}{t.name}"
-                coords[f"{n}__col"] = list(t.columns)
-                coords[f"{n}__col2"] = list(t.columns)
-                coords[f"{n}__level"] = list(t.levels)
-                dims[f"sd_{n}"] = [f"{n}__col"]
-                dims[f"corr_{n}"] = [f"{n}__col", f"{n}__col2"]
-                dims[f"u_{n}"] = [f"{n}__level", f"{n}__col"]
-        return coords, dims
+    def _posterior_vars(self) -> tuple[dict, dict, dict, dict]:
+        """brms-named posterior variables for ArviZ: (vars {name: (chain, draw, ...)}, dims, coords, constants).
 
-    def log_likelihood(self) -> np.ndarray:
-        """Pointwise log p(y_i | β, u, σ) conditional on the (recovered) random effects: (chain, draw, N).
-        For lognormal the density is of the original y (Jacobian -log y_i included)."""
+        Scalars b_<x>, sd_<group>__<col>, cor_<group>__<a>__<b>, sigma (one panel each in ``az.plot_trace``);
+        sigma with dim ``sigma_level`` for sigma_by; r_<group> (chain, draw, level, col) per grouping factor.
+        Parameters fixed by a prior (constant over every draw) go to ``constants`` instead: a constant trace
+        breaks ArviZ's density plots."""
+        m = self.model
+        rows = self.draws_by_name()
+        vars_, dims, coords, const = {}, {}, {}, {}
+        for k, v in rows.items():
+            if k.startswith("sigma["):
+                continue
+            vars_[k] = v
+        if "sigma" in self.samples and self.samples["sigma"].ndim == 3:
+            vars_["sigma"] = self.samples["sigma"]
+            coords["sigma_level"] = list(m.sigma_spec.levels)
+            dims["sigma"] = ["sigma_level"]
+        sspec = m.sigma_spec
+        parts = [("", m.terms)] + ([("sigma_", sspec.design.terms)] if sspec.kind == "formula" else [])
+        for sfx, terms in parts:
+            lab = self._labels(terms, sfx)
+            by_label: dict = {}
+            for t in terms:
+                if f"u_{sfx}{t.name}" in self.samples:
+                    by_label.setdefault(lab[t.name], []).append(t)
+            for g, ts in by_label.items():
+                name = f"r_{g}" if not sfx else f"r_{g}__sigma"
+                vars_[name] = np.concatenate([self.samples[f"u_{sfx}{t.name}"] for t in ts], -1)
+                coords[f"{name}__level"] = list(ts[0].levels)
+                coords[f"{name}__col"] = [("sigma_" if sfx else "") + c for t in ts for c in t.columns]
+                dims[name] = [f"{name}__level", f"{name}__col"]
+        if self.n_chains * self.n_draws > 1:
+            for k in list(vars_):
+                v = vars_[k]
+                if v.ndim == 2 and np.ptp(v) == 0:
+                    const[k] = np.asarray(v.reshape(-1)[0])
+                    del vars_[k]
+        return vars_, dims, coords, const
+
+    def log_likelihood(self, kind: str = "integrated") -> np.ndarray:
+        """Pointwise log-likelihood per draw: (chain, draw, N).
+
+        kind="integrated" (default): log p(y_i | y_-i, θ) with every random effect integrated out (the leave-one-out
+        predictive density given the global parameters θ; lmmarg.loo). kind="conditional":
+        log p(y_i | β, u, σ) given the recovered random effects (cheaper; PSIS-LOO on it is unreliable because each
+        observation moves its own group's effect). For lognormal both are densities of the original y (Jacobian
+        −log y_i included)."""
+        if kind == "integrated":
+            from .loo import pointwise_loglik
+            return pointwise_loglik(self)
+        if kind != "conditional":
+            raise ValueError(f"kind must be 'integrated' or 'conditional', got {kind!r}")
         m = self.model
         mu = self._linpred_train()
         sig = self._sigma_train()
@@ -177,12 +282,28 @@ class Fit:
             ll = ll - np.log(m.design.y)
         return ll
 
+    def _offset(self, new: pd.DataFrame | None):
+        """The formula's offset for the fitted rows (new=None) or for new_data: (n,), or None without offsets."""
+        d = self.model.design
+        if not getattr(d, "offset_specs", None):
+            return None
+        if new is None:
+            return d.offset
+        return sum(np.asarray(_matrix(sp, new, f"offset({e})"), float)[:, 0]
+                   for sp, e in zip(d.offset_specs, d.spec.offsets))
+
     def _linpred_train(self):
+        """Xβ + Σ Z u on the fitted rows, (chain, draw, N), without any offset (it compares with model.y, the
+        working response)."""
         m, s = self.model, self.samples
         mu = s["beta"] @ np.asarray(m.design.X).T
         for t in m.terms:
             mu = mu + np.sum(t.Z * s[f"u_{t.name}"][..., t.codes, :], -1)
         return mu
+
+    def residual_sd(self) -> np.ndarray:
+        """Residual SD of every fitted row per draw, (chain, draw, N) (Gaussian scale: of log y for lognormal)."""
+        return np.broadcast_to(self._sigma_train(), self.samples["beta"].shape[:2] + (self.model.n_obs,))
 
     def _sigma_train(self):
         m, s = self.model, self.samples
@@ -196,22 +317,285 @@ class Fit:
             eta = eta + np.sum(t.Z * s[f"u_sigma_{t.name}"][..., t.codes, :], -1)
         return np.exp(eta)
 
-    def to_arviz(self, log_likelihood: bool = False):
-        """arviz.InferenceData with posterior (keys as in ``samples``, named coords), sample_stats (NUTS:
-        diverging, tree_depth, n_steps, step_size, acceptance_rate, lp), observed_data (y) and, if
-        ``log_likelihood=True``, the pointwise log-likelihood conditional on the recovered random effects
-        (cheap: (chain, draw, N); note LOO on it is conditional on the effects, not marginal)."""
+    def to_arviz(self, log_likelihood="integrated", posterior_predictive: bool = True, seed: int = 0):
+        """arviz.InferenceData with groups
+
+        * posterior: brms-named parameters (``b_Days``, ``sd_Subject__Intercept``, ``cor_Subject__Intercept__Days``,
+          ``sigma``: one trace panel each) and ``r_<group>`` (chain, draw, level, col) random effects;
+        * posterior_predictive: ``y`` (chain, draw, N), draws of the response for the fitted rows (original scale);
+        * log_likelihood: ``y`` (chain, draw, N): "integrated" (default, log p(y_i | y_-i, θ), see
+          ``log_likelihood()``), "conditional" (given the recovered effects) or None/False to skip
+          (True means "integrated");
+        * sample_stats (NUTS: diverging, tree_depth, n_steps, step_size, acceptance_rate, lp);
+        * observed_data: ``y`` (N,); constant_data: parameters fixed by a prior.
+        """
         import arviz as az
 
-        coords, dims = self._coords_dims()
-        post = dict(self.samples)
-        dims = {k: v for k, v in dims.items() if k in post}
+        post, dims, coords, const = self._posterior_vars()
         kw = {}
+        if log_likelihood is True:
+            log_likelihood = "integrated"
         if log_likelihood:
-            kw["log_likelihood"] = {"y": self.log_likelihood()}
-            dims["y"] = ["obs"]
+            from .loo import LooCostError
+            try:
+                kw["log_likelihood"] = {"y": self.log_likelihood(kind=log_likelihood)}
+            except LooCostError as exc:
+                from ._warnings import warn_user
+                warn_user(f"to_arviz: log_likelihood holds the likelihood conditional on the sampled random "
+                          f"effects, not the integrated one: {exc}")
+                kw["log_likelihood"] = {"y": self.log_likelihood(kind="conditional")}
+        if posterior_predictive:
+            yrep = self.predict(seed=seed)
+            kw["posterior_predictive"] = {"y": yrep.reshape(self.n_chains, self.n_draws, -1)}
+        if const:
+            kw["constant_data"] = const
+        coords["obs"] = np.arange(self.model.n_obs)
+        dims["y"] = ["obs"]
         return az.from_dict(posterior=post, sample_stats=self.sample_stats or None,
                             observed_data={"y": np.asarray(self.model.design.y)}, coords=coords, dims=dims, **kw)
+
+    # -- brms-like tables -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _stats(draws: np.ndarray, prob: float) -> dict:
+        """brms columns over the flattened draws (axis 0): Estimate, Est.Error, Q<lo>, Q<hi>."""
+        lo, hi = (1 - prob) / 2, 1 - (1 - prob) / 2
+        q = np.quantile(draws, [lo, hi], axis=0)
+        err = draws.std(0, ddof=1) if draws.shape[0] > 1 else np.full(draws.shape[1:], np.nan)
+        return {"Estimate": draws.mean(0), "Est.Error": err, f"Q{100 * lo:g}": q[0], f"Q{100 * hi:g}": q[1]}
+
+    def fixef(self, prob: float = 0.95) -> pd.DataFrame:
+        """Population-level effects like brms's ``fixef()``: rows ``model.fixed_names``; columns Estimate (posterior
+        mean), Est.Error (posterior SD), Q2.5, Q97.5 (equal-tailed ``prob`` interval)."""
+        b = self.samples["beta"].reshape(-1, len(self.model.fixed_names))
+        return pd.DataFrame(self._stats(b, prob), index=list(self.model.fixed_names))
+
+    def coef(self, prob: float = 0.95) -> dict:
+        """Group-level coefficients like brms's ``coef()``: population effect + random effect per level, per draw.
+
+        Returns {group: DataFrame}, rows the group's levels, columns a MultiIndex (coefficient, statistic) with
+        statistics Estimate, Est.Error, Q2.5, Q97.5; coefficients are the group's random-effect columns (a column
+        without a fixed counterpart is the random effect alone). ``coef()["Subject"]["Days"]`` is one table."""
+        m = self.model
+        S = self.n_chains * self.n_draws
+        beta = self.samples["beta"].reshape(S, -1)
+        lab = self._labels(m.terms)
+        out: dict = {}
+        for g in dict.fromkeys(lab[t.name] for t in m.terms):
+            ts = [t for t in m.terms if lab[t.name] == g and f"u_{t.name}" in self.samples]
+            if not ts:
+                continue
+            cols = list(dict.fromkeys(c for t in ts for c in t.columns))
+            G = ts[0].n_groups
+            tot = {c: np.broadcast_to(beta[:, m.fixed_names.index(c), None], (S, G)).copy()
+                   if c in m.fixed_names else np.zeros((S, G)) for c in cols}
+            for t in ts:
+                u = self.samples[f"u_{t.name}"].reshape(S, G, t.d)
+                for j, c in enumerate(t.columns):
+                    tot[c] = tot[c] + u[:, :, j]
+            frames = {c: pd.DataFrame(self._stats(tot[c], prob), index=list(ts[0].levels)) for c in cols}
+            out[g] = pd.concat(frames, axis=1)
+        return out
+
+    def bayes_R2(self, prob: float = 0.95) -> pd.DataFrame:
+        """Bayesian R² (Gelman, Goodrich, Gabry & Vehtari 2019; brms's ``bayes_R2``): per draw
+        var(ŷ) / (var(ŷ) + var(y − ŷ)) with ŷ = E[y | β, u, σ] on the fitted rows (random effects included).
+        Returns a one-row DataFrame (row "R2") with Estimate, Est.Error, Q2.5, Q97.5."""
+        yhat = self.predict(kind="mean")  # (S, N) on the response scale
+        y = np.asarray(self.model.design.y, float)
+        vf, ve = yhat.var(1, ddof=1), (y[None] - yhat).var(1, ddof=1)
+        r2 = (vf / (vf + ve))[:, None]
+        return pd.DataFrame(self._stats(r2, prob), index=["R2"])
+
+    # -- model checking and comparison ----------------------------------------------------------------------------
+    def loo(self, group: str | None = None, pointwise: bool = True, integrated: bool = True, **kwargs):
+        """PSIS-LOO (``arviz.loo``) on the integrated log-likelihood; returns ArviZ's ELPDData.
+
+        group=None: leave one observation out, log p(y_i | y_-i, θ) per draw θ, every random effect integrated out
+        (lmmarg.loo.pointwise_loglik). group="Subject" (a term name, grouping expression or data column): leave
+        one group out, log p(y_g | y_-g, θ) (lmmarg.loo.group_loglik): predicts a new subject's data.
+        integrated=False uses the likelihood conditional on the recovered effects (pointwise only).
+        The result's ``attrs["lmmarg_scale"]`` names what the density is of (the response as written), used by
+        ``lmmarg.compare`` to flag fits on different scales. kwargs go to ``arviz.loo``.
+        """
+        import arviz as az
+
+        from . import loo as _loo
+
+        if self.n_chains * self.n_draws < 2:
+            raise ValueError(f"loo needs posterior draws; this {self.method} fit has a single draw")
+        if group is None:
+            ll = _loo.pointwise_loglik(self) if integrated else self.log_likelihood(kind="conditional")
+            dims, coords = ["obs"], {"obs": np.arange(self.model.n_obs)}
+        else:
+            if not integrated:
+                raise ValueError("loo(group=...) is only available on the integrated likelihood")
+            ll, labels = _loo.group_loglik(self, group)
+            dims, coords = ["group"], {"group": labels}
+        post, pdims, pcoords, _ = self._posterior_vars()
+        post = {k: v for k, v in post.items() if v.ndim == 2}  # scalars are enough for the relative ESS
+        idata = az.from_dict(posterior=post, log_likelihood={"y": ll}, coords=coords, dims={"y": dims})
+        out = az.loo(idata, pointwise=pointwise, **kwargs)
+        out.attrs["lmmarg_scale"] = _loo.response_scale(self)
+        out.attrs["lmmarg_group"] = group
+        return out
+
+    def pp_check(self, kind: str = "dens_overlay", ndraws: int | None = None, stat: str = "mean",
+                 group: str | None = None, prob: float = 0.9, ax=None, seed: int = 0):
+        """Posterior predictive check (brms's ``pp_check``), drawn with matplotlib; returns the axes.
+
+        kind="dens_overlay": kernel densities of ``ndraws`` (default 50) replicated data sets y_rep (thin) over the
+        observed y (thick). kind="stat": histogram of ``stat`` ("mean", "sd", "median", "min", "max" or a
+        function of a 1-D array) over y_rep draws (default all) with the observed value; with
+        ``group="Subject"`` (a data column) the ``prob`` interval of the statistic per level with the observed
+        value (brms's stat_grouped). Replicates are ``predict()`` draws for the fitted rows (existing groups keep
+        their effects), on the original response scale.
+        """
+        import matplotlib.pyplot as plt
+
+        if kind not in ("dens_overlay", "stat"):
+            raise ValueError(f"kind must be 'dens_overlay' or 'stat', got {kind!r}")
+        S = self.n_chains * self.n_draws
+        nd = min(S, 50 if kind == "dens_overlay" else S) if ndraws is None else ndraws
+        yrep = self.predict(draws=nd, seed=seed)  # (nd, N)
+        y = np.asarray(self.model.design.y, float)
+        if ax is None:
+            _, ax = plt.subplots()
+        label = self.model.design.response
+        if kind == "dens_overlay":
+            from scipy.stats import gaussian_kde
+
+            lo, hi = np.quantile(np.concatenate([y, yrep.ravel()]), [0.001, 0.999])
+            grid = np.linspace(lo, hi, 200)
+            for i in range(nd):
+                ax.plot(grid, gaussian_kde(yrep[i])(grid), color="C0", alpha=0.2, lw=0.7,
+                        label="y_rep" if i == 0 else None)
+            ax.plot(grid, gaussian_kde(y)(grid), color="k", lw=2, label="y")
+            ax.set_xlabel(label)
+            ax.set_ylabel("density")
+            ax.legend()
+            return ax
+        fn = _stat_fn(stat)
+        name = stat if isinstance(stat, str) else getattr(stat, "__name__", "stat")
+        if group is None:
+            ax.hist(fn(yrep, axis=1), bins=30, color="C0", alpha=0.6, label=f"{name}(y_rep)")
+            ax.axvline(fn(y, axis=0), color="k", lw=2, label=f"{name}(y)")
+            ax.set_xlabel(f"{name} of {label}")
+            ax.legend()
+            return ax
+        data = self.model.design.data
+        if group not in data.columns:
+            raise ValueError(f"pp_check(group={group!r}): no data column {group!r}; columns are "
+                             f"{list(data.columns)}")
+        codes, levels = pd.factorize(data[group], sort=True)
+        G = len(levels)
+        order = np.argsort(codes, kind="stable")
+        starts = np.r_[0, np.cumsum(np.bincount(codes, minlength=G))[:-1]]
+        obs = np.array([fn(seg, axis=0) for seg in np.split(y[order], starts[1:])])
+        rep = np.stack([fn(seg, axis=1) for seg in np.split(yrep[:, order], starts[1:], axis=1)], 1)  # (nd, G)
+        q = np.quantile(rep, [(1 - prob) / 2, 1 - (1 - prob) / 2], axis=0)
+        x = np.arange(G)
+        ax.vlines(x, q[0], q[1], color="C0", lw=3, alpha=0.6, label=f"{name}(y_rep), {prob:.0%} interval")
+        ax.plot(x, obs, "ko", label=f"{name}(y)")
+        ax.set_xticks(x, [str(v) for v in levels], rotation=90)
+        ax.set_xlabel(group)
+        ax.set_ylabel(f"{name} of {label}")
+        ax.legend()
+        ax.figure.tight_layout()  # room for the rotated level labels
+        return ax
+
+    def conditional_effects(self, var: str, resolution: int = 100, prob: float = 0.95, kind: str = "mean",
+                            conditions: dict | None = None, plot: bool = False, ax=None) -> pd.DataFrame:
+        """Posterior of the expected response along one predictor (brms's ``conditional_effects``).
+
+        var: a data column used by the fixed effects. Numeric: ``resolution`` points from its min to max;
+        categorical: its levels. Other predictors are held at their mean (numeric) or reference level
+        (categorical) unless given in ``conditions`` ({column: value}); random effects are zero (population
+        level). kind: "mean" (E[y], default), "linpred" or "response" (predictive draws).
+        Returns a DataFrame: ``var``, the other predictors' values, estimate (posterior mean), lower, upper
+        (equal-tailed ``prob`` interval). plot=True also draws it (line and band, or points and intervals) on
+        ``ax`` (new axes by default), stored in ``result.attrs["ax"]``.
+        """
+        m = self.model
+        data = m.design.data
+        used = self._predictor_columns()
+        if var not in data.columns or var not in used["fixed"]:
+            raise ValueError(f"conditional_effects: {var!r} is not a predictor of the fixed effects; they use "
+                             f"{sorted(used['fixed'])}")
+        conditions = dict(conditions or {})
+        unknown = [k for k in conditions if k not in data.columns]
+        if unknown:
+            raise ValueError(f"conditional_effects: conditions name unknown column(s) {unknown}")
+        col = data[var]
+        levels = _categorical_levels(m.design.fixed_spec, data.columns)  # includes C(x) of a numeric x
+        categorical = var in levels
+        if categorical:
+            grid = levels[var]
+        else:
+            grid = np.linspace(col.min(), col.max(), resolution)
+        new = pd.DataFrame({var: grid})
+        for c in sorted(used["fixed"] | used["other"]):
+            if c == var:
+                continue
+            if c in conditions:
+                new[c] = conditions[c]
+            elif c in used["groups"]:
+                new[c] = "lmmarg_new_level_"  # an unseen level: its random effects are zero below
+            else:
+                s = data[c]
+                if c in levels:  # a factor: its reference (first fitted) level
+                    new[c] = pd.Series([levels[c][0]] * len(new), dtype=s.dtype)
+                elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+                    new[c] = s.mean()
+                else:  # a non-numeric column outside the fixed part (random slopes, sigma formula)
+                    ref = (s.cat.categories[0] if isinstance(s.dtype, pd.CategoricalDtype)
+                           else sorted(s.unique(), key=str)[0])
+                    new[c] = pd.Series([ref] * len(new), dtype=s.dtype)
+        draws = self.predict(new, kind=kind, new_levels="zero")
+        lo, hi = np.quantile(draws, [(1 - prob) / 2, 1 - (1 - prob) / 2], axis=0)
+        out = new.drop(columns=[c for c in used["groups"] if c in new.columns and c not in conditions and c != var])
+        out = out.assign(estimate=draws.mean(0), lower=lo, upper=hi)
+        if plot:
+            import matplotlib.pyplot as plt
+
+            if ax is None:
+                _, ax = plt.subplots()
+            if categorical:
+                x = np.arange(len(out))
+                ax.errorbar(x, out["estimate"], yerr=[out["estimate"] - out["lower"], out["upper"] - out["estimate"]],
+                            fmt="o", color="C0", capsize=3)
+                ax.set_xticks(x, [str(v) for v in out[var]])
+            else:
+                ax.plot(out[var], out["estimate"], color="C0")
+                ax.fill_between(out[var], out["lower"], out["upper"], color="C0", alpha=0.3)
+            ax.set_xlabel(var)
+            ax.set_ylabel(m.design.response)
+            out.attrs["ax"] = ax
+        return out
+
+    def _predictor_columns(self) -> dict:
+        """Data columns the model uses: {"fixed": in the fixed effects, "groups": grouping factors, "other": in
+        random-effect terms, the sigma formula or sigma_by}."""
+        import formulaic
+
+        m = self.model
+        cols = set(map(str, m.design.data.columns))
+
+        def variables(expr):
+            return set(formulaic.Formula(expr).required_variables) & cols
+
+        fixed = variables(m.design.spec.fixed)
+        offsets = set().union(*[variables(e) for e in m.design.spec.offsets]) if m.design.spec.offsets else set()
+        groups, other = set(), set()
+        sspec = m.sigma_spec
+        terms = list(m.terms) + (list(sspec.design.terms) if sspec.kind == "formula" else [])
+        for t in terms:
+            groups |= set(t.factors)
+            other |= variables(t.expr)
+        if sspec.kind == "formula":
+            other |= variables(sspec.design.spec.fixed)
+        if sspec.kind == "by":
+            other |= {f.strip() for f in sspec.by.split(":")}
+        return {"fixed": fixed, "groups": groups - fixed, "other": other | offsets | (groups - fixed)}
 
     # -- prediction -----------------------------------------------------------------------------------------------
     def _term_effects(self, t, u, sd, corr, new: pd.DataFrame, new_levels: str, rng) -> np.ndarray:
@@ -284,6 +668,9 @@ class Fit:
         X = _matrix(m.design.fixed_spec, new, "the fixed-effects matrix")
         X = np.asarray(X[list(m.fixed_names)], float) if m.fixed_names else np.zeros((len(new), 0))
         mu = fl["beta"] @ X.T
+        off = self._offset(None if new_data is None else new)
+        if off is not None:
+            mu = mu + off  # offset(...) terms enter every kind, the linear predictor included
 
         def effects(terms, sfx):
             tot = 0.0
@@ -322,3 +709,14 @@ class Fit:
             return np.exp(mu + 0.5 * sig**2) if m.family == "lognormal" else mu
         y = mu + sig * rng.standard_normal(mu.shape)
         return np.exp(y) if m.family == "lognormal" else y
+
+
+def load(path) -> Fit:
+    """Read a fit written by ``Fit.save(path)`` (pickle: load only files you trust)."""
+    import pickle
+
+    with open(path, "rb") as fh:
+        fit = pickle.load(fh)
+    if not isinstance(fit, Fit):
+        raise TypeError(f"{path!s} holds a {type(fit).__name__}, not an lmmarg fit")
+    return fit

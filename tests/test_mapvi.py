@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 import scipy.optimize
 
-jax.config.update("jax_enable_x64", True)
 
 import lmmarg  # noqa: E402
 

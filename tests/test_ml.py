@@ -3,11 +3,9 @@ import json
 import pathlib
 import warnings
 
-import jax
 import numpy as np
 import pytest
 
-jax.config.update("jax_enable_x64", True)
 
 import lmmarg  # noqa: E402
 from lmmarg import datasets  # noqa: E402

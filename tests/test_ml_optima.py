@@ -187,3 +187,35 @@ def test_failed_check_reports_not_converged():
     assert fit.checks.messages
     assert "Model failed to converge" in str(fit)
     assert any(r.filename == __file__ for r in rec), [r.filename for r in rec]   # points at the user's line
+
+
+def test_constant_response_is_refused():
+    d = datasets.load("sleepstudy").assign(Reaction=3.0)
+    with pytest.raises(ValueError, match="'Reaction' is constant"):
+        lmmarg.Model("Reaction ~ Days + (Days | Subject)", d).fit_ml()
+
+
+@pytest.mark.parametrize("scale,shift", [(1e-9, 0.0), (1e9, 0.0), (1.0, 1e4)])
+def test_ml_is_equivariant_to_response_units(scale, shift):
+    """y·a + b: β scales (intercept shifts), σ and SDs scale, correlations and θ unchanged, logLik moves by -N log a."""
+    base = datasets.load("sleepstudy")
+    ref = lmmarg.Model("Reaction ~ Days + (Days | Subject)", base).fit_ml()
+    data = base.assign(Reaction=base.Reaction * scale + shift)
+    fit = lmmarg.Model("Reaction ~ Days + (Days | Subject)", data).fit_ml()
+    assert fit.converged
+    np.testing.assert_allclose(fit.theta, ref.theta, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fit.beta, ref.beta * scale + np.array([shift, 0.0]), rtol=1e-7)
+    assert fit.sigma == pytest.approx(ref.sigma * scale, rel=1e-7)
+    np.testing.assert_allclose(fit.sd["Subject"], ref.sd["Subject"] * scale, rtol=1e-5)
+    assert fit.loglik == pytest.approx(ref.loglik - len(base) * np.log(scale), rel=1e-10)
+
+
+def test_offset_enters_fitted_values():
+    """offset(k) shifts the response's known part: β̂ and σ̂ as for y - k, fitted values include the offset."""
+    base = datasets.load("sleepstudy")
+    k = np.linspace(0.0, 30.0, len(base))
+    fit = lmmarg.Model("Reaction ~ Days + offset(k) + (Days | Subject)", base.assign(k=k)).fit_ml()
+    ref = lmmarg.Model("Reaction ~ Days + (Days | Subject)", base.assign(Reaction=base.Reaction - k)).fit_ml()
+    np.testing.assert_allclose(fit.beta, ref.beta, rtol=1e-8)
+    np.testing.assert_allclose(fit.fitted(), ref.fitted() + k, rtol=1e-8)
+    np.testing.assert_allclose(fit.residuals(), ref.residuals(), rtol=1e-6, atol=1e-8)

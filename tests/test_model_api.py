@@ -2,14 +2,12 @@
 import json
 import pathlib
 
-import jax
 import numpy as np
 import pytest
 
 import lmmarg
 from lmmarg import datasets
 
-jax.config.update("jax_enable_x64", True)
 
 GOLDEN = json.loads((pathlib.Path(__file__).parent / "golden" / "lme4.json").read_text())
 
@@ -17,7 +15,8 @@ CASES = {  # golden key -> (dataset, formula, {lme4 group name: lmmarg term name
     "sleepstudy_ml": ("sleepstudy", "Reaction ~ Days + (Days | Subject)", {"Subject": "Subject"}),
     "sleepstudy_uncorr_ml": ("sleepstudy", "Reaction ~ Days + (Days || Subject)",
                              {"Subject": "Subject", "Subject.1": "Subject.1"}),
-    "penicillin_ml": ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)", {"plate": "plate", "sample": "sample"}),
+    "penicillin_ml": ("Penicillin", "diameter ~ 1 + (1 | plate) + (1 | sample)",
+                      {"plate": "plate", "sample": "sample"}),
     "pastes_ml": ("Pastes", "strength ~ 1 + (1 | batch/cask)", {"cask:batch": "batch:cask", "batch": "batch"}),
     "dyestuff_ml": ("Dyestuff", "Yield ~ 1 + (1 | Batch)", {"Batch": "Batch"}),
     "grouseticks_ml": ("grouseticks", "logTICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION)",

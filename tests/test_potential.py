@@ -1,7 +1,6 @@
 """The drop-in NumPyro potential: contract, and log densities against a dense brute-force computation."""
 import jax
 
-jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

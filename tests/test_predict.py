@@ -1,8 +1,6 @@
 """Fit.predict on a Fit built from a hand-made samples dict (no sampling needed): exact linear predictors,
 new-level modes, lognormal scale, sigma_by."""
-import jax
 
-jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402

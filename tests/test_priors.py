@@ -1,7 +1,6 @@
 """Priors: data-scaled defaults, overrides by brms-like name, fixed parameters, errors."""
 import jax
 
-jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402

@@ -62,8 +62,8 @@ def test_summary_names_samples_and_arviz(fit_d2):
         assert k in d
     idata = fit.to_arviz()
     assert hasattr(idata, "posterior") and hasattr(idata, "sample_stats")
-    assert idata.posterior["beta"].shape == (4, 300, 2)
-    assert list(idata.posterior["beta"].coords["fixed"].values) == ["Intercept", "x"]
+    assert idata.posterior["b_x"].shape == (4, 300)  # brms names, one variable per coefficient
+    assert list(idata.posterior["r_g"].coords["r_g__col"].values) == ["Intercept", "x"]
     assert "diverging" in idata.sample_stats
     idata2 = fit.to_arviz(log_likelihood=True)
     assert idata2.log_likelihood["y"].shape == (4, 300, 400)

@@ -33,7 +33,7 @@ def _potential(model, marginalize):
 
 
 def _constrained_sites(pot, params: dict) -> dict:
-    return {n: pot.transforms[n](params[n]) for n in pot.sites}
+    return pot.to_constrained(params)
 
 
 def _objective(pot, jacobian: bool):

@@ -34,6 +34,7 @@ import numpy as np
 import scipy.optimize
 
 from .._warnings import warn_user
+from ..design import column_standardizer
 from ._blas import blas_threads
 
 __all__ = ["fit_ml", "profiled_deviance", "MLFit", "ConvergenceChecks"]
@@ -105,38 +106,6 @@ def _theta_names(model):
 
 
 # --------------------------------------------------------------------------------------------- standardization
-def _standardizer(M: np.ndarray) -> np.ndarray:
-    """S (d, d) with M S = columns centred against M's constant column (if any) and of unit scale.
-
-    M: (N, d) a model matrix (X, or one term's Z). Without a constant column the columns are only scaled (by their
-    root mean square over the rows where they are non-zero, so that a dummy column keeps scale 1).
-    """
-    d = M.shape[1]
-    S = np.eye(d)
-    if M.shape[0] == 0:
-        return S
-    lo, hi = M.min(axis=0), M.max(axis=0)
-    const = np.flatnonzero((lo == hi) & (lo != 0))
-    c = int(const[0]) if const.size else None
-    if c is not None:
-        S[c, c] = 1.0 / abs(lo[c])
-    for j in range(d):
-        if j == c:
-            continue
-        z = M[:, j]
-        if c is not None:
-            m, s = float(z.mean()), float(z.std())
-        else:
-            nz = z[z != 0]
-            m, s = 0.0, float(np.sqrt(np.mean(nz ** 2))) if nz.size else 1.0
-        if not np.isfinite(s) or s <= 0:
-            m, s = 0.0, 1.0
-        S[j, j] = 1.0 / s
-        if c is not None:
-            S[c, j] = -m / (lo[c] * s)
-    return S
-
-
 def _canonical_factor(L: np.ndarray) -> np.ndarray:
     """The lower-triangular factor with non-negative diagonal of L Lᵀ (L any (d, d) square root)."""
     R = np.linalg.qr(L.T, mode="r")
@@ -170,8 +139,8 @@ class _Coordinates(NamedTuple):
 def _coordinates(model) -> _Coordinates:
     layout, _ = _theta_layout(model)
     X = np.asarray(model.design.X, dtype=np.float64)
-    return _Coordinates(tuple(_standardizer(np.asarray(t.Z, dtype=np.float64)) for t in model.terms),
-                        _standardizer(X), layout, [t.d for t in model.terms])
+    return _Coordinates(tuple(column_standardizer(np.asarray(t.Z, dtype=np.float64)) for t in model.terms),
+                        column_standardizer(X), layout, [t.d for t in model.terms])
 
 
 # --------------------------------------------------------------------------------------------- criterion
@@ -502,15 +471,18 @@ class MLFit:
                             index=self.fixed_names)
 
     def fitted(self) -> np.ndarray:
-        """(N,) Xβ̂ + Σ_l Z_l b̂_l (conditional fitted values, Gaussian scale)."""
+        """(N,) Xβ̂ + Σ_l Z_l b̂_l + offset (conditional fitted values, Gaussian scale: log y for lognormal)."""
         m = self.model
         f = m.design.X @ self.beta
         for t in m.terms:
             f = f + np.einsum("nd,nd->n", t.Z, self.ranef[t.name][t.codes])
-        return f
+        return f if m.design.offset is None else f + m.design.offset
 
     def residuals(self, scaled: bool = False) -> np.ndarray:
-        r = self.model.y - self.fitted()
+        """(N,) response minus fitted values (Gaussian scale), divided by σ̂ if ``scaled``."""
+        m = self.model
+        y = m.y if m.design.offset is None else m.y + m.design.offset   # model.y has the offset taken out
+        r = y - self.fitted()
         return r / self.sigma if scaled else r
 
     def summary(self) -> str:
@@ -590,6 +562,19 @@ def _format(fit: MLFit, full: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------- fit
+def _check_residual(model) -> None:
+    """The likelihood has no maximum when the fixed effects reproduce y exactly (σ̂ -> 0): say so instead of
+    returning σ ≈ 1e-16 and an infinite logLik."""
+    X = np.asarray(model.design.X, dtype=np.float64)
+    y = np.asarray(model.y, dtype=np.float64)
+    r = y - X @ np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else y
+    scale = max(float(np.max(np.abs(y), initial=0.0)), np.finfo(float).tiny)
+    if float(np.max(np.abs(r), initial=0.0)) <= 1e-10 * scale:
+        what = "constant" if np.ptp(y) <= 1e-12 * scale else "fitted exactly by the fixed effects"
+        raise ValueError(f"fit_ml: the response {model.design.response!r} is {what} (residual SD 0), so the "
+                         "likelihood has no maximum; check the data")
+
+
 def profiled_deviance(model, theta, reml: bool = False) -> float:
     """lme4's profiled criterion at θ (its ``devfun``): the ML deviance, or the REML criterion if ``reml``.
 
@@ -624,6 +609,7 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     p = len(model.fixed_names)
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
+    _check_residual(model)
     cache = _cache(model)
     coords = cache["coords"]
     layout, lower = _theta_layout(model)

@@ -1,30 +1,64 @@
-"""NUTS on the marginal posterior of the global parameters; random effects recovered exactly afterwards."""
+"""NUTS on the marginal posterior of the global parameters; random effects recovered exactly afterwards.
+
+The default driver (``chain_method="vectorized"``) runs all chains in lockstep as jitted chunks of iterations,
+one compiled program per (model, marginalization, warmup, chains, NUTS options) for every chunk length. The
+progress report advances only when a chunk's results are on the host (JAX dispatches asynchronously, so counting
+dispatched chunks would run ahead of the sampler), names the phase (compiling / warmup / sampling), shows the
+divergences after warmup so far and an ETA. After every fit the sampler's diagnostics are checked as brms/Stan
+do and problems are reported as ``SamplerWarning``.
+"""
 from __future__ import annotations
 
 import contextlib
+import inspect
+import logging
+import math
+import os
+import sys
+import threading
 import time
+import warnings
+from collections import deque
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import MCMC, NUTS
-from tqdm.auto import tqdm
 
+from .. import jax_cache
 from ._blas import blas_threads
 
-__all__ = ["sample"]
+__all__ = ["sample", "SamplerWarning"]
+
+logger = logging.getLogger(__name__)
 
 _EXTRA = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "potential_energy")
+# brms / Stan argument names accepted as aliases of NumPyro's
+_ALIASES = {"adapt_delta": "target_accept_prob", "max_treedepth": "max_tree_depth"}
+# NUTS options a caller may set (the model, potential and init strategy are lmmarg's)
+_NUTS_OPTIONS = tuple(p for p in inspect.signature(NUTS.__init__).parameters
+                      if p not in ("self", "model", "potential_fn", "kinetic_fn", "init_strategy"))
+_TARGET_CHUNK_S = 0.25  # seconds of sampling between two progress updates
+_FIRST_CHUNK = 10  # iterations of the first chunks, before the speed is known
+_MAX_CHUNK = 250  # iterations per chunk at most (output buffer length, one compiled program for all lengths)
+_CHUNK_BYTES = 64 << 20  # ... and at most this much output per chunk
+
+
+class SamplerWarning(UserWarning):
+    """A problem found in the sampler's diagnostics after a fit (divergences, R-hat, ESS, tree depth)."""
 
 
 @contextlib.contextmanager
 def _compile_timer():
-    """Seconds JAX spends tracing, lowering and compiling inside the block (via jax.monitoring events)."""
+    """Seconds JAX spends tracing, lowering and compiling inside the block (via jax.monitoring events), in this
+    thread only (the recovery programs compile in a background thread meanwhile, see `_precompile`)."""
     acc = {"s": 0.0}
     events = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
               "/jax/core/compile/backend_compile_duration")
+    me = threading.get_ident()
 
     def listener(event, duration, **kwargs):
-        if event in events:
+        if event in events and threading.get_ident() == me:
             acc["s"] += duration
 
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -37,51 +71,193 @@ def _compile_timer():
             pass
 
 
+# -- progress ------------------------------------------------------------------------------------------------------
+def _interactive() -> bool:
+    """A terminal or a Jupyter kernel: a live bar. Otherwise (CI logs, redirected stderr) a few plain lines."""
+    if "ipykernel" in sys.modules:
+        return True
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+class _NoProgress:
+    live = False
+
+    def __call__(self, phase: str, done: int, total: int, divergences: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Callback(_NoProgress):
+    """progress_bar=callable: called as f(phase, done, total, divergences) after each finished chunk."""
+    live = True
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, phase, done, total, divergences):
+        self.fn(phase, done, total, divergences)
+
+
+class _Bar(_NoProgress):
+    """A tqdm bar over warmup + draws iterations; the phase is its description, divergences its postfix."""
+    live = True
+
+    def __init__(self, total: int, chains: int):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, desc="NUTS compiling", unit="it", leave=False, dynamic_ncols=True)
+        self.chains, self.phase = chains, "compiling"
+
+    def __call__(self, phase, done, total, divergences):
+        if self.phase == "compiling":  # first chunk done: restart tqdm's clock so that rate and ETA exclude the
+            self.bar.reset()           # compilation, and count the first chunk as already done
+            self.bar.n = self.bar.last_print_n = self.bar.initial = done
+        if phase == "sampling":
+            self.bar.set_postfix_str(f"{divergences} divergent", refresh=False)
+        self.bar.update(done - self.bar.n)  # redraws at most every 0.1 s (tqdm's mininterval)
+        if phase != self.phase:  # always shown, however fast the run
+            self.phase = phase
+            self.bar.set_description_str(f"NUTS {phase}", refresh=True)
+
+    def close(self):
+        self.bar.close()
+
+
+class _Lines(_NoProgress):
+    """Non-interactive runs: one line per phase start and per 10 % of the iterations, to stderr."""
+    live = True
+
+    def __init__(self, total: int, chains: int):
+        self.t0, self.next, self.phase, self.first = time.perf_counter(), 0.1, None, None
+
+    def __call__(self, phase, done, total, divergences):
+        now = time.perf_counter()
+        if self.first is None:  # the speed is measured from the first finished chunk on (no compilation)
+            self.first = (now, done)
+        frac = done / total
+        if phase == self.phase and frac < self.next and done < total:
+            return
+        self.phase, self.next = phase, math.floor(frac * 10 + 1e-9) / 10 + 0.1
+        t1, d1 = self.first
+        eta = f"{(now - t1) / (done - d1) * (total - done):.0f} s" if done > d1 else "-"
+        print(f"lmmarg NUTS {phase}: {done}/{total} iterations ({frac:.0%}), {divergences} divergent after "
+              f"warmup, {now - self.t0:.0f} s elapsed, ETA {eta}", file=sys.stderr, flush=True)
+
+
+def _progress(progress_bar, total: int, chains: int):
+    if callable(progress_bar):
+        return _Callback(progress_bar)
+    if not progress_bar:
+        return _NoProgress()
+    return (_Bar if _interactive() else _Lines)(total, chains)
+
+
+# -- the chunked driver -------------------------------------------------------------------------------------------
+def _fields(state):
+    """What is kept of each iteration: (z, diverging, num_steps, step_size, accept_prob, potential_energy)."""
+    return (state.z, state.diverging, state.num_steps, state.adapt_state.step_size, state.accept_prob,
+            state.potential_energy)
+
+
+def _fetch(out, n: int):
+    """The first n iterations of a chunk's output as NumPy arrays; blocks until the chunk has run."""
+    return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
+
+
 class _Driver:
     """NUTS for `chains` vectorized chains, compiled once per (potential, warmup, chains, NUTS options).
 
-    Iterations run as jitted chunks of a `lax.scan` over `kernel.sample` (adaptation happens inside the kernel
-    while the iteration count is below `warmup`), so the progress bar costs nothing and a repeated sample() on
-    the same model reuses the compiled chunk.
+    Iterations run as jitted chunks (a loop over `kernel.sample`; adaptation happens inside the kernel while the
+    iteration count is below `warmup`). The chunk length is an argument of the compiled program (its output
+    buffer holds `capacity` iterations), so chunks can follow the sampler's speed and stop exactly at the end of
+    warmup without recompiling, and a repeated sample() with other draws reuses the program.
     """
 
     def __init__(self, pot, warmup: int, chains: int, nuts_kwargs: dict):
-        self.kernel = NUTS(potential_fn=pot.potential_fn, **nuts_kwargs)
-        self.warmup = warmup
-        kernel = self.kernel
+        # a jitted potential is traced once for the several places NUTS evaluates it (init, leapfrog): ~20 % less
+        # tracing time (sleepstudy: 3.9 -> 3.2 s on a busy 2-core machine); XLA inlines it, the program is the same
+        pe = pot.__dict__.setdefault("_potential_fn_jit", jax.jit(pot.potential_fn))
+        self.kernel = NUTS(potential_fn=pe, **nuts_kwargs)
+        self.warmup, self.chains, self.pot = warmup, chains, pot
+        dim = sum(math.prod(s) for s in pot.unc_shapes.values())
+        self.capacity = int(max(1, min(_MAX_CHUNK, _CHUNK_BYTES // (8 * chains * (dim + 6)))))
+        kernel, cap = self.kernel, self.capacity
 
-        def init(keys, params):
-            return jax.vmap(lambda k, p: kernel.init(k, warmup, p, (), {}))(keys, params)
+        def init_from(key, params):
+            return jax.vmap(lambda k, p: kernel.init(k, warmup, p, (), {}))(jax.random.split(key, chains), params)
 
-        def chunk(state, n_iter):
-            def step(st, _):
+        def init(key_init, key):
+            # the starting points are drawn inside the same program (one compilation instead of a dozen small
+            # eager ones); invalid starts are checked on the returned potential energies
+            return init_from(key, pot.init_params(key_init, num_chains=chains, check=False))
+
+        def chunk(state, n):
+            buf = jax.tree.map(lambda x: jnp.zeros((cap,) + x.shape, x.dtype), _fields(state))
+
+            def body(i, carry):
+                st, b = carry
                 st = jax.vmap(lambda s: kernel.sample(s, (), {}))(st)
-                return st, (st.z, st.diverging, st.num_steps, st.adapt_state.step_size, st.accept_prob,
-                            st.potential_energy)
-            return jax.lax.scan(step, state, None, length=n_iter)
+                b = jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, i, 0), b, _fields(st))
+                return st, b
+
+            return jax.lax.fori_loop(0, n, body, (state, buf))
 
         self.init = jax.jit(init)
-        self.chunk = jax.jit(chunk, static_argnums=1)
+        self.init_from = jax.jit(init_from)  # compiled only for given init params or a restart
+        self.chunk = jax.jit(chunk)
 
-    def run(self, key, init_params, draws: int, progress_bar: bool):
-        chains = next(iter(init_params.values())).shape[0]
-        state = self.init(jax.random.split(key, chains), init_params)
+    def start(self, key_init, key, init_params=None):
+        """Initial states of the chains, from `init_params` ({site: (chains, ...)}) or drawn by
+        ``pot.init_params(key_init)``; when a drawn start has a non-finite potential, every chain restarts from
+        the checked ``pot.init_params`` (invalid jittered starts replaced by the un-jittered centre)."""
+        if init_params is not None:
+            return self.init_from(key, init_params)
+        state = self.init(key_init, key)
+        if not np.isfinite(np.asarray(state.potential_energy)).all():
+            state = self.init_from(key, self.pot.init_params(key_init, num_chains=self.chains))
+        return state
+
+    def _size(self, start: int, total: int, sec_per_iter, live: bool) -> int:
+        n = self.capacity
+        if live:  # about _TARGET_CHUNK_S of work per chunk, so that progress updates are frequent but cheap
+            n = _FIRST_CHUNK if sec_per_iter is None else int(_TARGET_CHUNK_S / max(sec_per_iter, 1e-9))
+            n = max(1, min(self.capacity, n))
+        end = self.warmup if start < self.warmup else total  # a chunk never straddles the end of warmup
+        return min(n, end - start)
+
+    def run(self, state, draws: int, report, compiled=None):
+        """(chains, draws, ...) post-warmup outputs of `_fields`. Two chunks are in flight at a time (the device
+        never waits for the host); `report` is called after a chunk's results were fetched, never before.
+        `compiled()` is called once the chunk program is compiled and running (nothing traces here after that).
+        """
         total = self.warmup + draws
-        size = max(1, min(total, max(50, total // 20)))
-        outs, done = [], 0
-        bar = tqdm(total=total, desc="NUTS (warmup)", disable=not progress_bar, leave=False)
-        while done < total:
-            n = min(size, total - done)
-            state, out = self.chunk(state, size)  # fixed chunk length: one compilation
-            outs.append(jax.tree.map(lambda x: x[:n], out))
-            done += n
-            bar.update(n)
-            if done >= self.warmup:
-                bar.set_description("NUTS (sampling)")
-        bar.close()
-        out = jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs], 0), *outs)
-        # (iterations, chains, ...) -> (chains, draws, ...), warmup dropped
-        return jax.tree.map(lambda x: np.swapaxes(x[self.warmup:], 0, 1), out)
+        pending, kept = deque(), []
+        dispatched, divergences, sec_per_iter, t_last = 0, 0, None, None
+        while pending or dispatched < total:
+            while len(pending) < 2 and dispatched < total:
+                n = self._size(dispatched, total, sec_per_iter, report.live)
+                state, out = self.chunk(state, n)  # compiles on the first call only
+                pending.append((dispatched, n, out, time.perf_counter()))
+                dispatched += n
+                if compiled is not None:
+                    compiled()
+                    compiled = None
+            start, n, out, t_disp = pending.popleft()
+            host = _fetch(out, n)
+            now = time.perf_counter()
+            sec_per_iter = (now - max(t_disp, t_last or t_disp)) / n
+            t_last = now
+            phase = "warmup" if start < self.warmup else "sampling"
+            if phase == "sampling":
+                kept.append(host)
+                divergences += int(host[1].sum())
+            report(phase, start + n, total, divergences)
+        out = jax.tree.map(lambda *xs: np.concatenate(xs, 0), *kept)
+        return jax.tree.map(lambda x: np.swapaxes(x, 0, 1), out)  # (iterations, chains, ...) -> (chains, ...)
 
 
 def _driver(pot, warmup, chains, nuts_kwargs) -> _Driver:
@@ -102,42 +278,169 @@ def _numpyro_mcmc(pot, key, init, warmup, draws, chains, chain_method, progress_
     if chains == 1:
         init = {k: v[0] for k, v in init.items()}
     mcmc = MCMC(NUTS(potential_fn=pot.potential_fn, **nuts_kwargs), num_warmup=warmup, num_samples=draws,
-                num_chains=chains, chain_method=chain_method, progress_bar=progress_bar)
+                num_chains=chains, chain_method=chain_method, progress_bar=bool(progress_bar))
     mcmc.run(key, init_params=init, extra_fields=_EXTRA)
     ex = mcmc.get_extra_fields(group_by_chain=True)
     raw = jax.tree.map(np.asarray, mcmc.get_samples(group_by_chain=True))
     return raw, *(np.asarray(ex[k]) for k in _EXTRA)
 
 
+def _precompile(pot, z0: dict, key, recover: bool) -> threading.Thread:
+    """Compile `constrain` and the recovery of the random effects in a background thread while NUTS runs.
+
+    Both run in batches of a fixed size (lmmarg.potential), so constraining and recovering the chains' starting
+    points z0 ({site: (chains, ...)}) compiles exactly the programs used after sampling; XLA compiles without
+    the GIL, so this hides the recovery's compilation behind the sampling. Call it only when no other thread
+    traces NumPyro code (its handler stack is global).
+    """
+    def work():
+        try:
+            c = pot.constrain(z0)
+            if recover and pot.marg:
+                pot.recover(c, key)
+        except Exception as e:  # noqa: BLE001 - only a head start: the same calls run again after sampling
+            logger.debug("lmmarg: background compilation of the recovery failed (%r)", e)
+
+    t = threading.Thread(target=work, name="lmmarg-precompile", daemon=True)
+    t.start()
+    return t
+
+
+def _nuts_options(kwargs: dict) -> dict:
+    """NUTS options with brms's names mapped to NumPyro's; unknown keywords refused, naming lmmarg's arguments."""
+    out, given = {}, {}
+    for k, v in kwargs.items():
+        name = _ALIASES.get(k, k)
+        if name not in _NUTS_OPTIONS:
+            own = [p for p in inspect.signature(sample).parameters if p not in ("model", "nuts_kwargs")]
+            raise TypeError(
+                f"sample() got an unexpected keyword argument {k!r}. Its arguments are {', '.join(own)}, and the "
+                f"NUTS options {', '.join(_NUTS_OPTIONS)} (brms's adapt_delta and max_treedepth are accepted for "
+                "target_accept_prob and max_tree_depth)")
+        if name in out:
+            raise TypeError(f"sample() got both {given[name]!r} and {k!r}, which are the same option; give one")
+        out[name], given[name] = v, k
+    tap = out.setdefault("target_accept_prob", 0.8)
+    if isinstance(tap, bool) or not isinstance(tap, (int, float, np.number)) or not 0 < tap < 1:
+        raise ValueError(f"{given.get('target_accept_prob', 'target_accept_prob')} must be a number in (0, 1), "
+                         f"got {tap!r}")
+    depth = out.get("max_tree_depth", 10)
+    depths = depth if isinstance(depth, tuple) else (depth,)
+    if not 1 <= len(depths) <= 2 or any(isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1
+                                        for d in depths):
+        raise ValueError(f"{given.get('max_tree_depth', 'max_tree_depth')} must be an integer >= 1 (or a pair "
+                         f"(warmup, sampling)), got {depth!r}")
+    return out
+
+
+def _check_counts(draws, warmup, chains, nuts_kwargs) -> None:
+    for name, v, lo in (("draws", draws, 1), ("warmup", warmup, 0), ("chains", chains, 1)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if warmup == 0 and not {"step_size", "inverse_mass_matrix"} <= set(nuts_kwargs):
+        # measured: sleepstudy with warmup=0 and even a well-adapted step_size (but the identity mass matrix)
+        # diverges on every transition
+        raise ValueError("warmup=0 leaves NUTS with nothing adapted (step size 1, identity mass matrix: nearly "
+                         "every transition diverges); use warmup >= 1 (e.g. warmup=200), or give both step_size= "
+                         "and inverse_mass_matrix= to sample without adaptation")
+
+
+def _user_stacklevel() -> int:
+    """stacklevel for warnings.warn called from the caller of this function that points at the first frame
+    outside lmmarg (the user's line), however deep inside lmmarg the warning is raised."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    f, level = sys._getframe(1), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def _diagnostic_warnings(fit, nuts_kwargs: dict) -> list[str]:
+    """brms/Stan's post-fit checks: divergences, tree depth hits, R-hat > 1.01, bulk/tail ESS < 100 per chain."""
+    d, msgs = fit.diagnostics, []
+    n = d["chains"] * d["draws"]
+    if d["divergences"]:
+        more = (f" or integrate more terms out (marginalize=, now {d['hmc_terms']} are sampled)"
+                if d["hmc_terms"] else "")
+        msgs.append(f"There were {d['divergences']} divergent transitions after warmup ({d['divergences'] / n:.1%} "
+                    f"of {n}); the draws may be biased. Raise adapt_delta (target_accept_prob, now "
+                    f"{nuts_kwargs['target_accept_prob']:g}), e.g. sample(adapt_delta=0.95){more}.")
+    if d["max_tree_depth_hits"]:
+        msgs.append(f"{d['max_tree_depth_hits']} of {n} transitions after warmup hit the maximum tree depth of "
+                    f"{d['max_tree_depth']} (an efficiency concern): raise max_treedepth (max_tree_depth), "
+                    f"e.g. sample(max_treedepth={d['max_tree_depth'] + 2}).")
+    if d["draws"] < 4:
+        return msgs
+    s = fit.summary()
+    if not {"r_hat", "ess_bulk", "ess_tail"} <= set(s.columns):
+        return msgs
+    rhat = s["r_hat"].dropna()
+    if (rhat > 1.01).any():
+        bad = rhat[rhat > 1.01].sort_values(ascending=False)
+        msgs.append(f"The largest R-hat is {bad.iloc[0]:.3f} ({', '.join(bad.index[:5])}; above 1.01 "
+                    f"for {len(bad)} parameter{'s' * (len(bad) > 1)}): the chains have not mixed. Run more "
+                    "iterations (warmup and draws).")
+    need = 100 * d["chains"]
+    for col, what, why in (("ess_bulk", "Bulk", "posterior means and medians"),
+                           ("ess_tail", "Tail", "posterior variances and tail quantiles")):
+        ess = s[col].dropna()
+        if (ess < need).any():
+            msgs.append(f"{what} effective sample size (ESS) is too low: {ess.min():.0f} for {ess.idxmin()} "
+                        f"(Stan asks for 100 per chain, {need}); {why} may be unreliable. Run more draws.")
+    return msgs
+
+
 def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
-           chain_method: str = "vectorized", progress_bar: bool = True, parameterization=None,
-           recover: bool = True, **nuts_kwargs):
+           chain_method: str = "vectorized", progress_bar=True, parameterization=None,
+           recover: bool = True, compilation_cache=None, **nuts_kwargs):
     """Sample the posterior with NUTS (NumPyro) on the marginal likelihood.
 
     marginalize: "all" (default) | "none" | "auto" | list of term names integrated out analytically.
     parameterization: "noncentered" (default) | "centered" | {term: ...} for terms left to HMC.
     chain_method: "vectorized" (default; all chains on one device), "sequential" or "parallel".
-    nuts_kwargs: passed to numpyro.infer.NUTS (target_accept_prob, max_tree_depth, dense_mass, ...).
+    progress_bar: True (a live bar in a terminal or notebook, a few plain lines otherwise), False, or a callable
+        f(phase, done, total, divergences) called after each finished chunk of iterations ("vectorized" only).
+    compilation_cache: None (default: JAX's persistent cache on, see lmmarg.jax_cache), True, False or a directory.
+    nuts_kwargs: NUTS options (numpyro.infer.NUTS): target_accept_prob (brms: adapt_delta), max_tree_depth
+        (brms: max_treedepth), dense_mass, step_size, ...; other keywords are refused.
     Returns lmmarg.results.Fit; samples have leading dims (chains, draws) and include every "u_<term>".
+    Problems in the diagnostics (divergences, R-hat > 1.01, ESS < 100 per chain, tree depth hits) are reported
+    as lmmarg.inference.nuts.SamplerWarning.
     """
-    for name, v, lo in (("draws", draws, 1), ("warmup", warmup, 0), ("chains", chains, 1)):
-        if not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    nuts_kwargs = _nuts_options(nuts_kwargs)
+    _check_counts(draws, warmup, chains, nuts_kwargs)
+    if chain_method not in ("vectorized", "sequential", "parallel"):
+        raise ValueError(f"chain_method must be 'vectorized', 'sequential' or 'parallel', got {chain_method!r}")
     from ..results import Fit
 
+    jax_cache.apply(compilation_cache)
     pot = model.potential(marginalize, parameterization)
     if not pot.sites:
         raise ValueError("every parameter is fixed by the priors: nothing to sample")
     k_init, k_mcmc, k_rec = jax.random.split(jax.random.PRNGKey(seed), 3)
-    init = pot.init_params(k_init, num_chains=chains)
-    nuts_kwargs.setdefault("target_accept_prob", 0.8)
     t0 = time.perf_counter()
     with blas_threads(pot.plan.dense_size):
         with _compile_timer() as comp:
             if chain_method == "vectorized":
-                raw, div, n_steps, step_size, accept, pe = _driver(pot, warmup, chains, nuts_kwargs).run(
-                    k_mcmc, init, draws, progress_bar)
+                # the background compilation starts only once the NUTS program is traced (NumPyro's handler
+                # stack is global, not thread-safe)
+                bg = []
+                report = _progress(progress_bar, warmup + draws, chains)  # shown while compiling, too
+                try:
+                    drv = _driver(pot, warmup, chains, nuts_kwargs)
+                    state = drv.start(k_init, k_mcmc)
+                    raw, div, n_steps, step_size, accept, pe = drv.run(
+                        state, draws, report, compiled=lambda: bg.append(_precompile(pot, state.z, k_rec, recover)))
+                except Exception:
+                    for t in bg:  # the caller may trace NumPyro next: never leave the thread running into it
+                        t.join()
+                    raise
+                finally:
+                    report.close()
+                for t in bg:  # not on an interrupt: a daemon thread, it never delays a Ctrl-C
+                    t.join()
             else:
+                init = pot.init_params(k_init, num_chains=chains)
                 raw, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
                     pot, k_mcmc, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
         t2 = time.perf_counter()
@@ -149,7 +452,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
 
     n_steps = np.asarray(n_steps)
     max_depth = nuts_kwargs.get("max_tree_depth", 10)
-    max_depth = max_depth[0] if isinstance(max_depth, tuple) else max_depth
+    max_depth = max_depth[-1] if isinstance(max_depth, tuple) else max_depth  # (warmup, sampling): sampling's
     depth = np.ceil(np.log2(n_steps + 1)).astype(int)
     stats = {
         "diverging": np.asarray(div),
@@ -172,8 +475,14 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "time_mcmc": t2 - t0 - comp["s"],  # warmup + sampling, compilation excluded
         "time_total": time.perf_counter() - t0,
         "time_constrain": t3 - t2,
-        "time_recover": t4 - t3,  # includes compilation of the recovery kernel (first call)
+        "time_recover": t4 - t3,  # (its compilation overlaps the sampling with chain_method="vectorized")
         "chains": chains, "draws": draws, "warmup": warmup, "chain_method": chain_method,
+        "target_accept_prob": float(nuts_kwargs["target_accept_prob"]),
         "marginalized": list(pot.marginalized_terms), "hmc_terms": list(pot.hmc_terms),
+        "compilation_cache": jax_cache.active_cache_dir(),
     }
-    return Fit(model, samples, sample_stats=stats, diagnostics=diagnostics, method="nuts", potential=pot)
+    fit = Fit(model, samples, sample_stats=stats, diagnostics=diagnostics, method="nuts", potential=pot)
+    fit.diagnostics["warnings"] = _diagnostic_warnings(fit, nuts_kwargs)
+    for msg in fit.diagnostics["warnings"]:
+        warnings.warn(msg, SamplerWarning, stacklevel=_user_stacklevel())
+    return fit

@@ -1,0 +1,17 @@
+"""Test-suite set-up, shared by every test module.
+
+* One BLAS thread (set before NumPy loads its BLAS): the dense oracles work on tiny matrices, where OpenBLAS's
+  worker threads only spin (``lmmarg.inference._blas`` does the same for the library's own small blocks).
+* JAX's float64 mode: the oracle comparisons are at 1e-10 (``Model(dtype="float64")`` would turn it on anyway;
+  kernels called directly need it set).
+* ``dense_reference`` (the O(N^3) oracle) is importable as a top-level module: pytest puts this rootdir-relative
+  folder first on the import path, so test modules simply ``from dense_reference import ...``.
+"""
+import os
+
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)

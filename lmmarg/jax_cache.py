@@ -2,7 +2,7 @@
 
 Compiling the NUTS program of a model takes seconds; with the cache a new process that fits the same model (same
 shapes, same options) loads the compiled program from disk instead. lmmarg switches the cache on the first time
-``sample()`` runs, in ``default_cache_dir()`` (``~/.cache/lmmarg/jax`` on Linux), unless
+``sample()`` or ``fit_ml()`` runs, in ``default_cache_dir()`` (``~/.cache/lmmarg/jax`` on Linux), unless
 
 * the user configured JAX's cache already (``jax.config.jax_compilation_cache_dir`` or the environment variable
   ``JAX_COMPILATION_CACHE_DIR``): that cache is used as it is and never changed;

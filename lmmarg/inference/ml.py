@@ -35,6 +35,7 @@ import scipy.optimize
 
 from .._warnings import warn_user
 from ..design import column_standardizer
+from .. import jax_cache
 from ._blas import blas_threads
 
 __all__ = ["fit_ml", "profiled_deviance", "MLFit", "ConvergenceChecks"]
@@ -594,13 +595,14 @@ def profiled_deviance(model, theta, reml: bool = False) -> float:
 
 
 def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol: float = 1e-9,
-           ftol: float = 1e-15, verbose: bool = False) -> MLFit:
+           ftol: float = 1e-15, verbose: bool = False, compilation_cache=None) -> MLFit:
     """ML (``reml=False``) or REML fit on the profiled criterion; returns :class:`MLFit`.
 
     theta0: optional start (n_theta,), lme4's θ order (relative Cholesky factors, column-wise per term); default:
       the best of a few multiples of the identity in standardized coordinates (module docstring).
     ``fit.converged`` is True only when lme4's convergence checks hold (``fit.checks``); otherwise a warning says
     which check failed.
+    compilation_cache: JAX's persistent compilation cache, as in ``sample()`` (None: lmmarg's default, on).
     """
     if not model.terms:
         raise ValueError("fit_ml needs at least one random-effect term; the formula has none")
@@ -610,6 +612,7 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
     _check_residual(model)
+    jax_cache.apply(compilation_cache)
     cache = _cache(model)
     coords = cache["coords"]
     layout, lower = _theta_layout(model)

@@ -310,7 +310,9 @@ def _level1_K(plan: Plan, R):
     R: (G_0, d0, d0) per group, or (U, d0, d0) per pooled class for a PooledFill."""
     fill, ds = plan.bilinear, plan.dense_size
     if isinstance(fill, PooledFill):
-        return jnp.einsum("uab,uabij->ij", R, fill.K)
+        d0 = R.shape[-1]
+        iu, ju = np.triu_indices(d0)
+        return (R[:, iu, ju].reshape(-1) @ fill.K)[fill.tri]
     if isinstance(fill, DenseProductFill):  # K = (B blockdiag(R)) B^T, two dense products
         B = fill.B
         return jnp.einsum("tga,gab->tgb", B, R).reshape(ds, -1) @ B.reshape(ds, -1).T
@@ -415,8 +417,10 @@ def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
     x_raw = jnp.concatenate([x_X, x_r[:, None]], axis=1) @ c
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
-        Bw = jnp.einsum("uab,uabik->ik", R, fill.P) @ c
-        gram = c.T @ jnp.einsum("uab,uabkl->kl", R, fill.M) @ c / s2**2
+        k0, ds = c.shape[0], plan.dense_size
+        r = R.reshape(-1)
+        Bw = (r @ fill.P).reshape(ds, k0) @ c
+        gram = c.T @ (r @ fill.M).reshape(k0, k0) @ c / s2**2
         return gram, _dense_scale_rows(plan, lams, x_raw - Bw / s2) / s2
     a_raw = jnp.einsum("gak,kl->gal", jnp.concatenate([a_X, a_r[:, :, None]], axis=2), c)
     return _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)

@@ -39,6 +39,7 @@ PAIR_ENTRY_COST = 100.0
 DENSE_B_MAX_ENTRIES = 4e6    # the dense B (ds, G_0, d0) of DenseProductFill: at most 32 MB in float64
 PAIR_MAX_ENTRIES = 4e7       # coefficient-list entries of PairListFill
 POOLED_MAX_ENTRIES = 2e7     # constants of PooledFill (U d0^2 ds (ds + k0)): at most 160 MB in float64
+POOLED_ENTRY_COST = 4.0      # a pooled constant is streamed from memory once per call in each pass: memory-bound
 LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
 CHAIN_FILLS = ("auto", "pairs", "mtm")
 
@@ -66,10 +67,14 @@ class PooledFill(NamedTuple):
     """Level-1 groups pooled into U classes of equal A_g = sum Z_0^T Z_0 (so equal R_g): per-call work in U.
 
     cls (G_0,) class of each group, rep (U,) one group of each class, count (U,) groups per class,
-    A (U, d0, d0) the shared A, K (U, d0, d0, ds, ds) = sum_{g in u} B_g[:, a] B_g[:, b]^T,
+    A (U, d0, d0) the shared A; K (U n_ab, T): for each class and pair a <= b (n_ab = d0 (d0 + 1) / 2) the upper
+    triangle (T = ds (ds + 1) / 2 entries) of the symmetric S_uab = sum_{g in u} (B_g[:, a] B_g[:, b]^T + its
+    transpose if a < b), so that K = sum_u sum_{a<=b} R_u[a, b] S_uab; tri (ds, ds) int32: position in that upper
+    triangle of every entry (i, j) of the full matrix (a gather rebuilds it),
     and for the one-level path (else None) the right-hand-side constants in coefficient form over the k0 = p + 1
-    columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: P (U, d0, d0, ds, k0) = sum_{g in u} B_g[:, a] C_g[b],
-    M (U, d0, d0, k0, k0) = sum_{g in u} C_g[a]^T C_g[b]."""
+    columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: P (U d0 d0, ds k0), row (u, a, b) =
+    sum_{g in u} B_g[:, a] C_g[b]; M (U d0 d0, k0 k0), row (u, a, b) = sum_{g in u} C_g[a]^T C_g[b].
+    Flattened so that each contraction with R (U, d0, d0) is one matrix-vector product."""
 
     cls: jax.Array
     rep: jax.Array
@@ -78,6 +83,7 @@ class PooledFill(NamedTuple):
     K: jax.Array
     P: Optional[jax.Array]
     M: Optional[jax.Array]
+    tri: Optional[jax.Array] = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -511,7 +517,16 @@ def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C) -> Pooled
             for b in range(d0):
                 P[:, a, b] = np.asarray(Bblk[a] @ C[:, b, :]).reshape(U, ds, k0)
                 M[:, a, b] = (Ind @ (C[:, a, :, None] * C[:, b, None, :]).reshape(G0, k0 * k0)).reshape(U, k0, k0)
-    return PooledFill(cls, rep, count.astype(np.float64), A0[rep], K, P, M)
+    flat = (lambda a: None if a is None else a.reshape(U * d0 * d0, -1))  # noqa: E731
+    # symmetric storage of K: pairs a <= b, upper triangles only (half to a quarter of the constants to stream)
+    iu, ju = np.triu_indices(ds)
+    ab = [(a, b) for a in range(d0) for b in range(a, d0)]
+    Ktri = np.stack([(K[:, a, b] + (np.swapaxes(K[:, a, b], 1, 2) if a != b else 0.0))[:, iu, ju]
+                     for a, b in ab], axis=1).reshape(U * len(ab), iu.size)
+    tri = np.empty((ds, ds), np.int64)
+    tri[iu, ju] = np.arange(iu.size)
+    tri[ju, iu] = np.arange(iu.size)
+    return PooledFill(cls, rep, count.astype(np.float64), A0[rep], Ktri, flat(P), flat(M), tri)
 
 
 def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None):
@@ -522,7 +537,7 @@ def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None)
     Per-call cost in dense multiply-adds:
       dense products   ds G_0 d0 (d0 + ds)                      (ds G_0 d0 <= DENSE_B_MAX_ENTRIES)
       pair lists       PAIR_ENTRY_COST x (entry pairs sharing a group) / 2   (<= PAIR_MAX_ENTRIES)
-      pooled classes   U d0^2 ds (ds + k0)  for U distinct A_g  (constants <= POOLED_MAX_ENTRIES)
+      pooled classes   POOLED_ENTRY_COST x U d0^2 ds (ds + k0)  for U distinct A_g  (<= POOLED_MAX_ENTRIES)
     The pooled strategy is the one whose cost is set by the groups alone (never by N or the number of cells).
     choice: "auto" (cheapest), or force "dense" / "pairs" / "pooled". C: (G_0, d0, k0) one-level right-hand-side
     columns (pooled only). Returns None if no strategy fits in memory.
@@ -534,11 +549,11 @@ def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None)
     n_half = int((counts**2).sum()) / 2
     cls, rep, count = _pool_groups(A0)
     U, k0 = rep.size, (0 if C is None else C.shape[2])
-    pooled_entries = U * d0 * d0 * ds * (ds + k0)
+    pooled_entries = U * (d0 * (d0 + 1) // 2 * ds * (ds + 1) // 2 + d0 * d0 * ds * k0)
     costs = {
         "dense": ds * G0 * d0 * (d0 + ds) if ds * G0 * d0 <= DENSE_B_MAX_ENTRIES else np.inf,
         "pairs": PAIR_ENTRY_COST * n_half if n_half <= PAIR_MAX_ENTRIES else np.inf,
-        "pooled": pooled_entries if pooled_entries <= POOLED_MAX_ENTRIES else np.inf,
+        "pooled": POOLED_ENTRY_COST * pooled_entries if pooled_entries <= POOLED_MAX_ENTRIES else np.inf,
     }
     if choice == "auto":
         choice = min(costs, key=costs.get)
@@ -580,7 +595,7 @@ def _put_fill(fill, f, i32):
     if isinstance(fill, PairListFill):
         return PairListFill(f(fill.coef), *(i32(a) for a in fill[1:]))
     return PooledFill(i32(fill.cls), i32(fill.rep), f(fill.count), f(fill.A), f(fill.K),
-                      None if fill.P is None else f(fill.P), None if fill.M is None else f(fill.M))
+                      None if fill.P is None else f(fill.P), None if fill.M is None else f(fill.M), i32(fill.tri))
 
 
 # --------------------------------------------------------------------------- build

@@ -88,7 +88,9 @@ class Model:
 
     # -- pickling: caches hold local closures and compiled kernels; they are rebuilt on demand ---------------
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
+        """Pickle the model without its caches (plans, compiled kernels, potentials, the ML / MAP caches): they
+        hold compiled functions and device arrays, and are rebuilt on demand."""
+        state = {k: v for k, v in self.__dict__.items() if not k.endswith("_cache")}
         state["_plans"], state["_jitted"], state["_potentials"] = {}, {}, {}
         return state
 

@@ -413,3 +413,14 @@ def test_guide_workflow_section_runs_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "pp_check.png").exists() and (tmp_path / "sleep_fit.pkl").exists()
     assert ns["logo"].n_data_points == 18
     plt.close("all")
+
+
+def test_map_and_ml_fits_pickle_after_their_caches_exist():
+    """fit_map / fit_ml leave compiled caches on the model; pickling drops them and the copies still work."""
+    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", lmmarg.datasets.load("sleepstudy"))
+    fmap, fml = model.fit_map(), model.fit_ml()
+    back = pickle.loads(pickle.dumps(fmap))
+    assert back.predict(lmmarg.datasets.load("sleepstudy").head(2), draws=1).shape == (1, 2)
+    ml2 = pickle.loads(pickle.dumps(fml))
+    assert ml2.loglik == pytest.approx(fml.loglik)
+    assert ml2.model.fit_ml().loglik == pytest.approx(fml.loglik, rel=1e-10)

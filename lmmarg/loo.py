@@ -43,7 +43,7 @@ MAX_DENSE = 4000  # largest q₂ (random effects outside the largest term) handl
 MAX_WORK = 5e7  # largest N q₂ (floats of the dense per-observation rows t_i, and the N q₂² flops scale)
 
 
-_CHUNK_FLOATS = 2e7  # memory budget (floats) of one batch of draws inside lax.map
+_CHUNK_FLOATS = 2e7  # memory budget (floats) of one batch of draws (one vmapped call)
 
 
 class LooCostError(ValueError):
@@ -122,7 +122,7 @@ def _block_loglik(Pr, iv, Q, safe, mask, n_g):
 
 
 def _pieces_fn(st: _Static, dtype, blocks=None):
-    """jit(lax.map) over draws of one draw's (P r (N,), diag P (N,)) and, with ``blocks`` = (safe, mask, n_g)
+    """A batched map over draws of one draw's (P r (N,), diag P (N,)) and, with ``blocks`` = (safe, mask, n_g)
     from ``_group_blocks``, the leave-one-group-out log densities (G,). The per-observation rows a_i (d1) and
     u_i (q2) of the quadratic forms stay inside the map (never (draws, N, q2) in memory)."""
     N = st.N
@@ -150,7 +150,7 @@ def _pieces_fn(st: _Static, dtype, blocks=None):
             x1 = cho1(LA, v1)
             Wx = jnp.sum(w1 * x1[g1], -1)
             quad = jnp.sum(a**2, -1)
-            u = jnp.zeros((N, 1), dtype)  # no other terms (a zero-width output trips lax.map's batching)
+            u = jnp.zeros((N, 1), dtype)  # no other terms (keeps the block formulas' shapes uniform)
         else:
             vals2 = jnp.concatenate([Z @ lam for Z, lam in zip(Zo, lams)], 1)  # (N, k2) nonzeros of c_i
             B = jnp.zeros((G1, d1, q2), dtype).at[g1[:, None, None], jnp.arange(d1)[None, :, None],
@@ -181,7 +181,25 @@ def _pieces_fn(st: _Static, dtype, blocks=None):
         Gb, nmax = blocks[0].shape
         per_draw += Gb * nmax * (3 * nmax + d1 + max(q2, 1))
     batch = int(max(1, min(256, _CHUNK_FLOATS // per_draw)))
-    return jax.jit(lambda xs: jax.lax.map(one, xs, batch_size=batch))
+    return _batched(jax.jit(jax.vmap(one)), batch)
+
+
+def _batched(f, batch: int):
+    """Apply f (jit of a vmapped one-draw function) to every draw, ``batch`` draws per call from a host loop (the
+    last batch padded by repeating a draw, so one compilation serves all). A host loop rather than lax.map: XLA:CPU
+    could deadlock (every thread idle, the result never ready) running batched LAPACK calls inside the while loop
+    that lax.map compiles to."""
+    def run(xs):
+        S = int(jax.tree_util.tree_leaves(xs)[0].shape[0])
+        b = min(batch, S)
+        outs = []
+        for s0 in range(0, S, b):
+            idx = np.minimum(np.arange(s0, s0 + b), S - 1)
+            out = f(jax.tree_util.tree_map(lambda a: a[idx], xs))
+            outs.append([np.asarray(o)[: min(b, S - s0)] for o in out])
+        return tuple(np.concatenate(parts) for parts in zip(*outs))
+
+    return run
 
 
 def _inputs(fit):

@@ -420,8 +420,15 @@ class Potential:
         return out
 
     # -- recovery of the marginalized random effects -------------------------------------------------------------
-    def _recover_one(self, key, c: dict):
-        parts = self.parts
+    def kernel_args(self, c: dict) -> tuple:
+        """The one map from constrained parameters to the marginal kernels' arguments.
+
+        c: one draw of the public parameters (``constrain``'s keys, no leading dims). Returns (beta (p,), sigma
+        () or (N,), scales: Λ_l = diag(sd_l) chol(corr_l) (d_l, d_l) per marginalized term in ``self.marg`` order,
+        offset (N,) of the terms left to HMC or None) -- what ``kernels.log_marginal`` / ``conditional_mean`` /
+        ``conditional_sample`` take with ``self.plan``. Used by recovery and by MAP/VI's conditional means.
+        """
+        c = {k: jnp.asarray(v) for k, v in c.items()}
         scales, u = [], {}
         for h, t in enumerate(self.model.terms):
             sd = c[f"sd_{t.name}"]
@@ -430,10 +437,12 @@ class Potential:
                 scales.append(_lam(sd, L))
             else:
                 u[t.name] = c[f"u_{t.name}"]
-        if not scales:
+        return c["beta"], self.parts.sigma_obs(c), tuple(scales), self.parts.offset(u)
+
+    def _recover_one(self, key, c: dict):
+        if not self.marg:
             return {}
-        draws = kernels.conditional_sample(self.plan, key, c["beta"], parts.sigma_obs(c), tuple(scales),
-                                           parts.offset(u))
+        draws = kernels.conditional_sample(self.plan, key, *self.kernel_args(c))
         return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
 
     def _recover_batch(self) -> int:

@@ -46,21 +46,10 @@ def _objective(pot, jacobian: bool):
 def _conditional_means(pot, c: dict) -> dict:
     """E[u | y, θ] for every marginalized term at one constrained parameter dict (no leading dims)."""
     from ..marginal import kernels
-    from ..potential import _lam
 
-    scales, u = [], {}
-    for h, t in enumerate(pot.model.terms):
-        sd = jnp.asarray(c[f"sd_{t.name}"])
-        L = jnp.linalg.cholesky(jnp.asarray(c[f"corr_{t.name}"])) if t.d > 1 else jnp.ones((1, 1), sd.dtype)
-        if h in pot.marg:
-            scales.append(_lam(sd, L))
-        else:
-            u[t.name] = jnp.asarray(c[f"u_{t.name}"])
-    if not scales:
+    if not pot.marg:
         return {}
-    c = {k: jnp.asarray(v) for k, v in c.items()}
-    means = kernels.conditional_mean(pot.plan, c["beta"], pot.parts.sigma_obs(c), tuple(scales),
-                                     pot.parts.offset(u))
+    means = kernels.conditional_mean(pot.plan, *pot.kernel_args(c))
     return {f"u_{pot.model.terms[h].name}": np.asarray(m) for h, m in zip(pot.marg, means)}
 
 

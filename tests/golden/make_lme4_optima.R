@@ -44,7 +44,8 @@ data <- list(
   pupil = rd("pupil_complete.csv", "subj"),
   stroop = rd("stroop.csv", c("subj", "condition")),
   electric = rd("electric.csv", c("pair", "grade", "treatment")),
-  fibrosis = rd("fibrosis.csv", c("Patient", "Sex", "SmokingStatus"))
+  fibrosis = rd("fibrosis.csv", c("Patient", "Sex", "SmokingStatus")),
+  insteval = rd("InstEval.csv", c("s", "d", "dept", "service", "studage", "lectage"))
 )
 ## key, data, R formula (the Python formulas live in tests/test_ml_optima.py under the same key)
 models <- list(
@@ -56,6 +57,7 @@ models <- list(
   c("pastes_cask_singular", "pastes", "strength ~ 1 + (1 | cask)"),
   c("dyestuff", "dyestuff", "Yield ~ 1 + (1 | Batch)"),
   c("grouseticks", "grouseticks", "logTICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION)"),
+  c("grouseticks_raw", "grouseticks", "TICKS ~ YEAR + HEIGHT + (1 | BROOD) + (1 | LOCATION)"),
   c("grouseticks_nested", "grouseticks", "logTICKS ~ YEAR + HEIGHT + (1 | LOCATION/BROOD)"),
   c("grouseticks_year3", "grouseticks", "logTICKS ~ YEAR + HEIGHT + (YEAR | LOCATION)"),
   c("dillonE1", "dillonE1", "log(rt) ~ int + (int | subj) + (int | item)"),
@@ -69,7 +71,8 @@ models <- list(
   c("stroop", "stroop", "log(RT) ~ condition + (condition | subj)"),
   c("electric", "electric", "y ~ 0 + grade:treatment + (1 | pair)"),
   c("fibrosis_uncorr", "fibrosis", "FVC ~ 1 + Weeks + (1 + Weeks || Patient)"),
-  c("fibrosis_full", "fibrosis", "FVC ~ Weeks * Sex + Age + SmokingStatus + (Weeks | Patient)")
+  c("fibrosis_full", "fibrosis", "FVC ~ Weeks * Sex + Age + SmokingStatus + (Weeks | Patient)"),
+  c("insteval", "insteval", "y ~ service + (1 | s) + (1 | d) + (1 | dept)")
 )
 optimizers <- list(
   bobyqa = lmerControl(optimizer = "bobyqa", optCtrl = list(maxfun = 1e5, rhoend = 1e-10)),

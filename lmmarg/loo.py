@@ -195,7 +195,7 @@ def _batched(f, batch: int):
         outs = []
         for s0 in range(0, S, b):
             idx = np.minimum(np.arange(s0, s0 + b), S - 1)
-            out = f(jax.tree_util.tree_map(lambda a: a[idx], xs))
+            out = f(jax.tree_util.tree_map(lambda a, idx=idx: a[idx], xs))
             outs.append([np.asarray(o)[: min(b, S - s0)] for o in out])
         return tuple(np.concatenate(parts) for parts in zip(*outs))
 

@@ -70,6 +70,9 @@ def main(argv=None) -> int:
     if a.ref:
         head = ("| model | cold (s) ref → this | refit (s) ref → this | evaluations ref → this | deviance ref → this "
                 "| converged |")
+        rev = subprocess.run(["git", "-C", a.ref, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        this = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        lines += [f"ref = commit {rev.stdout.strip() or a.ref}, this = commit {this.stdout.strip() or here}", ""]
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, _, _ in CASES:
         t = med["this"][name]

@@ -19,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ._warnings import warn_user
+from .codes import nested, unique_rows
 from .formula import FormulaError, FormulaSpec, parse_formula
 
 __all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design"]
@@ -503,19 +504,8 @@ def _grouping(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray,
         ranks, order = _level_codes(data[f])
         _check_levels(f, order)
         per_factor.append((ranks, order))
-    # one int64 key per row (mixed radix over the factors' level counts) keeps the lexicographic order
-    radix = [max(len(order), 1) for _, order in per_factor]
-    if float(np.prod(np.asarray(radix, dtype=float))) < 2.0**62:
-        key = np.zeros(len(data), np.int64)
-        for (c, _), r in zip(per_factor, radix):
-            key = key * r + c
-        codes, ukey = pd.factorize(key, sort=True)   # hash-based, O(N); sorted keys keep the lexicographic order
-        uniq = np.empty((ukey.size, len(per_factor)), np.int64)
-        for j in reversed(range(len(per_factor))):
-            uniq[:, j] = ukey % radix[j]
-            ukey = ukey // radix[j]
-    else:
-        uniq, codes = np.unique(np.stack([c for c, _ in per_factor], 1), axis=0, return_inverse=True)
+    # the interaction's levels in lexicographic order of the factors' sorted levels
+    uniq, codes = unique_rows(np.stack([c for c, _ in per_factor], 1), [len(order) for _, order in per_factor])
     keys = [tuple(per_factor[j][1][k] for j, k in enumerate(row)) for row in uniq]
     labels = [":".join(str(v) for v in key) for key in keys]
     return codes.reshape(-1).astype(np.int64), labels, keys
@@ -524,11 +514,9 @@ def _grouping(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray,
 def _structure(terms: list[RandomTerm]) -> Structure:
     relations = {}
 
-    def nested(a: RandomTerm, b: RandomTerm) -> bool:
-        """Every level of a lies in one level of b: scatter one b code per a level, compare every row (O(N))."""
-        seen = np.empty(max(a.n_groups, 1), np.int64)
-        seen[a.codes] = b.codes
-        return bool(np.array_equal(seen[a.codes], b.codes))
+    def within(a: RandomTerm, b: RandomTerm) -> bool:
+        """Every level of a lies in one level of b."""
+        return nested(a.codes, b.codes)
 
     kinds = set()
     for a in terms:
@@ -537,10 +525,10 @@ def _structure(terms: list[RandomTerm]) -> Structure:
                 continue
             if a.group == b.group:
                 relations[(a.name, b.name)] = "same"
-            elif nested(a, b):
+            elif within(a, b):
                 relations[(a.name, b.name)] = "nested"
                 kinds.add("nested")
-            elif nested(b, a):
+            elif within(b, a):
                 relations[(a.name, b.name)] = "contains"
             else:
                 relations[(a.name, b.name)] = "crossed"

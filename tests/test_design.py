@@ -212,3 +212,27 @@ def test_datasets_load_all_and_unknown():
     assert set(["sleepstudy", "Penicillin", "Pastes", "Dyestuff", "grouseticks"]) <= set(datasets.available())
     with pytest.raises(ValueError, match="unknown dataset 'nope'"):
         datasets.load("nope")
+
+
+def test_codes_nested_and_unique_rows_match_sorting():
+    """lmmarg.codes: the O(N) nesting test and the hashed unique rows agree with sort-based references, also when
+    the mixed-radix key would overflow (NumPy fallback)."""
+    import numpy as np
+
+    from lmmarg.codes import nested, unique_rows
+
+    rng = np.random.default_rng(0)
+    fine = rng.integers(0, 50, 500)
+    coarse = fine // 5
+    assert nested(fine, coarse) and not nested(coarse, fine)
+    rows = np.flatnonzero(fine == fine[0])
+    assert rows.size > 1
+    split = coarse.copy()
+    split[rows[-1]] += 1                      # one fine group now spans two coarse groups
+    assert not nested(fine, split)
+    for sizes in ([7, 3, 11], [2**40, 2**30, 5]):
+        codes = np.column_stack([rng.integers(0, min(s, 7), 300) for s in sizes])
+        uniq, inv = unique_rows(codes, sizes)
+        ref, ref_inv = np.unique(codes, axis=0, return_inverse=True)
+        np.testing.assert_array_equal(uniq, ref)
+        np.testing.assert_array_equal(inv, np.asarray(ref_inv).reshape(-1))

@@ -19,6 +19,7 @@ from jax.flatten_util import ravel_pytree
 
 from .._warnings import warn_user
 from ._blas import blas_threads
+from .derivatives import hessian_from_gradients
 
 __all__ = ["fit_map", "fit_vi"]
 
@@ -100,14 +101,7 @@ def _map_checks(f, x, sd_pos, res) -> dict:
         msgs.append(f"max |grad| = {gmax:.3g} (tol = {MAP_GRAD_TOL})")
     lo = np.nan
     if free.size:
-        H = np.empty((free.size, free.size))
-        for a, k in enumerate(free):
-            h = MAP_FD_STEP * max(1.0, abs(x[k]))
-            xp, xm = x.copy(), x.copy()
-            xp[k] += h
-            xm[k] -= h
-            H[:, a] = (f(xp)[1][free] - f(xm)[1][free]) / (2 * h)
-        w = np.linalg.eigvalsh(0.5 * (H + H.T))
+        w = np.linalg.eigvalsh(hessian_from_gradients(f, x, g, free, MAP_FD_STEP, central=True))
         lo = float(w[0])
         if lo <= -1e-6 * max(abs(w[-1]), 1e-300):
             msgs.append(f"degenerate Hessian with {int(np.sum(w <= -1e-6 * abs(w[-1])))} negative eigenvalues")

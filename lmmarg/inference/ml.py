@@ -37,6 +37,7 @@ from .._warnings import warn_user
 from ..design import column_standardizer
 from .. import jax_cache
 from ._blas import blas_threads
+from .derivatives import hessian_from_gradients
 
 __all__ = ["fit_ml", "profiled_deviance", "MLFit", "ConvergenceChecks"]
 
@@ -256,7 +257,7 @@ def _lbfgsb(obj: _Objective, phi0, lower, maxiter, gtol, ftol):
                                    options=dict(maxiter=maxiter, gtol=gtol, ftol=ftol, maxcor=20))
 
 
-def _edge_probes(obj: _Objective, phi: np.ndarray, fval: float, grad: np.ndarray, columns) -> list[np.ndarray]:
+def _edge_probes(obj: _Objective, phi: np.ndarray, grad: np.ndarray, columns) -> list[np.ndarray]:
     """Points near a boundary optimum φ that may be better: for each column of Λ̃ whose diagonal is ≈ 0.
 
     A column c with c_diag = 0 gives the same covariance as -c, so both signs are stepped into the interior
@@ -278,12 +279,7 @@ def _edge_probes(obj: _Objective, phi: np.ndarray, fval: float, grad: np.ndarray
                 q[j] = h
                 out.append(q)
         if len(col) > 1 and not np.any(np.abs(rest) > 0):
-            H = np.empty((len(col), len(col)))
-            for a, k in enumerate(col):
-                q = phi.copy()
-                q[k] += FD_STEP
-                H[:, a] = (obj(q)[1][col] - grad[col]) / FD_STEP
-            w, V = np.linalg.eigh(0.5 * (H + H.T))
+            w, V = np.linalg.eigh(hessian_from_gradients(obj, phi, grad, col, FD_STEP))
             if w[0] < 0:
                 v = V[:, 0] * (1.0 if V[0, 0] >= 0 else -1.0)
                 for h in PROBE_STEPS:
@@ -291,18 +287,6 @@ def _edge_probes(obj: _Objective, phi: np.ndarray, fval: float, grad: np.ndarray
                     q[col] = h * v
                     out.append(q)
     return out
-
-
-def _hessian(obj: _Objective, phi: np.ndarray, grad: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """(k, k) Hessian of f in the coordinates idx by forward differences of the exact gradient (k evaluations:
-    at an optimum the gradient is ~0, so the O(h) error is far below what the checks resolve)."""
-    H = np.empty((len(idx), len(idx)))
-    for a, k in enumerate(idx):
-        h = FD_STEP * max(1.0, abs(phi[k]))
-        q = phi.copy()
-        q[k] += h
-        H[:, a] = (obj(q)[1][idx] - grad[idx]) / h
-    return 0.5 * (H + H.T)
 
 
 class ConvergenceChecks(NamedTuple):
@@ -344,7 +328,7 @@ def _check(obj: _Objective, phi, fval, grad, lower, columns, optimizer_ok: bool,
         msgs.append("the optimizer stopped before its convergence test held")
     sg, lo, hi = 0.0, np.nan, np.nan
     if free.size:
-        H = _hessian(obj, phi, grad, free)
+        H = hessian_from_gradients(obj, phi, grad, free, FD_STEP)
         w, V = np.linalg.eigh(H)
         lo, hi = float(w[0]), float(w[-1])
         scale = max(abs(hi), 1e-300)
@@ -380,7 +364,7 @@ def _optimize(obj: _Objective, phi0, lower, columns, maxiter, gtol, ftol):
     phi, restarts, boundary_ok = np.asarray(res.x, float), 0, True
     fval, grad = obj(phi)
     while True:
-        probes = _edge_probes(obj, phi, fval, grad, columns)
+        probes = _edge_probes(obj, phi, grad, columns)
         if not probes:
             break
         vals = [obj.value(q) for q in probes]

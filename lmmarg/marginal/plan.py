@@ -28,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse as sp
 
+from ..codes import nested as nested_codes
+from ..codes import unique_rows
+
 __all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize", "DenseProductFill",
            "PairListFill", "PooledFill", "LEVEL1_FILLS"]
 
@@ -267,34 +270,6 @@ def _dim(c: ClassSpec) -> int:
     return 1 if Z.ndim == 1 else int(Z.shape[1])
 
 
-def _nested(fine: np.ndarray, coarse: np.ndarray, n_coarse: int) -> bool:
-    """True if every observed group of ``fine`` lies in exactly one group of ``coarse`` (one O(N) pass: scatter one
-    coarse code per fine group, then compare every row with it)."""
-    if fine.size == 0:
-        return True
-    fine = fine.astype(np.int64, copy=False)
-    seen = np.empty(int(fine.max()) + 1, np.int64)
-    seen[fine] = coarse
-    return bool(np.array_equal(seen[fine], coarse))
-
-
-def _unique_rows(codes: np.ndarray, sizes) -> tuple[np.ndarray, np.ndarray]:
-    """Unique rows of non-negative integer codes (N, k) with codes[:, j] < sizes[j], in lexicographic order, and the
-    row of each observation: (uniq (n, k), inverse (N,)). One mixed-radix int64 key and a hash factorization
-    (O(N)) when the key fits, else NumPy's sort of rows."""
-    N, k = codes.shape
-    sizes = [max(int(s), 1) for s in sizes]
-    if k == 0 or float(np.prod([float(s) for s in sizes])) >= 2.0**62:
-        uniq, inv = np.unique(codes, axis=0, return_inverse=True)
-        return uniq, np.asarray(inv).reshape(-1)
-    strides = np.cumprod([1] + sizes[::-1][:-1])[::-1].astype(np.int64)    # last column varies fastest
-    key = codes.astype(np.int64, copy=False) @ strides
-    import pandas as pd   # factorize: hash-based, O(N); sort=True keeps the lexicographic order of the rows
-    inv, ukey = pd.factorize(key, sort=True)
-    uniq = (ukey[:, None] // strides[None, :]) % np.asarray(sizes, np.int64)[None, :]
-    return uniq.astype(np.int64), inv.astype(np.int64)
-
-
 def _partition(classes: Sequence[ClassSpec], subset: Sequence[int], nested=None):
     """Split ``subset`` (class indices) into (chain finest-first, dense in given order)."""
     subset = list(subset)
@@ -305,7 +280,7 @@ def _partition(classes: Sequence[ClassSpec], subset: Sequence[int], nested=None)
         if nested is not None:
             return nested[a][b]
         ca, cb = np.asarray(classes[a].codes).reshape(-1), np.asarray(classes[b].codes).reshape(-1)
-        return _nested(ca.astype(np.int64), cb.astype(np.int64), classes[b].n_groups)
+        return nested_codes(ca, cb)
 
     def key(i):
         c = classes[i]
@@ -327,7 +302,7 @@ def _dense_size(classes, dense) -> int:
 def _nested_matrix(classes):
     n = len(classes)
     codes = [np.asarray(c.codes).reshape(-1).astype(np.int64) for c in classes]
-    return [[(a == b) or _nested(codes[a], codes[b], classes[b].n_groups) for b in range(n)]
+    return [[(a == b) or nested_codes(codes[a], codes[b]) for b in range(n)]
             for a in range(n)]
 
 
@@ -674,7 +649,7 @@ def build_plan(
     # ---- cells
     if units:
         codes = np.stack([u[2] for u in units], axis=1)
-        cell_codes, cell = _unique_rows(codes, groups)
+        cell_codes, cell = unique_rows(codes, groups)
     else:
         cell_codes, cell = np.zeros((1, 0), np.int64), np.zeros(N, np.int64)
     if N == 0:

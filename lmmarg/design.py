@@ -147,6 +147,7 @@ class Design:
     fixed_spec: object = field(default=None, repr=False)
     offset: np.ndarray | None = None  # (N,) sum of the formula's offset(...) terms; None without offsets
     offset_specs: list = field(default_factory=list, repr=False)  # formulaic specs to evaluate them on new data
+    failures: np.ndarray | None = None  # (N,) the failures of a cbind(successes, failures) response
 
     @property
     def n_obs(self) -> int:
@@ -229,6 +230,9 @@ def used_columns(spec: FormulaSpec) -> dict[str, str]:
     used: dict[str, str] = {}
     for v in _variables(f"{spec.response} ~ 1", "response"):
         used.setdefault(v, f"the response {spec.response!r}")
+    if spec.failures is not None:
+        for v in _variables(f"I({spec.failures}) ~ 1", "failures"):
+            used.setdefault(v, f"the failures {spec.failures!r} of cbind()")
     for v in _variables(spec.fixed, "fixed effects"):
         used.setdefault(v, "the fixed effects")
     for expr in spec.offsets:
@@ -571,25 +575,28 @@ def _random_terms(spec: FormulaSpec, data: pd.DataFrame) -> list[RandomTerm]:
     return terms
 
 
-def _warn_identifiability(terms: list[RandomTerm], n_obs: int) -> None:
+def _warn_identifiability(terms: list[RandomTerm], n_obs: int, residual: bool = True) -> None:
+    """Warn about terms whose variance is not identified (a GLMM has no residual variance: an observation-level
+    term is fine there, ``residual=False``)."""
     for t in terms:
         if t.n_groups < 2:
             warnings.warn(f"grouping factor {t.group!r} of term {t.name!r} has a single level "
                           f"({t.levels[0]!r}): its variance is not identified", stacklevel=4)
-        elif t.n_groups * t.d >= n_obs:
+        elif residual and t.n_groups * t.d >= n_obs:
             warnings.warn(f"term {t.name!r}: number of observations (={n_obs}) <= number of random effects "
                           f"(={t.n_groups * t.d}); its variance and the residual variance are probably "
                           "unidentifiable", stacklevel=4)
 
 
 def build_design(formula: str | FormulaSpec, data, na_action: str = "raise",
-                 extra_columns: dict[str, str] | None = None) -> Design:
+                 extra_columns: dict[str, str] | None = None, residual: bool = True) -> Design:
     """Parse `formula` and build every model matrix from `data` (a pandas DataFrame or dict of columns).
 
     na_action: "raise" (default: rows with NaN/inf in used columns are an error naming the column) or "drop"
     (drop them with a warning giving the count).
     extra_columns: {column: where it is used}, columns the model needs beyond the formula (``sigma_by``, a sigma
     formula): they must exist, and rows missing them follow ``na_action`` like the formula's own columns.
+    residual: whether the model has a residual variance (False for GLMM families).
     """
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
     if na_action not in ("raise", "drop"):
@@ -609,15 +616,20 @@ def build_design(formula: str | FormulaSpec, data, na_action: str = "raise",
         raise DesignError("no rows left after dropping missing values")
     data = _drop_unused_levels(data, used, spec)
     y = _response(spec.response, data)
+    failures = None
+    if spec.failures is not None:  # R arithmetic (size - incidence), not formula operators
+        expr = spec.failures if spec.failures in data.columns else f"I({spec.failures})"
+        failures = _response(expr, data)
     X, fixed_names, fixed_spec = _model_matrix(spec.fixed, data, "the fixed effects")
     _check_rank(X, fixed_names)
     terms = _random_terms(spec, data)
     _check_duplicate_terms(terms, spec.formula)
     _warn_fixed_grouping(terms, fixed_names)
-    _warn_identifiability(terms, len(y))
+    _warn_identifiability(terms, len(y), residual)
     offset, offset_specs = _offsets(spec, data)
     return Design(spec=spec, data=data, y=y, X=X, fixed_names=fixed_names, terms=terms,
-                  structure=_structure(terms), fixed_spec=fixed_spec, offset=offset, offset_specs=offset_specs)
+                  structure=_structure(terms), fixed_spec=fixed_spec, offset=offset, offset_specs=offset_specs,
+                  failures=failures)
 
 
 def _offsets(spec: FormulaSpec, data: pd.DataFrame) -> tuple[np.ndarray | None, list]:

@@ -47,6 +47,7 @@ class FormulaSpec:
     fixed: str
     bars: tuple[BarTerm, ...]
     offsets: tuple[str, ...] = ()  # expressions of top-level offset(...) terms, added to the linear predictor
+    failures: str | None = None    # lme4's binomial response cbind(successes, failures): the failures expression
 
 
 _NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$|^`[^`]+`$")
@@ -188,6 +189,7 @@ def parse_formula(formula: str) -> FormulaSpec:
     if len(sides) != 2 or not sides[0][1].strip():
         raise FormulaError(f"formula {formula!r} must have exactly one '~' with a response on its left")
     response, rhs = sides[0][1].strip(), sides[1][1].strip()
+    response, failures = _cbind(response)
     if not rhs:
         raise FormulaError(f"formula {formula!r} has an empty right-hand side")
     fixed_parts, bars, offsets = [], [], []
@@ -215,4 +217,19 @@ def parse_formula(formula: str) -> FormulaSpec:
         # "y ~ (1|g)" or "y ~ (1|g) - 1": lme4 implies the intercept unless it is removed
         fixed = f"1 {fixed}".strip()
     return FormulaSpec(formula=formula, response=r_habits(response), fixed=r_habits(fixed), bars=tuple(bars),
-                       offsets=tuple(offsets))
+                       offsets=tuple(offsets), failures=None if failures is None else r_habits(f"I({failures})")[2:-1])
+
+
+_CBIND = re.compile(r"^cbind\s*\((.*)\)$", re.S)
+
+
+def _cbind(response: str) -> tuple[str, str | None]:
+    """lme4's binomial response ``cbind(successes, failures)`` -> (successes, failures); else (response, None)."""
+    m = _CBIND.match(response)
+    if m is None:
+        return response, None
+    args = [a.strip() for _, a in split_top_level(m.group(1), ",")]
+    if len(args) != 2 or not all(args):
+        raise FormulaError(f"cbind() in the response {response!r} takes two arguments: "
+                           "cbind(successes, failures), e.g. cbind(incidence, size - incidence)")
+    return args[0], args[1]

@@ -26,18 +26,48 @@ def _ensure_dtype(dtype: str):
 
 
 def _warn_discrete_response(y: np.ndarray, response: str) -> None:
-    """Warn when a 0/1 or count response is about to be fitted as Gaussian (no GLMM family yet)."""
+    """Warn when a 0/1 or count response is about to be fitted as Gaussian."""
     if not np.all(y == np.round(y)) or y.min() < 0:
         return
     from ._warnings import warn_user
     if set(np.unique(y)) <= {0.0, 1.0}:
         warn_user(f"response {response!r} only takes the values 0 and 1 but is fitted as gaussian (a linear "
-                  "probability model: predictions are not bounded to [0, 1]); a binomial/bernoulli family is "
-                  "planned but not available yet")
+                  "probability model: predictions are not bounded to [0, 1]); use family='bernoulli' for a "
+                  "logistic mixed model")
     elif (y == 0).any() and np.median(y) <= 20:
         warn_user(f"response {response!r} looks like counts (non-negative integers with zeros) but is fitted as "
-                  "gaussian; a Poisson/negative-binomial family is planned but not available yet (consider "
-                  "family='lognormal' on y + 1 or a transformation)")
+                  "gaussian; use family='poisson' (counts) or family='binomial' with cbind(successes, failures)")
+
+
+def _glmm_response(design: Design, fam, trials: str | None) -> np.ndarray:
+    """The trials (N,) of a GLMM response (ones unless binomial); checks the response against the family."""
+    from .families import check_response
+    y = design.y
+    if design.failures is not None and fam.name != "binomial":
+        raise DesignError(f"cbind(successes, failures) is a binomial response; use family='binomial', "
+                          f"not {fam.name!r}")
+    if trials is not None and fam.name != "binomial":
+        raise ValueError(f"trials= applies to family='binomial', not {fam.name!r}")
+    if fam.name != "binomial":
+        n = np.ones_like(y)
+    elif design.failures is not None:
+        if trials is not None:
+            raise ValueError("give the trials either by cbind(successes, failures) or by trials=, not both")
+        if (design.failures < 0).any():
+            row = int(np.flatnonzero(design.failures < 0)[0])
+            raise DesignError(f"family='binomial': the failures {design.spec.failures!r} are negative "
+                              f"({design.failures[row]:g}) at row {row}")
+        n = y + design.failures
+    elif trials is not None:
+        n = np.asarray(design.data[trials], dtype=float)
+    elif set(np.unique(y)) <= {0.0, 1.0}:
+        n = np.ones_like(y)  # a 0/1 response: bernoulli trials, as glmer's binomial family takes it
+    else:
+        raise DesignError(f"family='binomial' needs the trials: write cbind({design.response}, failures) or pass "
+                          f"trials='<column>' (a 0/1 response needs neither: family='bernoulli')")
+    check_response(fam, y, n, design.response, trials if trials is not None else
+                   (f"{design.response} + {design.spec.failures}" if design.failures is not None else None))
+    return n
 
 
 class Model:
@@ -52,35 +82,55 @@ class Model:
     priors: {brms-like name: NumPyro distribution or number (fixes it)}; see lmmarg.priors and ``model.priors``.
     sigma_by: grouping column(s) ("g" or "a:b"): one residual SD per level.
     sigma: distributional formula for log(residual SD), e.g. "~ cond + (cond | subj)".
+    family: "gaussian" (default), "lognormal", or a GLMM family whose random effects are Laplace-marginalized
+    (docs/glmm.md): "bernoulli" (0/1 response), "binomial" (``cbind(successes, failures) ~ ...`` or
+    ``trials=``), "poisson"; a link as ``link="probit"`` or ``"bernoulli(probit)"`` (logit and log by default).
+    trials: binomial only, the column of the number of trials (instead of cbind).
     """
 
-    def __init__(self, formula: str, data, *, family: str = "gaussian", na_action: str = "raise",
-                 dtype: str = "float64", priors: dict | None = None, sigma_by: str | None = None,
-                 sigma: str | None = None):
+    def __init__(self, formula: str, data, *, family: str = "gaussian", link: str | None = None,
+                 trials: str | None = None, na_action: str = "raise", dtype: str = "float64",
+                 priors: dict | None = None, sigma_by: str | None = None, sigma: str | None = None):
         self.dtype = _ensure_dtype(dtype)
+        from .families import resolve_family
         from .priors import build_priors, build_sigma_spec, sigma_columns
+        fam = resolve_family(family, link)
+        extra = sigma_columns(sigma_by, sigma)
+        if trials is not None:
+            extra[trials] = "trials="
         # the residual-scale columns join the formula's in the checks and the missing-value handling
-        self.design: Design = build_design(formula, data, na_action=na_action,
-                                           extra_columns=sigma_columns(sigma_by, sigma))
-        if family not in ("gaussian", "lognormal"):
-            raise ValueError(f"family must be 'gaussian' or 'lognormal', got {family!r}")
-        self.family = family
+        self.design: Design = build_design(formula, data, na_action=na_action, extra_columns=extra,
+                                           residual=not fam.is_glmm)
+        self.family_spec = fam
+        self.family, self.link = fam.name, fam.link
         y = self.design.y
-        if family == "gaussian":
+        self.trials_column = trials
+        self.trials = None   # (N,) trials of a GLMM response (ones unless binomial), None for Gaussian families
+        if fam.is_glmm:
+            self.trials = _glmm_response(self.design, fam, trials)
+        elif self.design.failures is not None:
+            raise DesignError(f"cbind(successes, failures) is a binomial response; use family='binomial', not "
+                              f"{fam.name!r}")
+        elif trials is not None:
+            raise ValueError(f"trials= applies to family='binomial', not {fam.name!r}")
+        if fam.name == "gaussian":
             _warn_discrete_response(y, self.design.response)
-        if family == "lognormal":
+        if fam.name == "lognormal":
             if (y <= 0).any():
                 row = int(np.flatnonzero(y <= 0)[0])
                 raise DesignError(f"family='lognormal' needs a positive response, but {self.design.response!r} "
                                   f"is {y[row]} at row {row}")
             y = np.log(y)
-        if self.design.offset is not None:
+        if self.design.offset is not None and not fam.is_glmm:
             y = y - self.design.offset  # offset(...) terms: a known part of the linear predictor
-        self.y = y  # (N,) the Gaussian-scale working response: y (log y for lognormal) minus any offset
-        self.log_jacobian = float(-np.log(self.design.y).sum()) if family == "lognormal" else 0.0
+        # (N,) the Gaussian-scale working response: y (log y for lognormal) minus any offset; for a GLMM family the
+        # successes / counts themselves (the offset enters the linear predictor in the Laplace kernels)
+        self.y = y
+        self.log_jacobian = float(-np.log(self.design.y).sum()) if fam.name == "lognormal" else 0.0
         self._plans: dict = {}
         self._jitted: dict = {}
-        self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma, na_action=na_action)
+        self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma, na_action=na_action,
+                                           has_sigma=not fam.is_glmm)
         if self.sigma_spec.kind == "formula" and self.sigma_spec.design.spec.offsets:
             raise ValueError(f"the sigma formula {sigma!r} cannot have an offset() term")
         self._priors = build_priors(self, priors)
@@ -165,12 +215,23 @@ class Model:
         (``sigma_by``/``sigma`` formula). Plans for a scalar σ skip index tables only a vector σ needs.
         """
         from .marginal import build_plan
-        if per_obs_sigma is None:
+        if per_obs_sigma is None or self.family_spec.is_glmm:  # Laplace: per-observation weights
             per_obs_sigma = self.sigma_spec.kind != "constant"
         key = (self.resolve_marginalize(marginalize), bool(marginalize_beta), bool(per_obs_sigma))
         if key not in self._plans:
             self._plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
                                           marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype)
+        return self._plans[key]
+
+    def laplace_plan(self, marginalize="all"):
+        """The (cached) plan of the Laplace kernels (lmmarg.marginal.laplace) of a GLMM family."""
+        if not self.family_spec.is_glmm:
+            raise ValueError(f"family {self.family!r} is Gaussian: use plan() (exact marginal)")
+        from .marginal.laplace import build_laplace_plan
+        key = ("laplace", self.resolve_marginalize(marginalize))
+        if key not in self._plans:
+            self._plans[key] = build_laplace_plan(self.plan(marginalize), self.family_spec, self.design.X,
+                                                  self.y, self.trials, self.class_specs(), self.design.offset)
         return self._plans[key]
 
     def _scales(self, cov: dict) -> tuple:
@@ -198,35 +259,58 @@ class Model:
         return tuple(scales)
 
     def _kernel(self, name: str):
-        from .marginal import kernels
+        from .marginal import kernels, laplace
         if name not in self._jitted:
-            self._jitted[name] = jax.jit(getattr(kernels, name))
+            mod = laplace if self.family_spec.is_glmm else kernels
+            self._jitted[name] = jax.jit(getattr(mod, name))
         return self._jitted[name]
+
+    def _beta(self, beta):
+        beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
+        if beta.shape != (len(self.fixed_names),):
+            raise ValueError(f"beta must have {len(self.fixed_names)} entries {self.fixed_names}")
+        return beta
+
+    def _check_sigma(self, sigma) -> None:
+        if self.family_spec.is_glmm and sigma is not None:
+            raise ValueError(f"family {self.family!r} has no residual SD: pass sigma=None")
+        if not self.family_spec.is_glmm and sigma is None:
+            raise ValueError("sigma (the residual SD) is required for a Gaussian family")
 
     def log_marginal(self, beta, sigma, cov) -> float:
         """log p(y | β, σ, Σ) with every random-effect term integrated out (lme4's ML logLik at its estimates).
 
-        beta: (p,) in `fixed_names` order; sigma: residual SD; cov: {term.name: (d, d) covariance}.
-        For family="lognormal" the density is of y itself (Jacobian of log y included).
+        beta: (p,) in `fixed_names` order; sigma: residual SD (None for a GLMM family); cov: {term.name: (d, d)
+        covariance}. For family="lognormal" the density is of y itself (Jacobian of log y included). For a GLMM
+        family it is the Laplace approximation at the conditional mode (glmer's nAGQ = 1 logLik).
         Returns -inf for a covariance that is not positive semi-definite.
         """
+        self._check_sigma(sigma)
         scales = self._scales(cov)
         if scales is None:
             return -np.inf
-        beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
-        if beta.shape != (len(self.fixed_names),):
-            raise ValueError(f"beta must have {len(self.fixed_names)} entries {self.fixed_names}")
+        beta = self._beta(beta)
+        lams = tuple(jnp.asarray(L, self.dtype) for L in scales)
+        if self.family_spec.is_glmm:
+            return float(self._kernel("log_marginal")(self.laplace_plan(), beta, lams))
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         val = self._kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
                                            tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
     def ranef_mean(self, beta, sigma, cov) -> dict:
-        """Conditional means E[u | y, β, σ, Σ] (lme4's conditional modes): {term.name: (n_groups, d)}."""
+        """Conditional means E[u | y, β, σ, Σ] (lme4's conditional modes): {term.name: (n_groups, d)}.
+
+        For a GLMM family (sigma=None): the conditional modes û (lme4's ranef), the mean of the Laplace Gaussian."""
+        self._check_sigma(sigma)
         scales = self._scales(cov)
         if scales is None:
             raise ValueError("cov is not positive semi-definite")
-        beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
+        beta = self._beta(beta)
+        if self.family_spec.is_glmm:
+            modes = self._kernel("conditional_modes")(self.laplace_plan(), beta,
+                                                      tuple(jnp.asarray(L, self.dtype) for L in scales))
+            return {t.name: np.asarray(m) for t, m in zip(self.terms, modes)}
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         means = self._kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),
                                                  tuple(jnp.asarray(L, self.dtype) for L in scales))

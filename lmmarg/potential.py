@@ -28,7 +28,7 @@ from numpyro.distributions.transforms import CorrCholeskyTransform, biject_to
 from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
 from .design import column_standardizer
-from .marginal import kernels
+from .marginal import kernels, laplace
 
 __all__ = ["Potential", "make_model_fn"]
 
@@ -38,15 +38,27 @@ def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
     out = {n: "noncentered" for n in hmc}
     if parameterization is None:
         return out
+    wants_laplace = parameterization == "laplace" or (isinstance(parameterization, dict)
+                                                      and "laplace" in parameterization.values())
+    if wants_laplace and len(hmc) != len(names):
+        raise ValueError("parameterization='laplace' centres all random effects jointly: use it with "
+                         "marginalize='none' and for every term")
     if isinstance(parameterization, str):
         parameterization = {n: parameterization for n in hmc}
     for n, v in parameterization.items():
         if n not in names:
             raise ValueError(f"parameterization: unknown term {n!r}; terms are {names}")
-        if v not in ("centered", "noncentered"):
-            raise ValueError(f"parameterization[{n!r}] must be 'centered' or 'noncentered', got {v!r}")
+        if v not in ("centered", "noncentered", "laplace"):
+            raise ValueError(f"parameterization[{n!r}] must be 'centered', 'noncentered' or 'laplace', got {v!r}")
         if n in out:
             out[n] = v
+    if "laplace" in out.values():
+        if not model.family_spec.is_glmm:
+            raise ValueError("parameterization='laplace' (Laplace-centred random effects) is available for the GLMM "
+                             f"families; for family {model.family!r} marginalize the terms instead (exact)")
+        if len(out) != len(names) or set(out.values()) != {"laplace"}:
+            raise ValueError("parameterization='laplace' centres all random effects jointly: use it with "
+                             "marginalize='none' and for every term")
     return out
 
 
@@ -79,8 +91,10 @@ class _Parts:
         return off
 
     def sigma_obs(self, c: dict):
-        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula."""
+        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula; None for a GLMM family."""
         k = self.sspec.kind
+        if k == "none":
+            return None
         if k == "constant":
             return c["sigma"]
         if k == "by":
@@ -94,6 +108,15 @@ class _Parts:
 # jitted so eager uses (initialize_model, Predictive, tracing) compile the kernel once instead of op by op;
 # inlined when called under an outer jit/grad/vmap
 _log_marginal_jit = jax.jit(kernels.log_marginal)
+_laplace_jit = jax.jit(laplace.log_marginal)
+_laplace_centred_jit = jax.jit(laplace.laplace_centred)
+
+
+def _likelihood(plan, beta, sigma, scales, offset):
+    """The marginal log-likelihood: exact (Gaussian families, a Plan) or Laplace (GLMM families, a LaplacePlan)."""
+    if isinstance(plan, laplace.LaplacePlan):
+        return _laplace_jit(plan, beta, scales, offset)
+    return _log_marginal_jit(plan, beta, sigma, scales, offset)
 
 
 class _CorrCholeskyTransform(CorrCholeskyTransform):
@@ -159,10 +182,21 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
         z = numpyro.sample(f"z_{name}", dist.Normal(jnp.zeros((G, d), dt), 1.0).to_event(2))
         return numpyro.deterministic(f"u_{name}", z @ Lam.T)
 
+    laplace_centred = bool(centered) and set(centered.values()) == {"laplace"}
+
     def model_fn():
         beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
             else jnp.zeros((0,), dt)
         numpyro.deterministic("beta", beta)
+        if laplace_centred:   # every term: u = mode(θ) + L(θ)^{-T} ε, exact (lmmarg.marginal.laplace)
+            scales = [term_scale(t, "") for t in model.terms]
+            eps = [numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0).to_event(2))
+                   for t in model.terms]
+            val, us = _laplace_centred_jit(plan, beta, tuple(scales), tuple(eps))
+            for t, u_t in zip(model.terms, us):
+                numpyro.deterministic(f"u_{t.name}", u_t)
+            numpyro.factor("loglik", val)
+            return
         scales, u = [], {}
         for h, t in enumerate(model.terms):
             Lam = term_scale(t, "")
@@ -182,14 +216,14 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
                               else numpyro.sample("sigma", p.dist.expand([K]).to_event(1)))
             if p.is_fixed:
                 numpyro.deterministic("sigma", c["sigma"])
-        else:
+        elif sk == "formula":
             sd_ = parts.sspec.design
             c["b_sigma"] = numpyro.deterministic("b_sigma", jnp.stack([site(pri[f"b_sigma_{n}"])
                                                                        for n in sd_.fixed_names]))
             for t in sd_.terms:
                 c[f"u_sigma_{t.name}"] = hmc_effect(t, term_scale(t, "sigma_"), f"sigma_{t.name}", False)
         sigma = parts.sigma_obs(c)
-        ll = _log_marginal_jit(plan, beta, sigma, tuple(scales), parts.offset(u))
+        ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u))
         numpyro.factor("loglik", ll + log_jac)
 
     return model_fn
@@ -205,9 +239,13 @@ class Potential:
     def __init__(self, model, marginalize="all", parameterization=None):
         self.model = model
         self.marg = model.resolve_marginalize(marginalize)
-        self.plan = model.plan(marginalize)
+        # the engine's plan: exact Gaussian marginal, or the Laplace plan of a GLMM family
         hmc = [t.name for h, t in enumerate(model.terms) if h not in self.marg]
         self.centered = _resolve_parameterization(model, hmc, parameterization)
+        if "laplace" in self.centered.values():   # the Laplace plan over every term, centring them jointly
+            self.plan = model.laplace_plan("all")
+        else:
+            self.plan = model.laplace_plan(marginalize) if model.family_spec.is_glmm else model.plan(marginalize)
         self.parts = _Parts(model, self.marg, self.centered)
         self.model_fn = make_model_fn(model, self.marg, self.centered, self.plan, self.parts)
         # trace abstractly (eager tracing would compile every primitive separately)
@@ -291,7 +329,7 @@ class Potential:
         if self.b_sites:
             cols = [m.fixed_names.index(n[2:]) for n in self.b_sites]
             X = np.asarray(m.design.X, dtype=np.float64)[:, cols]
-            sy = float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0
+            sy = 1.0 if m.family_spec.is_glmm else (float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0)
             self.b_shift = np.array([float(center[n]) for n in self.b_sites])
             self.b_map = sy * column_standardizer(X)       # (k, k): b = b_shift + b_map x
             self.b_inv = np.linalg.inv(self.b_map)
@@ -350,10 +388,14 @@ class Potential:
         """Data-scaled constrained starting point per site and its unconstrained jitter half-width."""
         m = self.model
         X, y = np.asarray(m.design.X), np.asarray(m.y, float)
-        ols = np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else np.zeros(0)
-        rsd = float(np.std(y - X @ ols)) if len(y) > 1 else 1.0
-        rsd = rsd if rsd > 0 else 1.0
-        sy = float(np.std(y)) or 1.0
+        if m.family_spec.is_glmm:  # the GLM fit without random effects; unit scale on the link
+            from .families import glm_fit
+            ols, rsd, sy = glm_fit(m.family_spec, X, y, m.trials, m.design.offset), 1.0, 1.0
+        else:
+            ols = np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else np.zeros(0)
+            rsd = float(np.std(y - X @ ols)) if len(y) > 1 else 1.0
+            rsd = rsd if rsd > 0 else 1.0
+            sy = float(np.std(y)) or 1.0
         center, width = {}, {}
         cols = {f"sd_{t.name}__{c}": t.Z[:, j] for t in m.terms for j, c in enumerate(t.columns)}
         for n, s in self.sites.items():
@@ -439,10 +481,22 @@ class Potential:
                 u[t.name] = c[f"u_{t.name}"]
         return c["beta"], self.parts.sigma_obs(c), tuple(scales), self.parts.offset(u)
 
+    def conditional_means(self, c: dict) -> tuple:
+        """E[u | y, θ] per marginalized term at one constrained draw c (GLMM: the conditional modes û, the mean
+        of the Laplace Gaussian): (G_l, d_l) per term in ``self.marg`` order. Jit-friendly."""
+        beta, sigma, scales, offset = self.kernel_args(c)
+        if isinstance(self.plan, laplace.LaplacePlan):
+            return laplace.conditional_modes(self.plan, beta, scales, offset)
+        return kernels.conditional_mean(self.plan, beta, sigma, scales, offset)
+
     def _recover_one(self, key, c: dict):
         if not self.marg:
             return {}
-        draws = kernels.conditional_sample(self.plan, key, *self.kernel_args(c))
+        beta, sigma, scales, offset = self.kernel_args(c)
+        if isinstance(self.plan, laplace.LaplacePlan):  # the Laplace Gaussian at the mode (approximate)
+            draws = laplace.conditional_sample(self.plan, key, beta, scales, offset)
+        else:                                            # exact
+            draws = kernels.conditional_sample(self.plan, key, beta, sigma, scales, offset)
         return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
 
     def _recover_batch(self) -> int:

@@ -14,6 +14,10 @@ Default priors (weakly informative, scaled to the Gaussian-scale response y; y =
   sigma, sd            half-student_t(3, 0, max(2.5, mad(y)))               (brms)
   cor                  lkj(1)                                               (brms)
   sigma formula:       Intercept student_t(3, 0, 2.5); b normal(0, 1 / sd(x)); sd half-student_t(3, 0, 2.5).
+GLMM families (bernoulli, binomial, poisson; no sigma), on the scale of the link:
+  Intercept            student_t(3, 0, 2.5) (logit/probit), student_t(3, log(mean rate), 2.5) (log)   (brms)
+  b_<x>                normal(0, 2.5 / sd(x))                                              (rstanarm)
+  sd                   half-student_t(3, 0, 2.5)                                            (brms)
 Note the intercept prior is on the raw intercept (brms puts it on the intercept of centred predictors).
 
 Override by name (``priors={...}``): "Intercept", "b", "b_<name>", "sigma", "sd", "sd_<term>",
@@ -81,7 +85,8 @@ class Prior:
 
 @dataclass
 class SigmaSpec:
-    """Residual scale: kind "constant" | "by" (codes (N,), levels) | "formula" (design of log sigma)."""
+    """Residual scale: kind "constant" | "by" (codes (N,), levels) | "formula" (design of log sigma) | "none"
+    (a GLMM family: no residual SD)."""
 
     kind: str = "constant"
     by: str | None = None
@@ -177,8 +182,14 @@ def sigma_columns(sigma_by=None, sigma=None) -> dict[str, str]:
     return {}
 
 
-def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise") -> SigmaSpec:
-    """Residual-SD structure from ``sigma_by`` (grouping column(s), "a" or "a:b") or ``sigma`` (formula)."""
+def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise", has_sigma: bool = True) -> SigmaSpec:
+    """Residual-SD structure from ``sigma_by`` (grouping column(s), "a" or "a:b") or ``sigma`` (formula);
+    kind "none" without a residual SD (``has_sigma=False``: GLMM families)."""
+    if not has_sigma:
+        if sigma_by is not None or sigma is not None:
+            raise ValueError("sigma_by= and sigma= model a residual SD, which this family has not; they apply to "
+                             "family='gaussian' or 'lognormal'")
+        return SigmaSpec(kind="none")
     if sigma_by is not None and sigma is not None:
         raise ValueError("give at most one of sigma_by= and sigma= (a sigma formula can contain the grouping)")
     if sigma_by is not None:
@@ -293,6 +304,11 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
     sy = float(np.std(y, ddof=1)) if len(y) > 1 else 1.0
     sy = sy if sy > 0 else 1.0
     s_mad = max(2.5, _mad(y))
+    intercept_loc = float(np.median(y))
+    if model.family_spec.is_glmm:  # priors on the link scale (brms / rstanarm defaults)
+        sy, s_mad = 1.0, 2.5
+        rate = float(np.sum(y) / np.sum(model.trials))
+        intercept_loc = float(np.log(rate)) if model.family == "poisson" and rate > 0 else 0.0
     X = model.design.X
     entries: list[tuple[Prior, list[str]]] = []  # (prior, candidate keys most specific first)
 
@@ -302,7 +318,7 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
 
     for j, name in enumerate(model.fixed_names):
         if name == "Intercept":
-            d = dist.StudentT(3.0, float(np.median(y)), s_mad)
+            d = dist.StudentT(3.0, intercept_loc, s_mad)
             keys = ["b_Intercept", "Intercept"]
         else:
             d = dist.Normal(0.0, 2.5 * sy / col_sd(X[:, j]))

@@ -212,6 +212,13 @@ class Fit:
         head = f"{self.method} fit of {self.model.formula}: {self.n_chains} chains x {self.n_draws} draws"
         if "divergences" in d:
             head += f", {d['divergences']} divergences"
+        fam = self.model.family_spec
+        if fam.is_glmm:
+            pot = getattr(self, "potential", None)
+            marg = [] if pot is None else pot.marginalized_terms
+            head += (f"\nfamily {fam}; random effects {marg} Laplace-marginalized (approximate: see docs/glmm.md), "
+                     "their draws from the Laplace Gaussian at each draw's mode" if marg else
+                     f"\nfamily {fam}; every random effect sampled by HMC (exact posterior)")
         return head + "\n" + self.summary().to_string(float_format=lambda x: f"{x:.4g}")
 
     def ranef(self) -> dict:
@@ -275,6 +282,10 @@ class Fit:
             raise ValueError(f"kind must be 'integrated' or 'conditional', got {kind!r}")
         m = self.model
         mu = self._linpred_train()
+        if m.family_spec.is_glmm:
+            from .families import pointwise_log_lik
+            return pointwise_log_lik(m.family_spec, np.asarray(m.y, float), m.trials,
+                                     mu + (0.0 if m.design.offset is None else m.design.offset))
         sig = self._sigma_train()
         y = np.asarray(m.y, float)
         ll = -0.5 * np.log(2 * np.pi) - np.log(sig) - 0.5 * ((y - mu) / sig) ** 2
@@ -308,6 +319,8 @@ class Fit:
     def _sigma_train(self):
         m, s = self.model, self.samples
         sspec = m.sigma_spec
+        if sspec.kind == "none":
+            raise ValueError(f"family {m.family!r} has no residual SD")
         if sspec.kind == "constant":
             return s["sigma"][..., None]
         if sspec.kind == "by":
@@ -643,6 +656,9 @@ class Fit:
         naming the term and level ("error").
         kind: "response" (draws of y; lognormal on the y scale), "mean" (E[y | params]: μ, or exp(μ + σ²/2)
         for lognormal) or "linpred" (μ, the Gaussian-scale linear predictor).
+        GLMM families: "linpred" is η on the link scale, "mean" E[y | η] (trials × probability for binomial, the
+        probability for bernoulli, the rate for poisson; brms's posterior_epred), "response" draws of y. A binomial
+        model needs the trials of new rows: the cbind() columns or the trials= column in ``new_data``.
         Returns an array (n_draws, n_new), draws flattened over (chain, draw) in chain-major order.
         """
         if new_levels not in ("sample", "zero", "error"):
@@ -683,6 +699,8 @@ class Fit:
             return tot
 
         mu = mu + effects(m.terms, "")
+        if m.family_spec.is_glmm:
+            return self._glmm_predict(mu, None if new_data is None else new, kind, rng)
         sspec = m.sigma_spec
         if sspec.kind == "constant":
             sig = fl["sigma"][:, None]
@@ -709,6 +727,40 @@ class Fit:
             return np.exp(mu + 0.5 * sig**2) if m.family == "lognormal" else mu
         y = mu + sig * rng.standard_normal(mu.shape)
         return np.exp(y) if m.family == "lognormal" else y
+
+    def _glmm_predict(self, eta, new, kind: str, rng) -> np.ndarray:
+        """predict() of a GLMM family from the linear predictor eta (S, n)."""
+        from . import families
+        m = self.model
+        if kind == "linpred":
+            return eta
+        n = m.trials if new is None else _new_trials(m, new)
+        p = families.mean(m.family_spec, eta)
+        if kind == "mean":
+            return p * n
+        if m.family == "poisson":
+            return rng.poisson(p).astype(float)
+        return rng.binomial(np.broadcast_to(n, p.shape).astype(np.int64), np.clip(p, 0.0, 1.0)).astype(float)
+
+
+def _new_trials(m, new: pd.DataFrame) -> np.ndarray:
+    """(n,) trials of new rows: ones unless binomial; the trials= column or the cbind() sum for binomial."""
+    if m.family != "binomial":
+        return np.ones(len(new))
+    if m.trials_column is not None:
+        if m.trials_column not in new.columns:
+            raise DesignError(f"new_data needs the trials column {m.trials_column!r} of the binomial model")
+        return np.asarray(new[m.trials_column], float)
+    spec = m.design.spec
+    if spec.failures is None:
+        return np.ones(len(new))  # a 0/1 response fitted as binomial: one trial per row
+    import formulaic
+    try:
+        mm = formulaic.model_matrix(f"0 + I(({spec.response}) + ({spec.failures}))", new, na_action="raise")
+    except Exception as exc:
+        raise DesignError(f"new_data needs the columns of cbind({spec.response}, {spec.failures}) for the binomial "
+                          f"trials: {exc}") from None
+    return np.asarray(mm, float)[:, 0]
 
 
 def load(path) -> Fit:

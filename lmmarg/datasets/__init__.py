@@ -1,5 +1,8 @@
 """Small datasets bundled with lmmarg (CSV files copied from lme4 1.1-31 and the NeurIPS 2024 paper's repo).
 
+``cbpp`` and ``VerbAgg`` are lme4 1.1-31's data sets written with ``write.csv(row.names = FALSE)``;
+VerbAgg keeps Anger, Gender, item, resp, id, btype, situ, mode, r2 plus ``r2num = as.integer(r2 == "Y")``.
+
 >>> from lmmarg import datasets
 >>> datasets.load("sleepstudy").shape
 (180, 3)
@@ -12,13 +15,16 @@ import pandas as pd
 
 __all__ = ["load", "available"]
 
-# grouping factors are categorical whatever their dtype in the CSV
+# grouping factors (and factor columns) are categorical whatever their dtype in the CSV
 _CATEGORICAL = {
     "sleepstudy": ["Subject"],
     "Penicillin": ["plate", "sample"],
     "Pastes": ["batch", "cask", "sample"],
     "Dyestuff": ["Batch"],
     "grouseticks": ["INDEX", "BROOD", "YEAR", "LOCATION"],
+    "cbpp": ["herd", "period"],
+    # Gender/btype/situ/mode are fixed-effect factors; read as str like the grouping factors
+    "VerbAgg": ["item", "id", "btype", "situ", "mode", "Gender", "resp", "r2"],
 }
 
 

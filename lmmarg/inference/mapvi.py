@@ -46,11 +46,9 @@ def _objective(pot, jacobian: bool):
 
 def _conditional_means(pot, c: dict) -> dict:
     """E[u | y, θ] for every marginalized term at one constrained parameter dict (no leading dims)."""
-    from ..marginal import kernels
-
     if not pot.marg:
         return {}
-    means = kernels.conditional_mean(pot.plan, *pot.kernel_args(c))
+    means = pot.conditional_means(c)
     return {f"u_{pot.model.terms[h].name}": np.asarray(m) for h, m in zip(pot.marg, means)}
 
 

@@ -434,7 +434,7 @@ class MLFit:
 
     @property
     def n_par(self) -> int:
-        return len(self.beta) + len(self.theta) + 1
+        return len(self.beta) + len(self.theta) + (0 if self.model.family_spec.is_glmm else 1)
 
     @property
     def aic(self) -> float:
@@ -450,13 +450,20 @@ class MLFit:
         return pd.Series(self.beta, index=self.fixed_names, name="Estimate")
 
     def coef_table(self):
-        """DataFrame with Estimate, Std. Error, t value (lme4's fixed-effects table)."""
+        """DataFrame with Estimate, Std. Error, t value (lme4's fixed-effects table; z value and Pr(>|z|) for
+        a GLMM, as glmer)."""
         import pandas as pd
+        if self.model.family_spec.is_glmm:
+            from scipy.stats import norm
+            z = self.beta / self.se
+            return pd.DataFrame({"Estimate": self.beta, "Std. Error": self.se, "z value": z,
+                                 "Pr(>|z|)": 2 * norm.sf(np.abs(z))}, index=self.fixed_names)
         return pd.DataFrame({"Estimate": self.beta, "Std. Error": self.se, "t value": self.beta / self.se},
                             index=self.fixed_names)
 
     def fitted(self) -> np.ndarray:
-        """(N,) Xβ̂ + Σ_l Z_l b̂_l + offset (conditional fitted values, Gaussian scale: log y for lognormal)."""
+        """(N,) Xβ̂ + Σ_l Z_l b̂_l + offset (conditional fitted values, Gaussian scale: log y for lognormal; the
+        linear predictor η̂ on the link scale for a GLMM family)."""
         m = self.model
         f = m.design.X @ self.beta
         for t in m.terms:
@@ -464,8 +471,15 @@ class MLFit:
         return f if m.design.offset is None else f + m.design.offset
 
     def residuals(self, scaled: bool = False) -> np.ndarray:
-        """(N,) response minus fitted values (Gaussian scale), divided by σ̂ if ``scaled``."""
+        """(N,) response minus fitted values (Gaussian scale), divided by σ̂ if ``scaled``. For a GLMM family the
+        Pearson residuals (y - n μ̂) / sqrt(Var), as glmer's residuals(type = "pearson")."""
         m = self.model
+        if m.family_spec.is_glmm:
+            from ..families import mean as family_mean
+            mu = family_mean(m.family_spec, self.fitted())
+            n = m.trials
+            var = n * mu if m.family == "poisson" else n * mu * (1 - mu)
+            return (m.y - n * mu) / np.sqrt(np.maximum(var, 1e-300))
         y = m.y if m.design.offset is None else m.y + m.design.offset   # model.y has the offset taken out
         r = y - self.fitted()
         return r / self.sigma if scaled else r
@@ -492,7 +506,11 @@ def _col(name: str) -> str:
 def _format(fit: MLFit, full: bool) -> str:
     m = fit.model
     how = "REML" if fit.reml else "maximum likelihood "
+    glmm = m.family_spec.is_glmm
     lines = [f"Linear mixed model fit by {how} ['lmerMod']", f"Formula: {m.formula}"]
+    if glmm:
+        lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace Approximation) ['glmerMod']",
+                 f" Family: {m.family}  ( {m.link} )", f"Formula: {m.formula}"]
     if fit.reml:
         lines += ["", f"REML criterion at convergence: {fit.reml_criterion:.1f}"]
     else:
@@ -506,8 +524,8 @@ def _format(fit: MLFit, full: bool) -> str:
         names = ["Min", "1Q", "Median", "3Q", "Max"]
         vals = [f"{v:.4f}" for v in q]
         w = [max(len(a), len(b)) for a, b in zip(names, vals)]
-        lines += ["", "Scaled residuals: ", " ".join(a.rjust(k) for a, k in zip(names, w)),
-                  " ".join(b.rjust(k) for b, k in zip(vals, w))]
+        lines += ["", "Pearson residuals: " if glmm else "Scaled residuals: ",
+                  " ".join(a.rjust(k) for a, k in zip(names, w)), " ".join(b.rjust(k) for b, k in zip(vals, w))]
     # random effects, lme4's order: decreasing number of levels (stable)
     terms = sorted(m.terms, key=lambda t: -t.n_groups)
     rows = []
@@ -516,7 +534,8 @@ def _format(fit: MLFit, full: bool) -> str:
             corr = [f"{fit.corr[t.name][i, j]:.2f}" for j in range(i)] if t.d > 1 else []
             rows.append([t.name if i == 0 else "", _col(c), _fmt_num(fit.cov[t.name][i, i]),
                          _fmt_num(fit.sd[t.name][i]), " ".join(corr)])
-    rows.append(["Residual", "", _fmt_num(fit.sigma ** 2), _fmt_num(fit.sigma), ""])
+    if not glmm:
+        rows.append(["Residual", "", _fmt_num(fit.sigma ** 2), _fmt_num(fit.sigma), ""])
     has_corr = any(t.d > 1 for t in m.terms)
     head = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
     rows = [r[:len(head)] for r in rows]
@@ -530,13 +549,14 @@ def _format(fit: MLFit, full: bool) -> str:
     lines.append(f"Number of obs: {m.n_obs}, groups:  " + "; ".join(f"{g}, {n}" for g, n in groups.items()))
     lines += ["", "Fixed effects:"]
     tab = fit.coef_table()
-    cells = [["", "Estimate", "Std. Error", "t value"]]
+    cells = [[""] + list(tab.columns)]
     for name, row in tab.iterrows():
         cells.append([_col(name), _fmt_num(row["Estimate"], 5), _fmt_num(row["Std. Error"], 4),
-                      f"{row['t value']:.2f}"])
-    w = [max(len(r[k]) for r in cells) for k in range(4)]
+                      f"{row.iloc[2]:.2f}"] + ([f"{row.iloc[3]:.3g}"] if glmm else []))
+    k_cols = len(cells[0])
+    w = [max(len(r[k]) for r in cells) for k in range(k_cols)]
     for r in cells:
-        lines.append(r[0].ljust(w[0]) + " " + " ".join(r[k].rjust(w[k]) for k in range(1, 4)))
+        lines.append(r[0].ljust(w[0]) + " " + " ".join(r[k].rjust(w[k]) for k in range(1, k_cols)))
     if fit.is_singular:
         lines += ["", "boundary (singular) fit: see help('isSingular')"]
     if not fit.converged:
@@ -590,8 +610,12 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     """
     if not model.terms:
         raise ValueError("fit_ml needs at least one random-effect term; the formula has none")
-    if model.family != "gaussian" and model.family != "lognormal":
-        raise ValueError(f"fit_ml supports gaussian/lognormal families, not {model.family!r}")
+    if model.family_spec.is_glmm:
+        if reml:
+            raise ValueError(f"REML is defined for Gaussian families; family {model.family!r} is fitted by "
+                             "(Laplace) maximum likelihood, as glmer does: use reml=False")
+        return _fit_laplace(model, theta0=theta0, maxiter=maxiter, verbose=verbose,
+                            compilation_cache=compilation_cache)
     p = len(model.fixed_names)
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
@@ -695,5 +719,114 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
                  theta=theta, theta_names=_theta_names(model), loglik=float(loglik), loglik_ml=float(loglik_ml),
                  deviance=float(-2 * loglik_ml), reml_criterion=None if reml_crit is None else float(reml_crit),
                  is_singular=is_singular, converged=checks.ok, message=message, n_iter=nit, n_eval=neval,
+                 time_compile_s=float(compile_s), time_optimize_s=float(opt_s), vcov=vcov, checks=checks,
+                 n_restarts=restarts)
+
+
+# --------------------------------------------------------------------------------------------- GLMM (Laplace)
+def _build_laplace(model):
+    """Jitted (plan, x, consts, flag) -> ((deviance, aux), gradient) of the Laplace criterion over x = [φ, δ]:
+    φ standardized θ (Λ_l = S_l Λ̃_l), β = β_glm + S_X δ. glmer's nAGQ = 1 optimizes θ and β jointly, as here."""
+    from ..families import glm_fit
+    from ..marginal import laplace
+
+    coords = _coordinates(model)
+    layout, dims = coords.layout, coords.dims
+    n_theta = sum(len(r) for r, _ in layout)
+    lp = model.laplace_plan("all")
+    X = np.asarray(model.design.X, dtype=np.float64)
+    beta_glm = glm_fit(model.family_spec, X, np.asarray(model.y, float), model.trials, model.design.offset)
+    npdt = np.dtype(jnp.dtype(model.dtype).name)
+    put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
+    consts = dict(beta0=put(beta_glm), S_X=put(coords.S_X), S_terms=tuple(put(S) for S in coords.S_terms))
+
+    def criterion(plan, x, c, flag):
+        lams = _lambdas(x[:n_theta], layout, dims)
+        lams = tuple(S @ L for S, L in zip(c["S_terms"], lams))
+        lams = tuple(lams[h] for h in plan.gauss.marginalized)
+        beta = c["beta0"] + c["S_X"] @ x[n_theta:]
+        ll = laplace.log_marginal(plan, beta, lams)
+        dev = -2.0 * ll
+        return jnp.where(jnp.isfinite(dev), dev, jnp.inf), beta
+
+    return {"plan": lp, "consts": consts, "coords": coords, "beta_glm": beta_glm, "n_theta": n_theta,
+            "fn": jax.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)), "compile_s": None}
+
+
+def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = False,
+                 compilation_cache=None) -> MLFit:
+    """Laplace ML of a GLMM (glmer, nAGQ = 1): L-BFGS-B over (θ, β) in standardized coordinates, boundary probes
+    and restarts, then the convergence checks of the Gaussian fit on the joint Hessian."""
+    jax_cache.apply(compilation_cache)
+    cache = getattr(model, "_laplace_ml_cache", None)
+    if cache is None:
+        cache = model._laplace_ml_cache = _build_laplace(model)
+    coords, n_theta, plan = cache["coords"], cache["n_theta"], cache["plan"]
+    layout, lower_t = _theta_layout(model)
+    p = len(model.fixed_names)
+    lower = np.concatenate([lower_t, np.full(p, -np.inf)])
+    npdt = np.dtype(jnp.dtype(model.dtype).name)
+    obj = _Objective(cache["fn"], plan, cache["consts"], None, npdt, verbose)
+    eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
+    compile_s = 0.0
+    if cache["compile_s"] is None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(obj.raw(np.concatenate([eye, np.zeros(p)])))
+        compile_s = cache["compile_s"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    names = _theta_names(model) + [f"beta.{n}" for n in model.fixed_names]
+    with blas_threads(plan.dense_size):
+        if theta0 is not None:
+            theta0 = np.asarray(theta0, dtype=float).reshape(-1)
+            if theta0.shape != lower_t.shape:
+                raise ValueError(f"theta0 must have {lower_t.size} entries {_theta_names(model)}, got {theta0.size}")
+            x0 = np.concatenate([coords.phi_from_theta(theta0), np.zeros(p)])
+        else:
+            cands = [np.concatenate([s * eye, np.zeros(p)]) for s in START_SCALES]
+            x0 = cands[int(np.argmin([obj.value(q) for q in cands]))]
+        x, fval, grad, res, restarts, boundary_ok = _optimize(obj, x0, lower, _columns(layout), maxiter,
+                                                              gtol=1e-9, ftol=1e-15)
+        if not np.isfinite(fval):
+            raise FloatingPointError("fit_ml: the Laplace criterion is not finite at the optimum (the conditional "
+                                     "mode search failed); check the data for complete separation")
+        pg = np.where((x <= lower + 1e-12) & (grad > 0), 0.0, grad)
+        opt_ok = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(fval)) ** 0.5
+        checks = _check(obj, x, fval, grad, lower, _columns(layout), opt_ok, boundary_ok, names)
+        # standard errors of β: the β block of the inverse Hessian of the deviance / 2 (glmer's use.hessian)
+        H = hessian_from_gradients(obj, x, grad, np.arange(x.size), FD_STEP, central=True)
+        free = np.flatnonzero(~((lower == 0.0) & (x <= EDGE_TOL)))
+        Hf = H[np.ix_(free, free)]
+        try:
+            cov_x = np.full((x.size, x.size), np.nan)
+            cov_x[np.ix_(free, free)] = 2.0 * np.linalg.inv(Hf)
+            S_X = coords.S_X
+            vcov = S_X @ cov_x[n_theta:, n_theta:] @ S_X.T
+        except np.linalg.LinAlgError:
+            vcov = np.full((p, p), np.nan)
+    opt_s = time.perf_counter() - t1
+    beta = np.asarray(obj.raw(x)[0][1], dtype=float)
+    theta = coords.theta_from_phi(x[:n_theta])
+    dims = [t.d for t in model.terms]
+    lams = [np.asarray(L) for L in _lambdas(np.asarray(theta, dtype=float), layout, dims)]
+    cov, sd, corr = {}, {}, {}
+    for t, L in zip(model.terms, lams):
+        S = L @ L.T
+        cov[t.name], sd[t.name] = S, np.sqrt(np.diag(S))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            R = S / np.outer(sd[t.name], sd[t.name])
+        R = np.where(np.isfinite(R), R, 0.0)
+        np.fill_diagonal(R, 1.0)
+        corr[t.name] = R
+    ranef = model.ranef_mean(beta, None, cov)
+    loglik = -0.5 * fval
+    is_singular = bool(np.any(theta[lower_t == 0.0] < _SINGULAR_TOL))
+    if is_singular:
+        warn_user("boundary (singular) fit: see help('isSingular')")
+    if not checks.ok:
+        warn_user("fit_ml: model failed to converge: " + "; ".join(checks.messages))
+    return MLFit(model=model, reml=False, beta=beta, se=np.sqrt(np.diag(vcov)), sigma=None, cov=cov, sd=sd,
+                 corr=corr, ranef=ranef, theta=theta, theta_names=_theta_names(model), loglik=float(loglik),
+                 loglik_ml=float(loglik), deviance=float(fval), reml_criterion=None, is_singular=is_singular,
+                 converged=checks.ok, message=str(res.message), n_iter=int(res.nit), n_eval=obj.n_eval,
                  time_compile_s=float(compile_s), time_optimize_s=float(opt_s), vcov=vcov, checks=checks,
                  n_restarts=restarts)

@@ -28,6 +28,7 @@ B and sums of Z^T r0, Z^T X precomputed in the plan).  The dense block's reverse
 """
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import NamedTuple, Optional
 
@@ -40,7 +41,8 @@ from jax.scipy.linalg import block_diag, solve_triangular
 from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
 __all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
-           "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef"]
+           "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef", "weighted_solve", "weighted_sample",
+           "weighted_transform"]
 
 _UNROLL_MAX = 6
 _LOG2PI = 1.8378770664093453
@@ -721,3 +723,72 @@ def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_p
     eps_D = jax.random.normal(keys[K], (plan.dense_size,), dt)
     vs = _backsolve(plan, fac, eps, eps_D)
     return _to_effects(plan, fac, vs)
+
+
+# --------------------------------------------------------------------------- weighted solves (the GLMM engine)
+
+
+def _working_factor(plan: Plan, r, w, scales) -> Factor:
+    """Factor of F = I + Zt^T diag(w) Zt for a working residual r (N,) and weights w (N,) (the plan's y replaced
+    by r, beta = 0: the Gaussian model r = sum_l Z_l u_l + e, e ~ N(0, diag(1 / w)))."""
+    if plan.marginalize_beta:
+        raise ValueError("weighted solves need a plan without marginalized fixed effects")
+    working = dataclasses.replace(plan, y=jnp.asarray(r, plan.dtype))
+    beta0 = jnp.zeros((plan.n_fixed,), plan.dtype)
+    return factorize(working, beta0, 1.0 / jnp.sqrt(w), scales), working
+
+
+def _standardized(plan: Plan, vs):
+    """Per-unit standardized v -> tuple per marginalized class in caller order (no Lambda applied)."""
+    out = [None] * len(plan.marginalized)
+    for src, v in zip(plan.unit_src, vs):
+        out[src] = v
+    return tuple(out)
+
+
+def weighted_solve(plan: Plan, r, w, scales):
+    """The engine primitive with per-observation weights: (v, log|F|, ok) for F = I + Zt^T diag(w) Zt.
+
+    r (N,) working residual, w (N,) positive weights (precisions), scales: Lambda_l (d_l, d_l) per marginalized
+    class.  v = F^{-1} Zt^T diag(w) r: tuple of standardized (G_l, d_l) per class in ``plan.marginalized`` order
+    (u_l = v_l Lambda_l^T).  One Newton/PIRLS step of a GLMM's conditional mode is this solve at the working
+    residual r = Z u + s / w (s the score, w the Fisher weights); log|F| is the Laplace determinant.
+    The plan must be built for per-observation sigma (``build_plan(..., scalar_sigma=False)``).
+    """
+    fac, working = _working_factor(plan, r, w, scales)
+    dt = plan.dtype
+    eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(plan.n_chain_units)]
+    vs = _backsolve(working, fac, eps, jnp.zeros(plan.dense_size, dt))
+    return _standardized(plan, vs), fac.logdet, fac.ok
+
+
+def _unit_eps(plan: Plan, eps):
+    """Per-class standard normals (G_l, d_l) (caller order) -> the backsolve's layout (chain levels, dense)."""
+    K = plan.n_chain_units
+    levels = [eps[plan.unit_src[j]] for j in range(K)]
+    dense = [eps[plan.unit_src[u]].reshape(-1) for u in range(K, len(plan.unit_dims))]
+    eps_D = jnp.concatenate(dense) if dense else jnp.zeros((0,), plan.dtype)
+    return levels, eps_D
+
+
+def weighted_transform(plan: Plan, r, w, scales, eps):
+    """v = F^{-1} Zt^T diag(w) r + L^{-T} eps for F = L L^T (arguments as :func:`weighted_solve`; eps: per
+    marginalized class (G_l, d_l)): (v per class, log|F|, ok).  With eps ~ N(0, I), v ~ N(F^{-1} h, F^{-1});
+    as a map eps -> v its log-Jacobian is -log|F| / 2 (the Laplace-centred parameterization of a GLMM)."""
+    fac, working = _working_factor(plan, r, w, scales)
+    levels, eps_D = _unit_eps(plan, tuple(jnp.asarray(e, plan.dtype) for e in eps))
+    vs = _backsolve(working, fac, levels, eps_D)
+    return _standardized(plan, vs), fac.logdet, fac.ok
+
+
+def weighted_sample(plan: Plan, key, r, w, scales):
+    """One draw of u ~ N(Lambda F^{-1} Zt^T diag(w) r, Lambda F^{-1} Lambda^T) (arguments as
+    :func:`weighted_solve`): per marginalized class (G_l, d_l) in caller order -- the Laplace Gaussian of a GLMM
+    at its mode."""
+    fac, working = _working_factor(plan, r, w, scales)
+    dt = plan.dtype
+    K = plan.n_chain_units
+    keys = jax.random.split(key, K + 1)
+    eps = [jax.random.normal(keys[j], (plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)]
+    vs = _backsolve(working, fac, eps, jax.random.normal(keys[K], (plan.dense_size,), dt))
+    return _to_effects(working, fac, vs)

@@ -1,0 +1,233 @@
+"""Response families: the Gaussian ones (gaussian, lognormal) and the GLMM ones (bernoulli, binomial, poisson).
+
+A family is a small immutable record (``Family``) chosen once, when the model is built (``resolve_family``); the
+Laplace engine (:mod:`lmmarg.marginal.laplace`) and the results dispatch on it. For a GLMM family the
+per-observation pieces the engine needs are, with η the linear predictor, y the successes / counts and n the trials:
+
+* ``log_lik(y, n, η)`` — log p(y | η) without the constant ``log_norm(y, n)`` (log C(n, y) for binomial,
+  −log y! for poisson), which is computed once per data set; lme4's logLik includes it, so does ours;
+* ``score_weight(y, n, η)`` — s = ∂ log p / ∂η and the Fisher weight W = n (dμ/dη)² / Var(μ), the IRLS weight
+  glmer uses in its PIRLS iterations and in the Laplace determinant (equal to −∂² log p / ∂η² for the canonical
+  links logit and log; for probit the expected, not the observed, information, as in glmer);
+* ``mean(η)`` — E[y | η] / n (a probability or a rate).
+
+>>> resolve_family("bernoulli")
+Family(name='bernoulli', link='logit')
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import log_ndtr, ndtr
+
+__all__ = ["Family", "resolve_family", "GAUSSIAN_FAMILIES", "GLMM_FAMILIES", "log_lik", "score_weight", "mean",
+           "log_norm", "check_response"]
+
+GAUSSIAN_FAMILIES = ("gaussian", "lognormal")
+GLMM_FAMILIES = ("bernoulli", "binomial", "poisson")
+_LINKS = {"gaussian": ("identity",), "lognormal": ("identity",), "bernoulli": ("logit", "probit"),
+          "binomial": ("logit", "probit"), "poisson": ("log",)}
+_LOG_SQRT_2PI = 0.9189385332046727
+# The smallest Fisher weight, relative to the trials: a fitted probability of exactly 0 or 1 (|η| > ~37 for logit)
+# would give W = 0 and an infinite working variance; the floor changes log|F| by less than 1e-10 per observation.
+MIN_WEIGHT = 1e-12
+
+
+class Family(NamedTuple):
+    """A response family and its link (hashable: a static argument of jitted kernels)."""
+
+    name: str
+    link: str
+
+    @property
+    def is_glmm(self) -> bool:
+        """True for the families whose random effects are Laplace-marginalized (non-Gaussian likelihood)."""
+        return self.name in GLMM_FAMILIES
+
+    def __str__(self) -> str:
+        return f"{self.name}({self.link})"
+
+
+def resolve_family(family, link: str | None = None) -> Family:
+    """A Family from a name ("bernoulli"), a name with link ("binomial(probit)") or a Family; the link defaults to
+    the canonical one (logit, log; identity for the Gaussian families)."""
+    if isinstance(family, Family):
+        return family
+    if not isinstance(family, str):
+        raise TypeError(f"family must be a string such as 'bernoulli', got {type(family).__name__}")
+    name = family.strip().lower()
+    if "(" in name and name.endswith(")"):
+        name, inner = name[:-1].split("(", 1)
+        name, inner = name.strip(), inner.strip().strip("'\"")
+        inner = inner.split("=", 1)[-1].strip().strip("'\"")      # binomial(link = "probit")
+        if link is not None and inner != link:
+            raise ValueError(f"family {family!r} and link={link!r} disagree")
+        link = inner or None
+    if name not in _LINKS:
+        raise ValueError(f"unknown family {family!r}; families are {list(_LINKS)}")
+    link = _LINKS[name][0] if link is None else str(link).lower()
+    if link not in _LINKS[name]:
+        raise ValueError(f"family {name!r} has no link {link!r}; links are {list(_LINKS[name])}")
+    return Family(name, link)
+
+
+# --------------------------------------------------------------------------- per-observation pieces (JAX)
+
+
+def _xp(x):
+    """numpy for NumPy input (host-side fits, results), jax.numpy otherwise (kernels)."""
+    return np if isinstance(x, (np.ndarray, float, int)) else jnp
+
+
+def _log_ndtr(x):
+    if _xp(x) is np:
+        from scipy.special import log_ndtr as np_log_ndtr
+        return np_log_ndtr(x)
+    return log_ndtr(x)
+
+
+def _softplus(x):
+    return _xp(x).logaddexp(0.0, x)
+
+
+def log_lik(fam: Family, y, n, eta):
+    """(N,) log p(y_i | η_i) without ``log_norm``."""
+    if fam.name == "poisson":
+        return y * eta - _xp(eta).exp(eta)
+    if fam.link == "logit":
+        return y * eta - n * _softplus(eta)
+    return y * _log_ndtr(eta) + (n - y) * _log_ndtr(-eta)
+
+
+def score_weight(fam: Family, y, n, eta, observed: bool = False):
+    """(s (N,), W (N,)): the score ∂ log p / ∂η and the Fisher weight, W ≥ MIN_WEIGHT · max(n, 1).
+
+    observed: W = −∂² log p / ∂η² instead (the Newton weight; positive: every family here is log-concave in η).
+    It equals the Fisher weight for the canonical links; for probit the Newton iteration converges
+    quadratically with it and its step has the exact implicit derivative of the mode."""
+    xp = _xp(eta)
+    if fam.name == "poisson":
+        mu = xp.exp(eta)
+        s, w = y - mu, mu
+        floor = MIN_WEIGHT
+    elif fam.link == "logit":
+        mu = xp.exp(-_softplus(-eta))
+        s, w = y - n * mu, n * mu * xp.exp(-_softplus(eta))
+        floor = MIN_WEIGHT * xp.maximum(n, 1.0)
+    else:  # probit: φ/Φ(η) and φ/Φ(-η) in logs, stable in both tails
+        log_phi = -0.5 * eta**2 - _LOG_SQRT_2PI
+        lp, lq = _log_ndtr(eta), _log_ndtr(-eta)
+        lam1, lam0 = xp.exp(log_phi - lp), xp.exp(log_phi - lq)
+        s = y * lam1 - (n - y) * lam0
+        if observed:
+            w = y * lam1 * (eta + lam1) + (n - y) * lam0 * (lam0 - eta)
+        else:
+            w = n * xp.exp(2.0 * log_phi - lp - lq)
+        floor = MIN_WEIGHT * xp.maximum(n, 1.0)
+    return s, xp.maximum(w, floor)
+
+
+def mean(fam: Family, eta):
+    """E[y | η] / n: the probability (bernoulli, binomial) or the rate (poisson); jnp or np input."""
+    xp = _xp(eta)
+    if fam.name == "poisson":
+        return xp.exp(eta)
+    if fam.link == "logit":
+        return 1.0 / (1.0 + xp.exp(-eta))
+    if xp is np:
+        from scipy.special import ndtr as np_ndtr
+        return np_ndtr(eta)
+    return ndtr(eta)
+
+
+# --------------------------------------------------------------------------- data (NumPy, once per data set)
+
+
+def log_norm(fam: Family, y: np.ndarray, n: np.ndarray) -> float:
+    """Σ_i of the constant part of log p(y_i | η_i): log C(n_i, y_i) (binomial), −log y_i! (poisson), 0 else."""
+    from scipy.special import gammaln
+    if fam.name == "poisson":
+        return float(-gammaln(y + 1.0).sum())
+    if fam.name == "binomial":
+        return float((gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)).sum())
+    return 0.0
+
+
+def _first_bad(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def check_response(fam: Family, y: np.ndarray, n: np.ndarray, response: str, trials: str | None) -> None:
+    """Raise a DesignError naming the column and the first offending row for a response the family cannot take."""
+    from .design import DesignError
+    if fam.name == "bernoulli":
+        bad = (y != 0) & (y != 1)
+        if bad.any():
+            i = _first_bad(bad)
+            raise DesignError(f"family='bernoulli' needs a 0/1 response, but {response!r} is {y[i]:g} at row {i}; "
+                              "for counts of successes out of trials use family='binomial' with "
+                              "cbind(successes, failures) or trials=")
+        return
+    bad = (y < 0) | (y != np.round(y))
+    if bad.any():
+        i = _first_bad(bad)
+        what = "successes" if fam.name == "binomial" else "counts"
+        raise DesignError(f"family={fam.name!r} needs non-negative integer {what}, but {response!r} is {y[i]:g} "
+                          f"at row {i}")
+    if fam.name == "binomial":
+        tname = trials or "the trials"
+        badn = (n != np.round(n)) | (n <= 0)
+        if badn.any():
+            i = _first_bad(badn)
+            raise DesignError(f"family='binomial' needs positive integer trials, but {tname!r} is {n[i]:g} at row {i}"
+                              + (" (zero trials carry no information: drop the row)" if n[i] == 0 else ""))
+        over = y > n
+        if over.any():
+            i = _first_bad(over)
+            raise DesignError(f"family='binomial': successes {response!r} = {y[i]:g} exceed the trials "
+                              f"{tname!r} = {n[i]:g} at row {i}")
+
+
+def glm_fit(fam: Family, X: np.ndarray, y: np.ndarray, n: np.ndarray, offset: np.ndarray | None = None,
+            max_iter: int = 50, ridge: float = 1e-8) -> np.ndarray:
+    """β (p,) of the GLM without random effects by IRLS (NumPy): the starting point of ML and of the chains.
+
+    A tiny ridge keeps separated data (a fitted probability of exactly 0 or 1) finite; the iteration stops at
+    |η| ≤ 30 for logit/probit for the same reason. Returns zeros where IRLS fails.
+    """
+    X = np.asarray(X, np.float64)
+    p = X.shape[1]
+    if p == 0:
+        return np.zeros(0)
+    off = np.zeros(len(y)) if offset is None else np.asarray(offset, np.float64)
+    rate = (y + 0.5) / (n + 1.0)
+    eta = np.log(rate) if fam.name == "poisson" else np.log(rate / (1 - rate))
+    beta = np.zeros(p)
+    for _ in range(max_iter):
+        s, w = score_weight(fam, y, n, eta)
+        z = eta - off + s / w
+        A = X.T @ (w[:, None] * X)
+        new = np.linalg.solve(A + ridge * np.trace(A) / p * np.eye(p), X.T @ (w * z))
+        if not np.all(np.isfinite(new)):
+            return beta
+        done = np.max(np.abs(new - beta)) < 1e-8 * (1 + np.max(np.abs(new)))
+        beta = new
+        eta = off + X @ beta
+        if fam.name != "poisson":
+            eta = np.clip(eta, -30, 30)
+        if done:
+            break
+    return beta
+
+
+def pointwise_log_lik(fam: Family, y: np.ndarray, n: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    """(..., N) log p(y_i | η_i) with the constants (NumPy): the conditional pointwise log-likelihood."""
+    from scipy.special import gammaln
+    const = np.zeros_like(y)
+    if fam.name == "poisson":
+        const = -gammaln(y + 1.0)
+    elif fam.name == "binomial":
+        const = gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)
+    return log_lik(fam, y, n, np.asarray(eta, np.float64)) + const

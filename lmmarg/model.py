@@ -70,6 +70,21 @@ def _glmm_response(design: Design, fam, trials: str | None) -> np.ndarray:
     return n
 
 
+def warn_large_dense(plan) -> None:
+    """Say what a large dense Schur block costs (measured here), once per plan: slow is allowed, silent is not."""
+    from .marginal.plan import LARGE_DENSE, dense_seconds
+    n = plan.dense_size
+    if n <= LARGE_DENSE:
+        return
+    from ._warnings import warn_user
+    dense = [plan.unit_names[u] for u in range(plan.n_chain_units, len(plan.unit_dims))]
+    t = dense_seconds(n)
+    warn_user(f"the crossed term(s) {dense} form a dense Schur block of size {n} ({8 * n * n / 2**20:.0f} MB): every "
+              f"likelihood evaluation factorizes it, about {t:.2g} s per value and gradient on this machine "
+              f"(fit_ml needs 30-100 evaluations, NUTS one per leapfrog step); marginalize='auto' leaves such terms "
+              "to HMC instead")
+
+
 class Model:
     """A linear mixed model given by an lme4 formula, e.g. ``"Reaction ~ Days + (Days | Subject)"``.
 
@@ -86,12 +101,17 @@ class Model:
     (docs/glmm.md): "bernoulli" (0/1 response), "binomial" (``cbind(successes, failures) ~ ...`` or
     ``trials=``), "poisson"; a link as ``link="probit"`` or ``"bernoulli(probit)"`` (logit and log by default).
     trials: binomial only, the column of the number of trials (instead of cbind).
+    dense_limit: largest dense Schur block (crossed terms) the engine may factorize; default: set by the machine's
+    memory (lmmarg.marginal.plan.default_dense_limit, ~11,000 in float64 with 24 GiB). Blocks above
+    ``LARGE_DENSE`` are allowed but warn with the measured cost of one evaluation.
     """
 
     def __init__(self, formula: str, data, *, family: str = "gaussian", link: str | None = None,
                  trials: str | None = None, na_action: str = "raise", dtype: str = "float64",
-                 priors: dict | None = None, sigma_by: str | None = None, sigma: str | None = None):
+                 priors: dict | None = None, sigma_by: str | None = None, sigma: str | None = None,
+                 dense_limit: int | None = None):
         self.dtype = _ensure_dtype(dtype)
+        self.dense_limit = None if dense_limit is None else int(dense_limit)
         from .families import resolve_family
         from .priors import build_priors, build_sigma_spec, sigma_columns
         fam = resolve_family(family, link)
@@ -146,6 +166,11 @@ class Model:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        if "family_spec" not in state:  # a model pickled before GLMM families
+            from .families import resolve_family
+            self.family_spec = resolve_family(self.family)
+            self.link, self.trials, self.trials_column = self.family_spec.link, None, None
+        self.__dict__.setdefault("dense_limit", None)
         _ensure_dtype("float64" if self.dtype == jnp.float64 else "float32")
 
     # -- names (contract) ---------------------------------------------------------------------------------------
@@ -220,7 +245,9 @@ class Model:
         key = (self.resolve_marginalize(marginalize), bool(marginalize_beta), bool(per_obs_sigma))
         if key not in self._plans:
             self._plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
-                                          marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype)
+                                          marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype,
+                                          dense_limit=self.dense_limit)
+            warn_large_dense(self._plans[key])
         return self._plans[key]
 
     def laplace_plan(self, marginalize="all"):

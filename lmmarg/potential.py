@@ -53,9 +53,6 @@ def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
         if n in out:
             out[n] = v
     if "laplace" in out.values():
-        if not model.family_spec.is_glmm:
-            raise ValueError("parameterization='laplace' (Laplace-centred random effects) is available for the GLMM "
-                             f"families; for family {model.family!r} marginalize the terms instead (exact)")
         if len(out) != len(names) or set(out.values()) != {"laplace"}:
             raise ValueError("parameterization='laplace' centres all random effects jointly: use it with "
                              "marginalize='none' and for every term")
@@ -110,6 +107,28 @@ class _Parts:
 _log_marginal_jit = jax.jit(kernels.log_marginal)
 _laplace_jit = jax.jit(laplace.log_marginal)
 _laplace_centred_jit = jax.jit(laplace.laplace_centred)
+
+
+def _gaussian_centred(plan, beta, sigma, scales, eps, Z, codes):
+    """The Laplace-centred joint of a Gaussian model (exact: the conditional of u is Gaussian, so ε | y, θ is
+    exactly N(0, I)): u = E[u | y, θ] + Λ L^{-T} ε. Returns (log N(y | Xβ + Zu, σ²) − ‖v‖²/2 − log|F|/2 + ‖ε‖²/2,
+    u per term). plan: a per-observation-σ plan over every term; Z, codes: per term (N, d), (N,)."""
+    dt = plan.dtype
+    sig = jnp.broadcast_to(jnp.asarray(sigma, dt), (plan.n_obs,))
+    w = 1.0 / sig**2
+    r = plan.y - plan.X @ beta
+    vs, logdet, ok = kernels.weighted_transform(plan, r, w, scales, eps)
+    us = tuple(v @ L.T for v, L in zip(vs, scales))
+    e = r - sum(jnp.sum(z * u[c], -1) for z, u, c in zip(Z, us, codes))
+    v2 = sum(jnp.sum(v * v) for v in vs)
+    e2 = sum(jnp.sum(x * x) for x in eps)
+    val = jnp.sum(-0.5 * w * e * e - jnp.log(sig)) - 0.5 * plan.n_obs * math.log(2 * math.pi) \
+        - 0.5 * v2 - 0.5 * logdet + 0.5 * e2
+    good = ok & jnp.isfinite(val) & jnp.all(sig > 0)
+    return jnp.where(good, val, -jnp.inf), us
+
+
+_gaussian_centred_jit = jax.jit(_gaussian_centred)
 
 
 def _likelihood(plan, beta, sigma, scales, offset):
@@ -184,26 +203,7 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
 
     laplace_centred = bool(centered) and set(centered.values()) == {"laplace"}
 
-    def model_fn():
-        beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
-            else jnp.zeros((0,), dt)
-        numpyro.deterministic("beta", beta)
-        if laplace_centred:   # every term: u = mode(θ) + L(θ)^{-T} ε, exact (lmmarg.marginal.laplace)
-            scales = [term_scale(t, "") for t in model.terms]
-            eps = [numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0).to_event(2))
-                   for t in model.terms]
-            val, us = _laplace_centred_jit(plan, beta, tuple(scales), tuple(eps))
-            for t, u_t in zip(model.terms, us):
-                numpyro.deterministic(f"u_{t.name}", u_t)
-            numpyro.factor("loglik", val)
-            return
-        scales, u = [], {}
-        for h, t in enumerate(model.terms):
-            Lam = term_scale(t, "")
-            if h in marg:
-                scales.append(Lam)
-            else:
-                u[t.name] = hmc_effect(t, Lam, t.name, centered.get(t.name) == "centered")
+    def sigma_sites():
         c = {}
         sk = parts.sspec.kind
         if sk in ("constant", "by"):
@@ -222,7 +222,33 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
                                                                        for n in sd_.fixed_names]))
             for t in sd_.terms:
                 c[f"u_sigma_{t.name}"] = hmc_effect(t, term_scale(t, "sigma_"), f"sigma_{t.name}", False)
-        sigma = parts.sigma_obs(c)
+        return parts.sigma_obs(c)
+
+    def model_fn():
+        beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
+            else jnp.zeros((0,), dt)
+        numpyro.deterministic("beta", beta)
+        if laplace_centred:   # every term: u = mode(θ) + L(θ)^{-T} ε, an exact reparameterization
+            scales = tuple(term_scale(t, "") for t in model.terms)
+            eps = tuple(numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0)
+                                       .to_event(2)) for t in model.terms)
+            if isinstance(plan, laplace.LaplacePlan):
+                val, us = _laplace_centred_jit(plan, beta, scales, eps)
+            else:
+                val, us = _gaussian_centred_jit(plan, beta, sigma_sites(), scales, eps, tuple(parts.Z),
+                                                tuple(parts.codes))
+            for t, u_t in zip(model.terms, us):
+                numpyro.deterministic(f"u_{t.name}", u_t)
+            numpyro.factor("loglik", val + log_jac)
+            return
+        scales, u = [], {}
+        for h, t in enumerate(model.terms):
+            Lam = term_scale(t, "")
+            if h in marg:
+                scales.append(Lam)
+            else:
+                u[t.name] = hmc_effect(t, Lam, t.name, centered.get(t.name) == "centered")
+        sigma = sigma_sites()
         ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u))
         numpyro.factor("loglik", ll + log_jac)
 
@@ -242,8 +268,9 @@ class Potential:
         # the engine's plan: exact Gaussian marginal, or the Laplace plan of a GLMM family
         hmc = [t.name for h, t in enumerate(model.terms) if h not in self.marg]
         self.centered = _resolve_parameterization(model, hmc, parameterization)
-        if "laplace" in self.centered.values():   # the Laplace plan over every term, centring them jointly
-            self.plan = model.laplace_plan("all")
+        if "laplace" in self.centered.values():   # a plan over every term, centring them jointly
+            self.plan = (model.laplace_plan("all") if model.family_spec.is_glmm
+                         else model.plan("all", per_obs_sigma=True))
         else:
             self.plan = model.laplace_plan(marginalize) if model.family_spec.is_glmm else model.plan(marginalize)
         self.parts = _Parts(model, self.marg, self.centered)

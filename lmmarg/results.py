@@ -523,7 +523,8 @@ class Fit:
         var: a data column used by the fixed effects. Numeric: ``resolution`` points from its min to max;
         categorical: its levels. Other predictors are held at their mean (numeric) or reference level
         (categorical) unless given in ``conditions`` ({column: value}); random effects are zero (population
-        level). kind: "mean" (E[y], default), "linpred" or "response" (predictive draws).
+        level). kind: "mean" (E[y], default), "linpred" or "response" (predictive draws); a binomial model is
+        shown per trial (the probability).
         Returns a DataFrame: ``var``, the other predictors' values, estimate (posterior mean), lower, upper
         (equal-tailed ``prob`` interval). plot=True also draws it (line and band, or points and intervals) on
         ``ax`` (new axes by default), stored in ``result.attrs["ax"]``.
@@ -563,7 +564,8 @@ class Fit:
                     ref = (s.cat.categories[0] if isinstance(s.dtype, pd.CategoricalDtype)
                            else sorted(s.unique(), key=str)[0])
                     new[c] = pd.Series([ref] * len(new), dtype=s.dtype)
-        draws = self.predict(new, kind=kind, new_levels="zero")
+        # binomial: per trial (the probability of success), as brms with trials = 1
+        draws = self.predict(new, kind=kind, new_levels="zero", trials=1 if m.family == "binomial" else None)
         lo, hi = np.quantile(draws, [(1 - prob) / 2, 1 - (1 - prob) / 2], axis=0)
         out = new.drop(columns=[c for c in used["groups"] if c in new.columns and c not in conditions and c != var])
         out = out.assign(estimate=draws.mean(0), lower=lo, upper=hi)
@@ -648,7 +650,7 @@ class Fit:
         return np.sum(Z[None] * u[:, codes, :], -1)
 
     def predict(self, new_data=None, draws: int | None = None, new_levels: str = "sample", seed: int = 0,
-                kind: str = "response") -> np.ndarray:
+                kind: str = "response", trials=None) -> np.ndarray:
         """Posterior predictive draws for the rows of ``new_data`` (default: the fitted data).
 
         draws: None (all chain x draw) or a number of draws picked at random (seeded).
@@ -658,7 +660,8 @@ class Fit:
         for lognormal) or "linpred" (μ, the Gaussian-scale linear predictor).
         GLMM families: "linpred" is η on the link scale, "mean" E[y | η] (trials × probability for binomial, the
         probability for bernoulli, the rate for poisson; brms's posterior_epred), "response" draws of y. A binomial
-        model needs the trials of new rows: the cbind() columns or the trials= column in ``new_data``.
+        model needs the trials of new rows: the cbind() columns or the trials= column in ``new_data``, or
+        ``trials`` (a number or an array, one per row).
         Returns an array (n_draws, n_new), draws flattened over (chain, draw) in chain-major order.
         """
         if new_levels not in ("sample", "zero", "error"):
@@ -700,7 +703,7 @@ class Fit:
 
         mu = mu + effects(m.terms, "")
         if m.family_spec.is_glmm:
-            return self._glmm_predict(mu, None if new_data is None else new, kind, rng)
+            return self._glmm_predict(mu, None if new_data is None else new, kind, rng, trials)
         sspec = m.sigma_spec
         if sspec.kind == "constant":
             sig = fl["sigma"][:, None]
@@ -728,13 +731,20 @@ class Fit:
         y = mu + sig * rng.standard_normal(mu.shape)
         return np.exp(y) if m.family == "lognormal" else y
 
-    def _glmm_predict(self, eta, new, kind: str, rng) -> np.ndarray:
+    def _glmm_predict(self, eta, new, kind: str, rng, trials=None) -> np.ndarray:
         """predict() of a GLMM family from the linear predictor eta (S, n)."""
         from . import families
         m = self.model
         if kind == "linpred":
             return eta
-        n = m.trials if new is None else _new_trials(m, new)
+        if trials is not None:
+            if m.family != "binomial":
+                raise ValueError(f"trials= applies to family='binomial', not {m.family!r}")
+            n = np.broadcast_to(np.asarray(trials, float), eta.shape[-1:])
+            if (n <= 0).any() or (n != np.round(n)).any():
+                raise ValueError("trials must be positive integers")
+        else:
+            n = m.trials if new is None else _new_trials(m, new)
         p = families.mean(m.family_spec, eta)
         if kind == "mean":
             return p * n

@@ -85,16 +85,16 @@ def log_density(y, trials, eta, family: str, link: str):
 
 def _build(Zs, codes, covs, n_groups, N):
     blocks_Z, blocks_L, layout = [], [], []
-    for l, (Zl, cl, cov) in enumerate(zip(Zs, codes, covs)):
+    for k, (Zl, cl, cov) in enumerate(zip(Zs, codes, covs)):
         Zl = np.asarray(Zl, dtype=float).reshape(N, -1)
         cl = np.asarray(cl, dtype=np.int64)
         d = Zl.shape[1]
-        G = int(n_groups[l]) if n_groups is not None else int(cl.max()) + 1
+        G = int(n_groups[k]) if n_groups is not None else int(cl.max()) + 1
         if cl.min() < 0 or cl.max() >= G:
-            raise ValueError(f"codes of class {l} out of range [0, {G})")
+            raise ValueError(f"codes of class {k} out of range [0, {G})")
         cov = np.atleast_2d(np.asarray(cov, dtype=float))
         if cov.shape != (d, d):
-            raise ValueError(f"class {l}: covariance shape {cov.shape} != ({d}, {d})")
+            raise ValueError(f"class {k}: covariance shape {cov.shape} != ({d}, {d})")
         # columns ordered group-major: (group g, column j) -> g * d + j
         Zfull = np.zeros((N, G * d))
         cols = cl[:, None] * d + np.arange(d)[None, :]
@@ -158,7 +158,7 @@ def laplace_reference(X, Zs, codes, y, trials, family, link, beta, covs, n_group
     v = np.zeros(q)
     f, eta, lp, g, obs, fis, mu = objective(v)
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 (reported after the loop)
         grad = ZL.T @ g - v
         H = ZL.T @ (obs[:, None] * ZL) + np.eye(q)          # negative Hessian (observed), PD
         cH = linalg.cho_factor(H, lower=True)

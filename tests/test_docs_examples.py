@@ -45,7 +45,7 @@ def _run(blocks, where, tmp_path, monkeypatch):
     return ns
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/formula.md", "docs/math.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/formula.md", "docs/math.md", "docs/glmm.md"])
 def test_examples_run(doc, short_sampling, tmp_path, monkeypatch):
     blocks = _blocks(ROOT / doc)
     assert blocks, doc

@@ -221,3 +221,22 @@ def test_chunked_qr_matches_direct_qr():
     X = rng.normal(size=(1000, 7)) * [1, 10, 1e-3, 1, 1, 1e5, 1]
     R = _qr_r(X, chunk_bytes=8 * 7 * 50)  # 50-row chunks
     np.testing.assert_allclose(np.abs(R), np.abs(np.linalg.qr(X, mode="r")), rtol=1e-9, atol=1e-9 * np.abs(R).max())
+
+
+def test_dense_limit_is_a_model_option_and_large_blocks_say_their_cost(monkeypatch):
+    """The dense-block limit is a Model option (MarginalTooLarge's advice names it) and blocks above LARGE_DENSE
+    warn with the measured cost of one evaluation."""
+    import lmmarg.marginal.plan as plan_mod
+    from lmmarg.marginal import MarginalTooLarge
+    rng = np.random.default_rng(0)
+    n = 400
+    d = pd.DataFrame(dict(y=rng.normal(size=n), a=rng.integers(0, 80, n).astype(str),
+                          b=rng.integers(0, 60, n).astype(str)))
+    m = lmmarg.Model("y ~ (1 | a) + (1 | b)", d, dense_limit=50)
+    with pytest.raises(MarginalTooLarge, match=r"Model\(\.\.\., dense_limit=\.\.\.\)"):
+        m.plan("all")
+    monkeypatch.setattr(plan_mod, "LARGE_DENSE", 10)
+    m = lmmarg.Model("y ~ (1 | a) + (1 | b)", d, dense_limit=100)
+    with pytest.warns(UserWarning, match=r"dense Schur block of size 60 .* s per value and gradient"):
+        m.plan("all")
+    assert plan_mod.default_dense_limit() > 4000

@@ -160,7 +160,10 @@ def _build(model):
     X = np.asarray(model.design.X, dtype=np.float64) @ S_X
     specs = [ClassSpec(name=t.name, Z=np.asarray(t.Z, dtype=np.float64) @ S, codes=t.codes, n_groups=t.n_groups)
              for t, S in zip(model.terms, coords.S_terms)]
-    plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=dt)
+    plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=dt,
+                      dense_limit=model.dense_limit)
+    from ..model import warn_large_dense
+    warn_large_dense(plan)
     beta0 = np.asarray(plan.beta0, dtype=np.float64)      # OLS on X̃
     r0 = np.asarray(model.y, dtype=np.float64) - X @ beta0
     Vraw = np.column_stack([X, r0])                        # (N, p+1) standardized X and the start residual
@@ -745,12 +748,25 @@ def _build_laplace(model):
         lams = tuple(S @ L for S, L in zip(c["S_terms"], lams))
         lams = tuple(lams[h] for h in plan.gauss.marginalized)
         beta = c["beta0"] + c["S_X"] @ x[n_theta:]
-        ll = laplace.log_marginal(plan, beta, lams)
+        ll, mode = laplace.log_marginal_warm(plan, beta, lams, flag)
         dev = -2.0 * ll
-        return jnp.where(jnp.isfinite(dev), dev, jnp.inf), beta
+        return jnp.where(jnp.isfinite(dev), dev, jnp.inf), (beta, mode)
 
     return {"plan": lp, "consts": consts, "coords": coords, "beta_glm": beta_glm, "n_theta": n_theta,
+            "v0": tuple(put(np.zeros((t.n_groups, t.d))) for t in model.terms),
             "fn": jax.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)), "compile_s": None}
+
+
+class _WarmObjective(_Objective):
+    """The Laplace criterion with the mode search of each evaluation started at the previous finite
+    evaluation's mode (``flag`` carries it): the optimizer's steps are small, so Newton needs fewer iterations."""
+
+    def raw(self, phi):
+        out = super().raw(phi)
+        (val, (_, mode)), _ = out
+        if np.isfinite(float(val)):
+            self.flag = mode
+        return out
 
 
 def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = False,
@@ -766,7 +782,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
     p = len(model.fixed_names)
     lower = np.concatenate([lower_t, np.full(p, -np.inf)])
     npdt = np.dtype(jnp.dtype(model.dtype).name)
-    obj = _Objective(cache["fn"], plan, cache["consts"], None, npdt, verbose)
+    obj = _WarmObjective(cache["fn"], plan, cache["consts"], cache["v0"], npdt, verbose)
     eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
     compile_s = 0.0
     if cache["compile_s"] is None:
@@ -804,7 +820,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
         except np.linalg.LinAlgError:
             vcov = np.full((p, p), np.nan)
     opt_s = time.perf_counter() - t1
-    beta = np.asarray(obj.raw(x)[0][1], dtype=float)
+    beta = np.asarray(obj.raw(x)[0][1][0], dtype=float)
     theta = coords.theta_from_phi(x[:n_theta])
     dims = [t.d for t in model.terms]
     lams = [np.asarray(L) for L in _lambdas(np.asarray(theta, dtype=float), layout, dims)]

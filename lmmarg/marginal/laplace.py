@@ -40,7 +40,8 @@ from .kernels import weighted_sample, weighted_solve, weighted_transform
 from .plan import Plan
 
 __all__ = ["LaplacePlan", "build_laplace_plan", "conditional_mode", "log_marginal", "conditional_sample",
-           "conditional_modes", "laplace_centred", "predictive_pieces", "ModeInfo", "MAX_NEWTON", "MAX_HALVINGS"]
+           "conditional_modes", "laplace_centred", "log_marginal_warm", "predictive_pieces", "ModeInfo",
+           "MAX_NEWTON", "MAX_HALVINGS"]
 
 MAX_NEWTON = 100        # Newton/PIRLS iterations per mode (typically 4-8 from v = 0)
 MAX_HALVINGS = 30       # step halvings per iteration before the step is taken as is
@@ -218,7 +219,20 @@ def log_marginal(lp: LaplacePlan, beta, scales, offset=None):
     if not lp.Z:  # nothing marginalized: the plain likelihood (every term's effects are in the offset)
         val = jnp.sum(families.log_lik(lp.family, lp.y, lp.trials, eta0)) + lp.log_norm
         return jnp.where(ok & jnp.isfinite(val), val, -jnp.inf)
-    v_star, info = _mode_loop(lp, lax.stop_gradient(lams), lax.stop_gradient(eta0), _zeros(lp))
+    return _laplace_value(lp, lams, eta0, ok, _zeros(lp))[0]
+
+
+def log_marginal_warm(lp: LaplacePlan, beta, scales, v0):
+    """:func:`log_marginal` with the mode search started at v0 (standardized, per class), e.g. the mode of the
+    previous call of a sequential optimizer: (value, mode v^ per class, no derivatives)."""
+    beta, lams, eta0, ok = _prepare(lp, beta, scales, None)
+    val, v_star = _laplace_value(lp, lams, eta0, ok, tuple(lax.stop_gradient(v) for v in v0))
+    return val, v_star
+
+
+def _laplace_value(lp: LaplacePlan, lams, eta0, ok, v0):
+    """(Laplace value, converged mode) from the start v0; the value is differentiable in lams and eta0."""
+    v_star, info = _mode_loop(lp, lax.stop_gradient(lams), lax.stop_gradient(eta0), v0)
     v_star = lax.stop_gradient(v_star)
     v_hat, _, ok1 = _newton(lp, lams, eta0, v_star)        # = v_star in value; carries dv^/dtheta
     eta = eta0 + _random_part(lp, lams, v_hat)
@@ -227,7 +241,7 @@ def log_marginal(lp: LaplacePlan, beta, scales, offset=None):
     _, logdet, ok2 = weighted_solve(lp.gauss, zero, w, lams)
     val = _objective(lp, eta, v_hat) + lp.log_norm - 0.5 * logdet
     good = ok & ok1 & ok2 & info.converged & jnp.isfinite(val)
-    return jnp.where(good, val, -jnp.inf)
+    return jnp.where(good, val, -jnp.inf), v_star
 
 
 def conditional_sample(lp: LaplacePlan, key, beta, scales, offset=None):

@@ -32,7 +32,8 @@ from ..codes import nested as nested_codes
 from ..codes import unique_rows
 
 __all__ = ["ClassSpec", "Plan", "MarginalTooLarge", "build_plan", "auto_marginalize", "DenseProductFill",
-           "PairListFill", "PooledFill", "LEVEL1_FILLS"]
+           "PairListFill", "PooledFill", "LEVEL1_FILLS",
+           "default_dense_limit", "dense_seconds", "LARGE_DENSE"]
 
 BETA = -1  # unit source id of the fixed effects when they are marginalized
 # Cost model of the scalar-sigma level-1 fill K = sum_g B_g R_g B_g^T (docs/math.md, section 5), in units of one
@@ -44,6 +45,12 @@ PAIR_MAX_ENTRIES = 4e7       # coefficient-list entries of PairListFill
 POOLED_MAX_ENTRIES = 2e7     # constants of PooledFill (U d0^2 ds (ds + k0)): at most 160 MB in float64
 POOLED_ENTRY_COST = 4.0      # a pooled constant is streamed from memory once per call in each pass: memory-bound
 LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
+# The default limit on the dense Schur block is set by memory, not by time (slow is allowed when it is said):
+# a value-and-gradient holds about DENSE_WORK_COPIES (n, n) arrays (F, its Cholesky factor, F^-1, cotangents), and
+# they may take DENSE_MEMORY_FRACTION of the machine's memory.
+DENSE_WORK_COPIES = 6
+DENSE_MEMORY_FRACTION = 0.25
+LARGE_DENSE = 2000           # blocks above this size get a warning with the measured cost of one evaluation
 CHAIN_FILLS = ("auto", "pairs", "mtm")
 
 
@@ -105,6 +112,34 @@ class ClassSpec:
 
 class MarginalTooLarge(ValueError):
     """The dense Schur block of the requested marginalization exceeds ``dense_limit``."""
+
+
+def _total_memory() -> float:
+    """Physical memory in bytes (8 GiB if unknown)."""
+    try:
+        import os
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8.0 * 2**30
+
+
+def default_dense_limit(itemsize: int = 8) -> int:
+    """The largest dense block whose work arrays fit in DENSE_MEMORY_FRACTION of the memory (about 11,000 in
+    float64 on a 24 GiB machine)."""
+    return int((DENSE_MEMORY_FRACTION * _total_memory() / (DENSE_WORK_COPIES * itemsize)) ** 0.5)
+
+
+def dense_seconds(n: int) -> float:
+    """Measured seconds of one Cholesky factorization and inverse of an (n, n) matrix on this machine (what one
+    value-and-gradient needs for the dense block), from a 600 x 600 one scaled by n^3."""
+    import time
+    m = 600
+    A = np.random.default_rng(0).standard_normal((m, m))
+    A = A @ A.T + m * np.eye(m)
+    t0 = time.perf_counter()
+    L = np.linalg.cholesky(A)
+    np.linalg.inv(L)
+    return (time.perf_counter() - t0) * 3.0 * (n / m) ** 3
 
 
 # --------------------------------------------------------------------------- pytree
@@ -363,10 +398,11 @@ def _too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta=0):
     if leave:
         msg += (
             "Suggestion: leave " + ", ".join(repr(classes[i].name) for i in leave)
-            + f" to HMC (marginalize={[classes[i].name for i in sorted(keep)]}), or raise dense_limit."
+            + f" to HMC (marginalize={[classes[i].name for i in sorted(keep)]}), or raise the limit with "
+            "Model(..., dense_limit=...) if memory allows (each evaluation then factorizes the dense block)."
         )
     else:
-        msg += "Raise dense_limit or marginalize fewer classes."
+        msg += "Pass Model(..., dense_limit=...) or marginalize fewer classes."
     return msg
 
 
@@ -583,7 +619,7 @@ def build_plan(
     marginalize: list,
     *,
     marginalize_beta: bool = False,
-    dense_limit: int = 4000,
+    dense_limit: int | None = None,
     scalar_sigma: bool = False,
     level1_fill: str = "auto",
     chain_fill: str = "auto",
@@ -599,7 +635,8 @@ def build_plan(
     cost model of ``_level1_fill``; "dense", "pairs", "pooled" force one, for tests and benchmarks).
     ``chain_fill`` selects the per-cell fill of every chain level used with a per-observation sigma ("auto": by
     ``_choose_fill``'s cost model; "pairs" or "mtm" force one).
-    Raises MarginalTooLarge if the dense block exceeds ``dense_limit``.
+    Raises MarginalTooLarge if the dense block exceeds ``dense_limit`` (default: ``default_dense_limit``, set by
+    the machine's memory).
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64).reshape(-1)
@@ -626,6 +663,8 @@ def build_plan(
         beta_block = "dense" if dense else "chain"
         if dense:
             ds += p
+    if dense_limit is None:
+        dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize)
     if ds > dense_limit:
         p_beta = p if beta_block == "dense" else 0
         raise MarginalTooLarge(_too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))

@@ -89,7 +89,9 @@ def _log_ndtr(x):
 
 
 def _softplus(x):
-    return _xp(x).logaddexp(0.0, x)
+    """log(1 + e^x), stable for both signs."""
+    xp = _xp(x)
+    return xp.maximum(x, 0.0) + xp.log1p(xp.exp(-xp.abs(x)))
 
 
 def log_lik(fam: Family, y, n, eta):
@@ -113,8 +115,8 @@ def score_weight(fam: Family, y, n, eta, observed: bool = False):
         s, w = y - mu, mu
         floor = MIN_WEIGHT
     elif fam.link == "logit":
-        mu = xp.exp(-_softplus(-eta))
-        s, w = y - n * mu, n * mu * xp.exp(-_softplus(eta))
+        mu = 0.5 * xp.tanh(0.5 * eta) + 0.5          # the logistic function
+        s, w = y - n * mu, 0.25 * n / xp.cosh(0.5 * eta) ** 2    # n μ (1 − μ) without cancellation
         floor = MIN_WEIGHT * xp.maximum(n, 1.0)
     else:  # probit: φ/Φ(η) and φ/Φ(-η) in logs, stable in both tails
         log_phi = -0.5 * eta**2 - _LOG_SQRT_2PI

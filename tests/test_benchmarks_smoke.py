@@ -106,3 +106,25 @@ def test_time_budget_gives_a_timeout_row_and_report_merges(tmp_path, monkeypatch
     merged = __import__("pandas").read_csv(tmp_path / "paper_sweep.csv")
     assert len(merged) == 1 and merged["source"].iloc[0] == "paper_sweepB.csv"
     assert (tmp_path / "summary.md").exists() and (tmp_path / "paper_sweep_iter.png").exists()
+
+
+def test_glmm_validation_quick_runs_end_to_end(tmp_path, monkeypatch):
+    import glmm_validation
+    monkeypatch.setattr(glmm_validation, "RESULTS", str(tmp_path))
+    df = glmm_validation.main(["--quick"])
+    assert set(df["method"]) == {"laplace", "exact"} and set(df["design"]) == {"cbpp"}
+    assert np.isfinite(df[["dmean_mcse", "dmean_sd", "dsd_mcse", "sd_ratio"]].to_numpy()).all()
+    for f in ("glmm_validation_quick.csv", "glmm_validation_quick_runs.csv", "glmm_validation_quick.md",
+              "glmm_validation_quick.png"):
+        assert (tmp_path / f).exists(), f
+
+
+def test_glmm_speed_quick_runs_end_to_end(tmp_path, monkeypatch):
+    import glmm_speed
+    monkeypatch.setattr(glmm_speed, "RESULTS", str(tmp_path))
+    ml, samp = glmm_speed.main(["--quick", "--no-r"])
+    assert "error" not in ml or ml["error"].isna().all(), ml.get("error")
+    assert "error" not in samp or samp["error"].isna().all(), samp.get("error")
+    assert set(samp["method"]) == {"lmmarg laplace", "numpyro-nc"} and (samp["min_ess_per_s"] > 0).all()
+    assert np.isfinite(ml["logLik"]).all()
+    assert (tmp_path / "glmm_speed_quick.md").exists() and (tmp_path / "glmm_speed_quick.csv").exists()

@@ -171,6 +171,9 @@ def test_fit_ml_reaches_glmer_optimum(key):
     for t in m.terms:
         np.testing.assert_allclose(fit.cov[t.name], np.array(ref["cov"][t.name]), atol=5e-3)
     assert "Laplace Approximation" in str(fit) and "z value" in str(fit)
+    modes = m.ranef_mean(fit.beta, None, fit.cov)
+    for t in m.terms:
+        np.testing.assert_allclose(fit.ranef[t.name], modes[t.name], atol=1e-7)
 
 
 def test_binomial_equals_expanded_bernoulli():

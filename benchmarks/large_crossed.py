@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 import pandas as pd
+from harness import to_markdown
 
 ROOT = pathlib.Path(__file__).resolve().parent
 
@@ -47,12 +48,22 @@ def main():
     ap.add_argument("--a", type=int, default=5000)
     ap.add_argument("--b", type=int, default=5000)
     ap.add_argument("--no-r", action="store_true")
+    ap.add_argument("--reuse-lmmarg", action="store_true",
+                    help="take lmmarg's row from the existing results .csv (e.g. to rerun only lme4)")
     ap.add_argument("--r-timeout", type=float, default=3600.0, help="seconds before lme4 is recorded as unfinished")
     ap.add_argument("--out", default=str(ROOT / "results" / "large_crossed"))
     args = ap.parse_args()
     import lmmarg
 
     d = simulate(int(args.n), args.a, args.b)
+    if args.reuse_lmmarg:
+        from lmmarg.marginal.plan import dense_seconds
+        prev = pd.read_csv(pathlib.Path(args.out).with_suffix(".csv"))
+        rows = prev[prev.tool == "lmmarg"].to_dict("records")
+        notes = [f"lmmarg's row is from an earlier run of this script (same data); its block of size {args.b} costs "
+                 f"about {dense_seconds(args.b):.2g} s per value and gradient here (lmmarg's own estimate)"]
+        _run_r(d, rows, args, notes)
+        return
     dm = d.assign(a=d.a.astype(str), b=d.b.astype(str))
     rows = []
     t0 = time.perf_counter()
@@ -68,6 +79,10 @@ def main():
                      fit_s=round(t_fit, 1), evaluations=fit.n_eval, converged=fit.converged, logLik=fit.loglik,
                      sd_a=float(fit.sd["a"][0]), sd_b=float(fit.sd["b"][0]), sigma=fit.sigma))
     _write(rows, args, notes)  # lmmarg's row first: lme4 may run for a long time on such designs
+    _run_r(d, rows, args, notes)
+
+
+def _run_r(d, rows, args, notes):
     if not args.no_r and shutil.which("Rscript"):
         with tempfile.TemporaryDirectory() as tmp:
             csv, rs = pathlib.Path(tmp) / "d.csv", pathlib.Path(tmp) / "fit.R"
@@ -92,7 +107,7 @@ def _write(rows, args, notes):
     text = ["# Large crossed design: ML with every term integrated out", "",
             f"`y ~ x + (1 | a) + (1 | b)`, N = {int(args.n):,}, a: {args.a:,} levels, b: {args.b:,} levels "
             f"(simulated), 2-core CPU, float64. Command: `python benchmarks/large_crossed.py --n {args.n:g} "
-            f"--a {args.a} --b {args.b}`.", "", df.to_markdown(index=False, floatfmt=".6g"), "",
+            f"--a {args.a} --b {args.b}`.", "", to_markdown(df, list(df.columns), ".6g"), "",
             "Notes (lmmarg's warnings for this design, and lme4's run):", ""] + [f"- {n}" for n in notes]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     print("\n".join(text), flush=True)

@@ -147,14 +147,20 @@ def mean(fam: Family, eta):
 # --------------------------------------------------------------------------- data (NumPy, once per data set)
 
 
-def log_norm(fam: Family, y: np.ndarray, n: np.ndarray) -> float:
-    """Σ_i of the constant part of log p(y_i | η_i): log C(n_i, y_i) (binomial), −log y_i! (poisson), 0 else."""
+def _constants(fam: Family, y: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """The constant part of log p(y_i | η_i) per observation: log C(n_i, y_i) (binomial), −log y_i! (poisson),
+    0 else; broadcast over y and n."""
     from scipy.special import gammaln
     if fam.name == "poisson":
-        return float(-gammaln(y + 1.0).sum())
+        return -gammaln(y + 1.0)
     if fam.name == "binomial":
-        return float((gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)).sum())
-    return 0.0
+        return gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)
+    return np.zeros(np.broadcast(y, n).shape)
+
+
+def log_norm(fam: Family, y: np.ndarray, n: np.ndarray) -> float:
+    """Σ_i of the constant part of log p(y_i | η_i) (``_constants``)."""
+    return float(np.sum(_constants(fam, y, n)))
 
 
 def _first_bad(mask: np.ndarray) -> int:
@@ -226,10 +232,4 @@ def glm_fit(fam: Family, X: np.ndarray, y: np.ndarray, n: np.ndarray, offset: np
 
 def pointwise_log_lik(fam: Family, y: np.ndarray, n: np.ndarray, eta: np.ndarray) -> np.ndarray:
     """(..., N) log p(y_i | η_i) with the constants (NumPy): the conditional pointwise log-likelihood."""
-    from scipy.special import gammaln
-    const = np.zeros_like(y)
-    if fam.name == "poisson":
-        const = -gammaln(y + 1.0)
-    elif fam.name == "binomial":
-        const = gammaln(n + 1.0) - gammaln(y + 1.0) - gammaln(n - y + 1.0)
-    return log_lik(fam, y, n, np.asarray(eta, np.float64)) + const
+    return log_lik(fam, y, n, np.asarray(eta, np.float64)) + _constants(fam, y, n)

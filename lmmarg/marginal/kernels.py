@@ -755,11 +755,9 @@ def weighted_solve(plan: Plan, r, w, scales):
     residual r = Z u + s / w (s the score, w the Fisher weights); log|F| is the Laplace determinant.
     The plan must be built for per-observation sigma (``build_plan(..., scalar_sigma=False)``).
     """
-    fac, working = _working_factor(plan, r, w, scales)
-    dt = plan.dtype
-    eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(plan.n_chain_units)]
-    vs = _backsolve(working, fac, eps, jnp.zeros(plan.dense_size, dt))
-    return _standardized(plan, vs), fac.logdet, fac.ok
+    zeros = tuple(jnp.zeros((plan.unit_groups[plan.unit_src.index(h)], plan.unit_dims[plan.unit_src.index(h)]),
+                            plan.dtype) for h in range(len(plan.marginalized)))
+    return weighted_transform(plan, r, w, scales, zeros)
 
 
 def _unit_eps(plan: Plan, eps):
@@ -784,11 +782,11 @@ def weighted_transform(plan: Plan, r, w, scales, eps):
 def weighted_sample(plan: Plan, key, r, w, scales):
     """One draw of u ~ N(Lambda F^{-1} Zt^T diag(w) r, Lambda F^{-1} Lambda^T) (arguments as
     :func:`weighted_solve`): per marginalized class (G_l, d_l) in caller order -- the Laplace Gaussian of a GLMM
-    at its mode."""
-    fac, working = _working_factor(plan, r, w, scales)
-    dt = plan.dtype
-    K = plan.n_chain_units
-    keys = jax.random.split(key, K + 1)
-    eps = [jax.random.normal(keys[j], (plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)]
-    vs = _backsolve(working, fac, eps, jax.random.normal(keys[K], (plan.dense_size,), dt))
-    return _to_effects(working, fac, vs)
+    at its mode; NaN for invalid inputs."""
+    keys = jax.random.split(key, len(plan.marginalized))
+    eps = tuple(jax.random.normal(k, (plan.unit_groups[plan.unit_src.index(h)],
+                                      plan.unit_dims[plan.unit_src.index(h)]), plan.dtype)
+                for h, k in enumerate(keys))
+    vs, _, ok = weighted_transform(plan, r, w, scales, eps)
+    nan = jnp.asarray(jnp.nan, plan.dtype)
+    return tuple(jnp.where(ok, v @ jnp.asarray(L, plan.dtype).T, nan) for v, L in zip(vs, scales))

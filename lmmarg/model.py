@@ -358,9 +358,11 @@ class Model:
 
     def sample(self, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
                chain_method: str = "vectorized", progress_bar=True, parameterization=None, recover: bool = True,
-               compilation_cache=None, **nuts_kwargs):
+               compilation_cache=None, init: str = "mode", **nuts_kwargs):
         """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample.
 
+        init: "mode" (default; chains start near the posterior mode and move in coordinates whitened by its
+        curvature) or "center" (a jittered data-scaled start, unit scales).
         nuts_kwargs: NUTS options, e.g. adapt_delta / target_accept_prob, max_treedepth / max_tree_depth,
         dense_mass; unknown keywords raise a TypeError listing the valid ones. Diagnostics problems (divergences,
         R-hat, ESS, tree depth) are reported as SamplerWarning after the fit, as brms does.
@@ -368,7 +370,7 @@ class Model:
         from .inference.nuts import sample
         return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
                       chain_method=chain_method, progress_bar=progress_bar, parameterization=parameterization,
-                      recover=recover, compilation_cache=compilation_cache, **nuts_kwargs)
+                      recover=recover, compilation_cache=compilation_cache, init=init, **nuts_kwargs)
 
     # -- inference (each lives in its own module) ---------------------------------------------------------------
     def fit_ml(self, reml: bool = False, **kwargs):

@@ -633,3 +633,32 @@ def test_too_large_advice_names_terms_that_resolve():
     plan = build_plan(des["X"], des["y"], des["classes"], idx, dense_limit=6)
     assert plan.dense_size <= 6
 
+
+
+@pytest.mark.parametrize("form", ["y ~ x + (x | a) + (x | b)", "y ~ x + (1 | a) + (x | b)",
+                                  "y ~ x + (1 | a) + (1 | b)"])
+def test_one_level_recovery_matches_the_general_elimination(form):
+    """Scalar σ, one chain level + dense block: conditional means and draws come from the plan's constants
+    (kernels._one_level_draw); they equal the per-cell elimination of a per-observation-σ plan (same ε)."""
+    import pandas as pd
+
+    from lmmarg import Model
+    from lmmarg.marginal import kernels
+    rng = np.random.default_rng(0)
+    n = 600
+    df = pd.DataFrame({"a": rng.integers(0, 40, n).astype(str), "b": rng.integers(0, 7, n).astype(str),
+                       "x": rng.normal(size=n)})
+    df["y"] = rng.normal(size=n) + df.x
+    m = Model(form, df)
+    p1, p2 = m.plan("all"), m.plan("all", per_obs_sigma=True)
+    assert p1.level1 is not None   # the one-level path; a vector σ takes the general elimination
+    beta, sig = jnp.array([0.3, 0.8]), 0.9
+    sc = [jnp.asarray(np.tril(rng.normal(size=(t.d, t.d))) + np.eye(t.d)) for t in m.terms]
+    sc = [sc[h] for h in p1.marginalized]
+    for a, b in zip(kernels.conditional_mean(p1, beta, sig, sc),
+                    kernels.conditional_mean(p2, beta, jnp.full(n, sig), sc)):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    key = jax.random.PRNGKey(3)
+    for a, b in zip(kernels.conditional_sample(p1, key, beta, sig, sc),
+                    kernels.conditional_sample(p2, key, beta, jnp.full(n, sig), sc)):
+        np.testing.assert_allclose(a, b, atol=1e-12)

@@ -136,9 +136,10 @@ def test_bad_counts_are_refused(model, kwargs, name):
 
 
 def test_bad_run_warns_at_the_users_line(model):
-    # a huge fixed step size and trees of depth 1: every transition diverges and hits the tree depth
+    # a huge fixed step size (in the whitened coordinates, where the posterior SDs are ~1) and trees of depth 1:
+    # every transition diverges and hits the tree depth
     with pytest.warns(SamplerWarning) as rec:
-        fit = model.sample(draws=20, warmup=20, chains=CHAINS, seed=0, progress_bar=False, step_size=50.0,
+        fit = model.sample(draws=20, warmup=20, chains=CHAINS, seed=0, progress_bar=False, step_size=1e4,
                            adapt_step_size=False, max_treedepth=1)
     msgs = [str(w.message) for w in rec if issubclass(w.category, SamplerWarning)]
     assert msgs == fit.diagnostics["warnings"]

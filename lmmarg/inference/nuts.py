@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from numpyro.infer import MCMC, NUTS
+from numpyro.infer.hmc import hmc
 
 from .. import jax_cache
+from . import precondition
 from ._blas import blas_threads
 
 __all__ = ["sample", "SamplerWarning"]
@@ -36,8 +38,10 @@ _EXTRA = ("diverging", "num_steps", "adapt_state.step_size", "accept_prob", "pot
 # brms / Stan argument names accepted as aliases of NumPyro's
 _ALIASES = {"adapt_delta": "target_accept_prob", "max_treedepth": "max_tree_depth"}
 # NUTS options a caller may set (the model, potential and init strategy are lmmarg's)
-_NUTS_OPTIONS = tuple(p for p in inspect.signature(NUTS.__init__).parameters
-                      if p not in ("self", "model", "potential_fn", "kinetic_fn", "init_strategy"))
+_NUTS_DEFAULTS = {k: p.default for k, p in inspect.signature(NUTS.__init__).parameters.items()
+                  if k not in ("self", "model", "potential_fn", "kinetic_fn", "init_strategy")}
+_NUTS_OPTIONS = tuple(_NUTS_DEFAULTS)
+_INITS = ("mode", "center")
 _TARGET_CHUNK_S = 0.25  # seconds of sampling between two progress updates
 _FIRST_CHUNK = 10  # iterations of the first chunks, before the speed is known
 _MAX_CHUNK = 250  # iterations per chunk at most (output buffer length, one compiled program for all lengths)
@@ -171,54 +175,55 @@ def _fetch(out, n: int):
 class _Driver:
     """NUTS for `chains` vectorized chains, compiled once per (potential, warmup, chains, NUTS options).
 
-    Iterations run as jitted chunks (a loop over `kernel.sample`; adaptation happens inside the kernel while the
-    iteration count is below `warmup`). The chunk length is an argument of the compiled program (its output
-    buffer holds `capacity` iterations), so chunks can follow the sampler's speed and stop exactly at the end of
-    warmup without recompiling, and a repeated sample() with other draws reuses the program.
+    The chains move in the whitened coordinates z of a ``precondition.Metric`` (x = mean + R z, see
+    lmmarg.inference.precondition); the metric is an argument of the compiled programs, so a new mode or curvature
+    (another data set of the same shapes, another seed) reuses them. Iterations run as jitted chunks (a loop over
+    NumPyro's functional NUTS kernel; adaptation happens inside the kernel while the iteration count is below
+    `warmup`). The chunk length is an argument too (the output buffer holds `capacity` iterations), so chunks can
+    follow the sampler's speed and stop exactly at the end of warmup without recompiling.
     """
 
-    def __init__(self, pot, warmup: int, chains: int, nuts_kwargs: dict):
+    def __init__(self, pot, lay: precondition.Layout, warmup: int, chains: int, nuts_kwargs: dict):
         # a jitted potential is traced once for the several places NUTS evaluates it (init, leapfrog): ~20 % less
         # tracing time (sleepstudy: 3.9 -> 3.2 s on a busy 2-core machine); XLA inlines it, the program is the same
         pe = pot.__dict__.setdefault("_potential_fn_jit", jax.jit(pot.potential_fn))
-        self.kernel = NUTS(potential_fn=pe, **nuts_kwargs)
-        self.warmup, self.chains, self.pot = warmup, chains, pot
-        dim = sum(math.prod(s) for s in pot.unc_shapes.values())
-        self.capacity = int(max(1, min(_MAX_CHUNK, _CHUNK_BYTES // (8 * chains * (dim + 6)))))
-        kernel, cap = self.kernel, self.capacity
 
-        def init_from(key, params):
-            return jax.vmap(lambda k, p: kernel.init(k, warmup, p, (), {}))(jax.random.split(key, chains), params)
+        def potential_gen(metric):
+            return lambda z: pe(lay.unflatten(precondition.to_position(metric, z)))
 
-        def init(key_init, key):
-            # the starting points are drawn inside the same program (one compilation instead of a dozen small
-            # eager ones); invalid starts are checked on the returned potential energies
-            return init_from(key, pot.init_params(key_init, num_chains=chains, check=False))
+        init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
+        opts = {**_NUTS_DEFAULTS, **nuts_kwargs}
+        self.warmup, self.chains, self.pot, self.layout = warmup, chains, pot, lay
+        self.capacity = int(max(1, min(_MAX_CHUNK, _CHUNK_BYTES // (8 * chains * (lay.size + 6)))))
+        cap = self.capacity
+        step = jax.vmap(sample_kernel, in_axes=(0, None, None))
 
-        def chunk(state, n):
+        def init(key, z0, metric):
+            keys = jax.random.split(key, chains)
+            return jax.vmap(lambda k, z: init_kernel(z, warmup, **opts, model_args=(metric,), rng_key=k))(keys, z0)
+
+        def chunk(state, n, metric):
             buf = jax.tree.map(lambda x: jnp.zeros((cap,) + x.shape, x.dtype), _fields(state))
 
             def body(i, carry):
                 st, b = carry
-                st = jax.vmap(lambda s: kernel.sample(s, (), {}))(st)
+                st = step(st, (metric,), {})
                 b = jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, i, 0), b, _fields(st))
                 return st, b
 
             return jax.lax.fori_loop(0, n, body, (state, buf))
 
+        # init is traced first: NumPyro's kernel fixes its adaptation schedule when it is initialized
         self.init = jax.jit(init)
-        self.init_from = jax.jit(init_from)  # compiled only for given init params or a restart
         self.chunk = jax.jit(chunk)
 
-    def start(self, key_init, key, init_params=None):
-        """Initial states of the chains, from `init_params` ({site: (chains, ...)}) or drawn by
-        ``pot.init_params(key_init)``; when a drawn start has a non-finite potential, every chain restarts from
-        the checked ``pot.init_params`` (invalid jittered starts replaced by the un-jittered centre)."""
-        if init_params is not None:
-            return self.init_from(key, init_params)
-        state = self.init(key_init, key)
-        if not np.isfinite(np.asarray(state.potential_energy)).all():
-            state = self.init_from(key, self.pot.init_params(key_init, num_chains=self.chains))
+    def start(self, key, z0: np.ndarray, metric: precondition.Metric, fallback: np.ndarray):
+        """Initial states of the chains at z0 (chains, D); chains whose start has a non-finite potential restart
+        from the matching row of `fallback` (a valid point)."""
+        state = self.init(key, z0, metric)
+        bad = ~np.isfinite(np.asarray(state.potential_energy))
+        if bad.any():
+            state = self.init(key, np.where(bad[:, None], fallback, z0), metric)
         return state
 
     def _size(self, start: int, total: int, sec_per_iter, live: bool) -> int:
@@ -229,10 +234,11 @@ class _Driver:
         end = self.warmup if start < self.warmup else total  # a chunk never straddles the end of warmup
         return min(n, end - start)
 
-    def run(self, state, draws: int, report, compiled=None):
-        """(chains, draws, ...) post-warmup outputs of `_fields`. Two chunks are in flight at a time (the device
-        never waits for the host); `report` is called after a chunk's results were fetched, never before.
-        `compiled()` is called once the chunk program is compiled and running (nothing traces here after that).
+    def run(self, state, metric, draws: int, report, compiled=None):
+        """(chains, draws, ...) post-warmup outputs of `_fields` (positions in whitened coordinates). Two chunks are
+        in flight at a time (the device never waits for the host); `report` is called after a chunk's results were
+        fetched, never before. `compiled()` is called once the chunk program is compiled and running (nothing
+        traces here after that).
         """
         total = self.warmup + draws
         pending, kept = deque(), []
@@ -240,7 +246,7 @@ class _Driver:
         while pending or dispatched < total:
             while len(pending) < 2 and dispatched < total:
                 n = self._size(dispatched, total, sec_per_iter, report.live)
-                state, out = self.chunk(state, n)  # compiles on the first call only
+                state, out = self.chunk(state, n, metric)  # compiles on the first call only
                 pending.append((dispatched, n, out, time.perf_counter()))
                 dispatched += n
                 if compiled is not None:
@@ -260,29 +266,67 @@ class _Driver:
         return jax.tree.map(lambda x: np.swapaxes(x, 0, 1), out)  # (iterations, chains, ...) -> (chains, ...)
 
 
-def _driver(pot, warmup, chains, nuts_kwargs) -> _Driver:
+def _driver(pot, lay, warmup, chains, nuts_kwargs) -> _Driver:
     """The driver cached on the potential (a fresh one when the options are not hashable)."""
     try:
         key = (warmup, chains, tuple(sorted(nuts_kwargs.items())))
         hash(key)
     except TypeError:  # e.g. an array-valued inverse_mass_matrix
-        return _Driver(pot, warmup, chains, nuts_kwargs)
+        return _Driver(pot, lay, warmup, chains, nuts_kwargs)
     cache = pot.__dict__.setdefault("_driver_cache", {})
     if key not in cache:
-        cache[key] = _Driver(pot, warmup, chains, nuts_kwargs)
+        cache[key] = _Driver(pot, lay, warmup, chains, nuts_kwargs)
     return cache[key]
 
 
-def _numpyro_mcmc(pot, key, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs):
-    """NumPyro's own MCMC driver, for chain_method "sequential" / "parallel"."""
-    if chains == 1:
-        init = {k: v[0] for k, v in init.items()}
-    mcmc = MCMC(NUTS(potential_fn=pot.potential_fn, **nuts_kwargs), num_warmup=warmup, num_samples=draws,
-                num_chains=chains, chain_method=chain_method, progress_bar=bool(progress_bar))
-    mcmc.run(key, init_params=init, extra_fields=_EXTRA)
+def _numpyro_mcmc(pot, lay, metric, key, z0, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs):
+    """NumPyro's own MCMC driver, for chain_method "sequential" / "parallel" (positions in whitened coordinates;
+    the metric is a constant of these programs)."""
+    pe = pot.__dict__.setdefault("_potential_fn_jit", jax.jit(pot.potential_fn))
+    m = precondition.Metric(*(jnp.asarray(a) for a in metric))
+    kernel = NUTS(potential_fn=lambda z: pe(lay.unflatten(precondition.to_position(m, z))), **nuts_kwargs)
+    mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
+                progress_bar=bool(progress_bar))
+    mcmc.run(key, init_params=z0[0] if chains == 1 else z0, extra_fields=_EXTRA)
     ex = mcmc.get_extra_fields(group_by_chain=True)
-    raw = jax.tree.map(np.asarray, mcmc.get_samples(group_by_chain=True))
-    return raw, *(np.asarray(ex[k]) for k in _EXTRA)
+    z = np.asarray(mcmc.get_samples(group_by_chain=True))
+    return z, *(np.asarray(ex[k]) for k in _EXTRA)
+
+
+def _flat_value_and_grad(pot, lay):
+    """Host function x (D,) -> (potential, gradient) in float64, one compiled program per potential."""
+    vg = pot.__dict__.get("_flat_vg")
+    if vg is None:
+        vg = pot.__dict__.setdefault("_flat_vg", jax.jit(jax.value_and_grad(
+            lambda x: pot.potential_fn(lay.unflatten(x)))))
+    wide = jax.dtypes.canonicalize_dtype(np.float64)
+
+    def f(x):
+        v, g = vg(jnp.asarray(x, wide))
+        return float(v), np.asarray(g, dtype=np.float64)
+    return f
+
+
+def _starts(pot, lay, init: str, key, seed: int, chains: int):
+    """(metric, z0 (chains, D), fallback (chains, D), info): the whitening and the chains' starting points.
+
+    "mode": the Laplace approximation at the posterior mode (lmmarg.inference.precondition); the chains start
+    uniformly within ±1 posterior SD of the mode in every whitened direction, and fall back to the mode itself.
+    "center": unit scales, starts at the data-scaled centre jittered by ``Potential.init_params``.
+    A mode that cannot be found falls back to "center" (recorded in the returned info)."""
+    wide = jax.dtypes.canonicalize_dtype(np.float64)
+    x_center = np.asarray(lay.flatten(pot.init_params(key, num_chains=chains)), np.float64)  # checked starts
+    info = {"init": init}
+    if init == "mode":
+        metric, info_mode = precondition.laplace_metric(_flat_value_and_grad(pot, lay), lay, x_center[0])
+        info.update(info_mode)
+        if metric is not None:
+            z0 = np.random.default_rng([seed, 1]).uniform(-1.0, 1.0, (chains, lay.size))
+            metric = precondition.Metric(*(np.asarray(a, wide) for a in metric))
+            return metric, z0.astype(wide), np.zeros_like(z0, dtype=wide), info
+        info["init"] = "center (no finite posterior mode found)"
+    metric = precondition.identity_metric(lay, wide)
+    return metric, x_center.astype(wide), x_center.astype(wide), info
 
 
 def _precompile(pot, z0: dict, key, recover: bool) -> threading.Thread:
@@ -392,7 +436,7 @@ def _diagnostic_warnings(fit, nuts_kwargs: dict) -> list[str]:
 
 def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
            chain_method: str = "vectorized", progress_bar=True, parameterization=None,
-           recover: bool = True, compilation_cache=None, **nuts_kwargs):
+           recover: bool = True, compilation_cache=None, init: str = "mode", **nuts_kwargs):
     """Sample the posterior with NUTS (NumPyro) on the marginal likelihood.
 
     marginalize: "all" (default) | "none" | "auto" | list of term names integrated out analytically.
@@ -401,6 +445,9 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     progress_bar: True (a live bar in a terminal or notebook, a few plain lines otherwise), False, or a callable
         f(phase, done, total, divergences) called after each finished chunk of iterations ("vectorized" only).
     compilation_cache: None (default: JAX's persistent cache on, see lmmarg.jax_cache), True, False or a directory.
+    init: "mode" (default): find the posterior mode, start the chains within about one posterior SD of it and let
+        NUTS move in coordinates whitened by the curvature there (an affine map: the posterior is unchanged; see
+        lmmarg.inference.precondition); "center": start at a jittered data-scaled centre, unit scales.
     nuts_kwargs: NUTS options (numpyro.infer.NUTS): target_accept_prob (brms: adapt_delta), max_tree_depth
         (brms: max_treedepth), dense_mass, step_size, ...; other keywords are refused.
     Returns lmmarg.results.Fit; samples have leading dims (chains, draws) and include every "u_<term>".
@@ -411,6 +458,8 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     _check_counts(draws, warmup, chains, nuts_kwargs)
     if chain_method not in ("vectorized", "sequential", "parallel"):
         raise ValueError(f"chain_method must be 'vectorized', 'sequential' or 'parallel', got {chain_method!r}")
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
     from ..results import Fit
 
     jax_cache.apply(compilation_cache)
@@ -418,19 +467,26 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     if not pot.sites:
         raise ValueError("every parameter is fixed by the priors: nothing to sample")
     k_init, k_mcmc, k_rec = jax.random.split(jax.random.PRNGKey(seed), 3)
+    lay = precondition.layout(pot)
     t0 = time.perf_counter()
     with blas_threads(pot.plan.dense_size):
+        with _compile_timer() as comp_init:
+            metric, z0, fallback, init_info = _starts(pot, lay, init, k_init, seed, chains)
+        t1 = time.perf_counter()
         with _compile_timer() as comp:
             if chain_method == "vectorized":
                 # the background compilation starts only once the NUTS program is traced (NumPyro's handler
                 # stack is global, not thread-safe)
                 bg = []
                 report = _progress(progress_bar, warmup + draws, chains)  # shown while compiling, too
+                x0 = lay.unflatten(precondition.to_position(metric, z0, np), np)
+
                 try:
-                    drv = _driver(pot, warmup, chains, nuts_kwargs)
-                    state = drv.start(k_init, k_mcmc)
-                    raw, div, n_steps, step_size, accept, pe = drv.run(
-                        state, draws, report, compiled=lambda: bg.append(_precompile(pot, state.z, k_rec, recover)))
+                    drv = _driver(pot, lay, warmup, chains, nuts_kwargs)
+                    state = drv.start(k_mcmc, z0, metric, fallback)
+                    z, div, n_steps, step_size, accept, pe = drv.run(
+                        state, metric, draws, report,
+                        compiled=lambda: bg.append(_precompile(pot, x0, k_rec, recover)))
                 except Exception:
                     for t in bg:  # the caller may trace NumPyro next: never leave the thread running into it
                         t.join()
@@ -440,9 +496,9 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                 for t in bg:  # not on an interrupt: a daemon thread, it never delays a Ctrl-C
                     t.join()
             else:
-                init = pot.init_params(k_init, num_chains=chains)
-                raw, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
-                    pot, k_mcmc, init, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
+                z, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
+                    pot, lay, metric, k_mcmc, z0, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
+        raw = lay.unflatten(precondition.to_position(metric, np.asarray(z, np.float64), np), np)
         t2 = time.perf_counter()
         samples = pot.constrain(raw)
         t3 = time.perf_counter()
@@ -471,8 +527,9 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "mean_n_steps": float(n_steps.mean()),
         "step_size": stats["step_size"][:, -1].tolist(),
         "mean_acceptance": float(stats["acceptance_rate"].mean()),
-        "time_compile": comp["s"],  # tracing + XLA compilation of the NUTS kernel
-        "time_mcmc": t2 - t0 - comp["s"],  # warmup + sampling, compilation excluded
+        "time_compile": comp["s"] + comp_init["s"],  # tracing + XLA compilation (NUTS kernel, mode search)
+        "time_init": t1 - t0 - comp_init["s"],  # posterior mode and curvature (init="mode"), compilation excluded
+        "time_mcmc": t2 - t1 - comp["s"],  # warmup + sampling, compilation excluded
         "time_total": time.perf_counter() - t0,
         "time_constrain": t3 - t2,
         "time_recover": t4 - t3,  # (its compilation overlaps the sampling with chain_method="vectorized")
@@ -480,6 +537,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "target_accept_prob": float(nuts_kwargs["target_accept_prob"]),
         "marginalized": list(pot.marginalized_terms), "hmc_terms": list(pot.hmc_terms),
         "compilation_cache": jax_cache.active_cache_dir(),
+        **init_info,
     }
     fit = Fit(model, samples, sample_stats=stats, diagnostics=diagnostics, method="nuts", potential=pot)
     fit.diagnostics["warnings"] = _diagnostic_warnings(fit, nuts_kwargs)

@@ -377,17 +377,24 @@ def _group_R(plan: Plan, R):
     return R[plan.bilinear.rep] if isinstance(plan.bilinear, PooledFill) else R
 
 
+def _one_level_leaves(plan: Plan, lams, s2):
+    """Leaf factors of the one-level path: (Linv = chol(I + Lambda_0^T A_g Lambda_0 / s2)^{-1}, its diagonal's
+    log-determinants), per group (G_0, ...) or per class of equal A_g for a PooledFill (U, ...)."""
+    pooled = isinstance(plan.bilinear, PooledFill)
+    A0 = plan.bilinear.A if pooled else plan.level1[0]
+    A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
+    diag, Linv = _chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    return Linv, 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+
+
 def _one_level_matrix(plan: Plan, lams, s2):
     """Matrix part for a one-level chain + dense block from constants: (R, F_DD, chain log|.|).
 
     R is (G_0, d_0, d_0) per group, or (U, d_0, d_0) per class of equal A_g for a PooledFill (whose per-call work
     then never touches the G_0 groups)."""
-    pooled = isinstance(plan.bilinear, PooledFill)
-    A0 = plan.bilinear.A if pooled else plan.level1[0]
-    A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
-    diag, Linv = _chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    Linv, logdets = _one_level_leaves(plan, lams, s2)
     R = _level1_R(lams, Linv)
-    logdets = 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+    pooled = isinstance(plan.bilinear, PooledFill)
     logdet = jnp.sum(plan.bilinear.count * logdets) if pooled else jnp.sum(logdets)
     return R, _structured_dense(plan, lams, s2, R), logdet
 
@@ -698,13 +705,66 @@ def _to_effects(plan: Plan, fac: Factor, vs):
     return tuple(out)
 
 
+def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
+    """v = F^{-1} h + L^{-T} eps for a one-level chain + dense block, scalar sigma, no offset, from the plan's
+    constants (work in the groups and the dense block; no pass over the N observations or per-cell statistics).
+
+    With F = [[L_0 L_0^T, F_0D], [F_D0, F_DD]] (L_0 per group) and S = L_D L_D^T its Schur complement:
+    v_D = L_D^{-T}(L_D^{-1} x_D + eps_D) with x_D the eliminated dense right-hand side, and per group
+    v_g = L_g^{-T}(L_g^{-1} Lambda_0^T (a_g - (B^T Lambda_D v_D)_g) / s2 + eps_g), a_g = Z_g^T r (raw group sums,
+    constants of beta), B the raw dense-by-group cross sums. eps0 (G_0, d_0), eps_D (ds,). Returns per-unit v.
+    """
+    beta, sigma, lams, _, mu, ok = prepared
+    s2 = sigma**2
+    Linv, _ = _one_level_leaves(plan, lams, s2)
+    R = _level1_R(lams, Linv)
+    F = _structured_dense(plan, lams, s2, R)
+    delta = beta - plan.beta0
+    c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
+    _, xD = one_level_rhs_coef(plan, lams, s2, R, c)
+    LD = _chol(F)
+    vD = solve_triangular(LD, solve_triangular(LD, xD[:, 0], lower=True) + eps_D, lower=True, trans="T")
+    K = plan.n_chain_units
+    dense_units = [vD[plan.dense_offsets[u - K]:plan.dense_offsets[u - K] + plan.unit_groups[u] * plan.unit_dims[u]]
+                   .reshape(plan.unit_groups[u], plan.unit_dims[u]) for u in range(K, len(plan.unit_dims))]
+    lam_vD = jnp.concatenate([(v @ lams[u].T).reshape(-1) for u, v in zip(range(K, len(plan.unit_dims)), dense_units)])
+    if isinstance(plan.bilinear, PooledFill):
+        Linv = Linv[plan.bilinear.cls]
+    _, rows, cols, vals = plan.level1
+    G0, d0 = Linv.shape[0], Linv.shape[-1]
+    a_r, a_X = plan.level1_rhs[:2]
+    cross = jax.ops.segment_sum(vals * lam_vD[rows], cols, G0 * d0).reshape(G0, d0)
+    a = (a_r - _mv(a_X, delta) - cross) @ lams[0] / s2                   # Lambda_0^T (a_g - cross_g) / s2
+    v0 = jnp.einsum("gij,gi->gj", Linv, _mv(Linv, a) + eps0)
+    return [v0] + dense_units
+
+
+def _one_level_recovery(plan: Plan, sigma, offset) -> bool:
+    return _one_level(plan, sigma) and offset is None and not plan.marginalize_beta
+
+
 def conditional_mean(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """E[u | y, params]: tuple of (n_groups_l, d_l) per marginalized class (plus beta (p,)
     last if the plan marginalizes beta).  Arguments as in :func:`log_marginal`."""
-    fac = factorize(plan, beta, sigma, scales, offset, beta_prior)
     dt = plan.dtype
+    prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
     eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(plan.n_chain_units)]
-    vs = _backsolve(plan, fac, eps, jnp.zeros(plan.dense_size, dt))
+    eps_D = jnp.zeros(plan.dense_size, dt)
+    return _effects_given_eps(plan, prepared, eps, eps_D)
+
+
+def _effects_given_eps(plan: Plan, prepared, eps, eps_D):
+    """Per-class effects Lambda v with v = F^{-1} h + L^{-T} eps (eps per chain unit, eps_D dense)."""
+    beta, sigma, lams, offset, mu, ok = prepared
+    if _one_level_recovery(plan, sigma, offset):
+        vs = _one_level_draw(plan, prepared, eps[0], eps_D)
+        fac = Factor((), None, None, lams, mu, None, None, None, None, ok)
+        return _to_effects(plan, fac, vs)
+    fac, F, x = _eliminate_prepared(plan, prepared)
+    if F is not None:
+        LD, zD, logdet = _dense_chol(F, x)
+        fac = fac._replace(LD=LD, zD=zD)
+    vs = _backsolve(plan, fac, eps, eps_D)
     return _to_effects(plan, fac, vs)
 
 
@@ -713,7 +773,6 @@ def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_p
 
     ``key`` is a PRNG key; vmap over (key, params) for many posterior draws.
     """
-    fac = factorize(plan, beta, sigma, scales, offset, beta_prior)
     dt = plan.dtype
     K = plan.n_chain_units
     keys = jax.random.split(key, K + 1)
@@ -721,8 +780,7 @@ def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_p
         jax.random.normal(keys[j], (plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)
     ]
     eps_D = jax.random.normal(keys[K], (plan.dense_size,), dt)
-    vs = _backsolve(plan, fac, eps, eps_D)
-    return _to_effects(plan, fac, vs)
+    return _effects_given_eps(plan, _prepare(plan, beta, sigma, scales, offset, beta_prior), eps, eps_D)
 
 
 # --------------------------------------------------------------------------- weighted solves (the GLMM engine)

@@ -110,3 +110,17 @@ def test_parallel_chains_over_two_host_devices():
     import sys
     p = subprocess.run([sys.executable, "-c", _PARALLEL], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-2000:]
+
+
+def test_a_runaway_mode_search_falls_back_to_the_center(sleep):
+    """Centred effects left to HMC: the joint density grows without bound as an SD and its effects go to 0, so
+    there is no mode to start from; sample() notices (the search ends away from a stationary point) and starts as
+    init="center" does, instead of whitening by the curvature of a degenerate point."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = sleep.sample(draws=100, warmup=150, chains=2, seed=0, marginalize="none", parameterization="centered",
+                           progress_bar=False)
+    d = fit.diagnostics
+    assert d["init"].startswith("center") and "no usable mode" in d["mode_message"]
+    assert d["mean_n_steps"] < 200

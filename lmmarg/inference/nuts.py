@@ -399,7 +399,7 @@ def _starts(programs, pot, lay, init: str, key, seed: int, chains: int):
             z0 = np.random.default_rng([seed, 1]).uniform(-1.0, 1.0, (chains, lay.size))
             metric = precondition.Metric(*(np.asarray(a, wide) for a in metric))
             return metric, z0.astype(wide), lambda: np.zeros_like(z0, dtype=wide), info
-        info["init"] = "center (no finite posterior mode found)"
+        info["init"] = "center (no usable posterior mode)"
     metric = precondition.identity_metric(lay, wide)
 
     def checked():

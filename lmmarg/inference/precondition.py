@@ -42,6 +42,12 @@ FD_REL_STEP = 1e-2
 FD_FIRST_STEP = 1e-4
 MODE_MAXITER = 500
 MODE_GTOL = 1e-6
+# A mode is used only where the search ended at a stationary point (max |gradient| below MODE_GRAD_OK, in sampler
+# units where posterior SDs are O(1) or smaller) within MODE_MAX_SHIFT of its start: a search that runs off
+# (the density of a centred hierarchical model grows without bound as an SD and its effects go to 0) has no mode
+# to start from, and NUTS then starts as with init="center".
+MODE_GRAD_OK = 1e-2
+MODE_MAX_SHIFT = 15.0
 
 
 class Layout(NamedTuple):
@@ -158,7 +164,10 @@ def laplace_metric(vg, lay: Layout, x0: np.ndarray) -> tuple[Metric | None, dict
     v, g = f(x)
     info = {"mode_iterations": int(res.nit), "mode_evaluations": int(res.nfev), "mode_potential": float(v),
             "mode_max_abs_grad": float(np.max(np.abs(g), initial=0.0)), "mode_message": str(res.message)}
-    if not np.isfinite(v):
+    shift = float(np.max(np.abs(x - x0), initial=0.0))
+    if not np.isfinite(v) or not info["mode_max_abs_grad"] <= MODE_GRAD_OK or shift > MODE_MAX_SHIFT:
+        info["mode_message"] = (f"no usable mode: max |grad| {info['mode_max_abs_grad']:.3g}, moved {shift:.3g} "
+                                f"from the start ({info['mode_message']})")
         info["time_mode"] = time.perf_counter() - t0
         return None, info
     idx = np.arange(lay.n_dense)

@@ -1,0 +1,20 @@
+"""Smoke test of benchmarks/sampler.py: its quick geometry part runs two short fits of dillonE1 (init="center" and
+init="mode") in fresh processes and writes its table. Timings are never asserted."""
+import os
+import sys
+
+import pandas as pd
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+sys.path.insert(0, BENCH)
+
+
+def test_sampler_benchmark_quick_geometry(tmp_path):
+    import sampler
+    out = str(tmp_path / "sampler_quick")
+    sampler.main(["--quick", "--parts", "geometry", "--out", out])
+    df = pd.read_csv(out + ".csv")
+    assert list(df["init"]) == ["center", "mode"]
+    assert "error" not in df or df["error"].isna().all(), df.get("error")
+    assert (df["min_ess_bulk"] > 0).all() and (df["leapfrog_per_draw"] >= 1).all()
+    assert "Geometry" in open(out + ".md").read()

@@ -128,3 +128,22 @@ def test_glmm_speed_quick_runs_end_to_end(tmp_path, monkeypatch):
     assert set(samp["method"]) == {"lmmarg laplace", "numpyro-nc"} and (samp["min_ess_per_s"] > 0).all()
     assert np.isfinite(ml["logLik"]).all()
     assert (tmp_path / "glmm_speed_quick.md").exists() and (tmp_path / "glmm_speed_quick.csv").exists()
+
+
+def test_sbc_quick_runs_end_to_end(tmp_path):
+    """benchmarks/sbc.py --quick: a simulated data set of each model fitted by model.sample() (one fit compiles for
+    ~15 s on a CPU core, so one simulation per model); the CSV has one row per simulation and parameter with ranks in
+    0..L, and the table and plot are written. Coverage and timings are not asserted."""
+    import pandas as pd
+    import sbc
+    df, par, runs = sbc.main(["--quick", "--sims", "1", "--out", str(tmp_path)])
+    for f in ("sbc_quick.csv", "sbc_quick.md", "sbc_quick.png"):
+        assert (tmp_path / f).exists(), f
+    csv = pd.read_csv(tmp_path / "sbc_quick.csv")
+    n_params = {name: len(sbc.MODELS[name](2024).params) for name in sbc.MODELS}
+    assert len(csv) == sum(n_params.values())
+    assert csv.groupby("model")["parameter"].nunique().to_dict() == n_params
+    assert ((csv["rank"] >= 0) & (csv["rank"] <= csv["L"])).all()
+    assert csv["hit90"].astype(bool).ge(csv["hit50"].astype(bool)).all()   # the 50 % interval lies in the 90 %
+    assert set(par["model"]) == set(sbc.MODELS) and (runs["S"] == 1).all()
+    assert "| slopes | cor_g__Intercept__x |" in (tmp_path / "sbc_quick.md").read_text()

@@ -177,8 +177,10 @@ class _Driver:
     """NUTS for `chains` vectorized chains, compiled once per (potential, warmup, chains, NUTS options).
 
     The chains move in the whitened coordinates z of a ``precondition.Metric`` (x = mean + R z, see
-    lmmarg.inference.precondition); the metric is an argument of the compiled programs, so a new mode or curvature
-    (another data set of the same shapes, another seed) reuses them. Iterations run as jitted chunks (a loop over
+    lmmarg.inference.precondition); the metric is an argument of the compiled programs, so another start or
+    curvature (another seed, another sample() of the same model) reuses them. The data are still constants of these
+    programs (the potential closes over the plan, the priors and the standardization), so a new data set of the
+    same shapes compiles again (benchmarks/results/sbc.md measured it). Iterations run as jitted chunks (a loop over
     NumPyro's functional NUTS kernel; adaptation happens inside the kernel while the iteration count is below
     `warmup`). The chunk length is an argument too (the output buffer holds `capacity` iterations), so chunks can
     follow the sampler's speed and stop exactly at the end of warmup without recompiling.

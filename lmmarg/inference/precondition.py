@@ -12,7 +12,7 @@ with the remaining coordinates (random effects left to HMC, already on unit scal
 map is affine with a constant Jacobian, so the posterior of x is exactly the one of the potential; only the
 geometry NUTS sees changes (near-Gaussian posteriors become near N(0, I): step size ~1, short trees from the
 first warmup iteration). The mode, R and the scales enter the compiled sampler as arguments (``Metric``), so one
-compiled program serves every data set of the same shapes.
+compiled program serves every start and curvature of a model (the data themselves are still constants of it).
 
 Shapes: D = number of unconstrained coordinates of the potential, Dg = ``Layout.n_dense`` (≤ D).
 """

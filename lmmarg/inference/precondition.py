@@ -42,11 +42,12 @@ FD_REL_STEP = 1e-2
 FD_FIRST_STEP = 1e-4
 MODE_MAXITER = 500
 MODE_GTOL = 1e-6
-# A mode is used only where the search ended at a stationary point (max |gradient| below MODE_GRAD_OK, in sampler
-# units where posterior SDs are O(1) or smaller) within MODE_MAX_SHIFT of its start: a search that runs off
-# (the density of a centred hierarchical model grows without bound as an SD and its effects go to 0) has no mode
-# to start from, and NUTS then starts as with init="center".
-MODE_GRAD_OK = 1e-2
+# A mode is used only where the search ended at a stationary point -- the gradient in whitened coordinates, i.e.
+# the distance to the mode of the local quadratic in posterior SDs, is below MODE_GRAD_OK (a raw gradient would
+# depend on the curvature: 1e-2 is nothing for σ at N = 5e5) -- within MODE_MAX_SHIFT sampler units of its start:
+# a search that runs off (the density of a centred hierarchical model grows without bound as an SD and its
+# effects go to 0) has no mode to start from, and NUTS then starts as with init="center".
+MODE_GRAD_OK = 0.1
 MODE_MAX_SHIFT = 15.0
 
 
@@ -164,19 +165,24 @@ def laplace_metric(vg, lay: Layout, x0: np.ndarray) -> tuple[Metric | None, dict
     v, g = f(x)
     info = {"mode_iterations": int(res.nit), "mode_evaluations": int(res.nfev), "mode_potential": float(v),
             "mode_max_abs_grad": float(np.max(np.abs(g), initial=0.0)), "mode_message": str(res.message)}
-    shift = float(np.max(np.abs(x - x0), initial=0.0))
-    if not np.isfinite(v) or not info["mode_max_abs_grad"] <= MODE_GRAD_OK or shift > MODE_MAX_SHIFT:
-        info["mode_message"] = (f"no usable mode: max |grad| {info['mode_max_abs_grad']:.3g}, moved {shift:.3g} "
-                                f"from the start ({info['mode_message']})")
+    def refuse(why):
+        info["mode_message"] = f"no usable mode: {why} ({info['mode_message']})"
         info["time_mode"] = time.perf_counter() - t0
         return None, info
+
+    shift = float(np.max(np.abs(x - x0), initial=0.0))
+    if not np.isfinite(v) or shift > MODE_MAX_SHIFT:
+        return refuse(f"potential {v:.6g}, moved {shift:.3g} from the start")
     idx = np.arange(lay.n_dense)
     H = _hessian(f, x, idx, np.full(idx.size, FD_FIRST_STEP))
     sd = 1.0 / np.sqrt(np.clip(np.diag(H), 1.0, None))   # no step beyond FD_REL_STEP of unit scale
     H = _hessian(f, x, idx, FD_REL_STEP * sd)
     if not np.isfinite(H).all():
-        info["time_mode"] = time.perf_counter() - t0
-        return None, info
+        return refuse("non-finite curvature")
     root, weak = _root(H)
+    white = float(np.max(np.abs(np.concatenate([root.T @ g[:lay.n_dense], g[lay.n_dense:]])), initial=0.0))
+    info["mode_whitened_grad"] = white
+    if not white <= MODE_GRAD_OK:
+        return refuse(f"whitened gradient {white:.3g}")
     info.update(weak_directions=weak, time_mode=time.perf_counter() - t0)
     return Metric(x, root, np.ones(lay.size - lay.n_dense)), info

@@ -244,8 +244,9 @@ def part_cores(quick: bool, cache: str) -> list:
     n = (100, 100) if quick else (1000, 1000)
     rows = []
     for c in ([dict(data="sleepstudy")] if quick else
-              [dict(data="sleepstudy"), dict(data="dillonE1", formula=DILLON_FORMULA), dict(data="eeg")]):
-        c = dict(c, warmup=n[0], draws=n[1])
+              [dict(data="sleepstudy"), dict(data="dillonE1", formula=DILLON_FORMULA),
+               dict(data="eeg", warmup=300, draws=300)]):
+        c = {"warmup": n[0], "draws": n[1], **c}
         env = dict(os.environ, LMMARG_JAX_CACHE=cache, OPENBLAS_NUM_THREADS="1")
         p = subprocess.run([sys.executable, "-c", _CORES.format(here=HERE), json.dumps(c)], capture_output=True,
                            text=True, env=env, cwd=ROOT)
@@ -283,7 +284,7 @@ def report(df: pd.DataFrame) -> str:
                         ("demo", "`python -m lmmarg` vs the bare-NumPyro floor"),
                         ("crossed", "Crossed N = 5e5 (10,000 x 100): sample(chains=2, 300 + 300) vs fit_ml()"),
                         ("eeg", "eeg, default sample() (4 chains x 1000 + 1000)"),
-                        ("cores", "Chains across cores: vectorized vs parallel (4 chains, 1000 + 1000, compiled)")):
+                        ("cores", "Chains across cores: vectorized vs parallel (4 chains, compiled; eeg 300 + 300)")):
         p = df[df.part == part]
         if len(p):
             shown = ("wall", "min_ess_bulk", "min_ess_per_s", "leapfrog_per_draw", "divergences", "time_compile",

@@ -56,7 +56,7 @@ class SamplerWarning(UserWarning):
 @contextlib.contextmanager
 def _compile_timer():
     """Seconds JAX spends tracing, lowering and compiling inside the block (via jax.monitoring events), in this
-    thread only (the recovery programs compile in a background thread meanwhile, see `_precompile`)."""
+    thread only."""
     acc = {"s": 0.0}
     events = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
               "/jax/core/compile/backend_compile_duration")
@@ -290,11 +290,10 @@ class _Driver:
         end = self.warmup if start < self.warmup else total  # a chunk never straddles the end of warmup
         return min(n, end - start)
 
-    def run(self, state, metric, draws: int, report, compiled=None):
+    def run(self, state, metric, draws: int, report):
         """(chains, draws, ...) post-warmup outputs of `_fields` (positions in whitened coordinates). Two chunks are
         in flight at a time (the device never waits for the host); `report` is called after a chunk's results were
-        fetched, never before. `compiled()` is called once the chunk program is compiled and running (nothing
-        traces here after that).
+        fetched, never before.
         """
         total = self.warmup + draws
         pending, kept = deque(), []
@@ -302,12 +301,9 @@ class _Driver:
         while pending or dispatched < total:
             while len(pending) < 2 and dispatched < total:
                 n = self._size(dispatched, total, sec_per_iter, report.live)
-                state, out = self.chunk(state, n, metric)  # compiles on the first call only
+                state, out = self.chunk(state, n, metric)
                 pending.append((dispatched, n, out, time.perf_counter()))
                 dispatched += n
-                if compiled is not None:
-                    compiled()
-                    compiled = None
             start, n, out, t_disp = pending.popleft()
             host = self._fetch(out, n)
             now = time.perf_counter()
@@ -407,27 +403,6 @@ def _starts(programs, pot, lay, init: str, key, seed: int, chains: int):
     def checked():
         return np.asarray(lay.flatten(pot.init_params(key, num_chains=chains)), wide)
     return metric, x_start.astype(wide), checked, info
-
-
-def _precompile(pot, z0: dict, key, recover: bool) -> threading.Thread:
-    """Compile `constrain` and the recovery of the random effects in a background thread while NUTS runs.
-
-    Both run in batches of a fixed size (lmmarg.potential), so constraining and recovering the chains' starting
-    points z0 ({site: (chains, ...)}) compiles exactly the programs used after sampling; XLA compiles without
-    the GIL, so this hides the recovery's compilation behind the sampling. Call it only when no other thread
-    traces NumPyro code (its handler stack is global).
-    """
-    def work():
-        try:
-            c = pot.constrain(z0)
-            if recover and pot.marg:
-                pot.recover(c, key)
-        except Exception as e:  # noqa: BLE001 - only a head start: the same calls run again after sampling
-            logger.debug("lmmarg: background compilation of the recovery failed (%r)", e)
-
-    t = threading.Thread(target=work, name="lmmarg-precompile", daemon=True)
-    t.start()
-    return t
 
 
 def _nuts_options(kwargs: dict) -> dict:
@@ -556,7 +531,6 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     with blas_threads(pot.plan.dense_size):
         # shown while compiling, too (NumPyro's driver shows its own)
         report = _NoProgress() if chain_method == "sequential" else _progress(progress_bar, warmup + draws, chains)
-        bg = []
         try:
             if chain_method == "sequential":
                 programs = _Eager(pot, lay, chains)
@@ -572,21 +546,12 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                     z, div, n_steps, step_size, accept, pe = _numpyro_mcmc(
                         pot, lay, metric, k_mcmc, z0, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
                 else:
-                    # the background compilation starts only once every NUTS program is traced (NumPyro's handler
-                    # stack is global, not thread-safe)
-                    x0 = lay.unflatten(precondition.to_position(metric, z0, np), np)
+                    # nothing else executes while NUTS runs: XLA:CPU was seen to stall with every thread idle when
+                    # a recovery program ran concurrently with a chunk (as it did in group LOO, see lmmarg.loo)
                     state = programs.start(k_mcmc, z0, metric, fallback)
-                    z, div, n_steps, step_size, accept, pe = programs.run(
-                        state, metric, draws, report,
-                        compiled=lambda: bg.append(_precompile(pot, x0, k_rec, recover)))
-        except Exception:
-            for t in bg:  # the caller may trace NumPyro next: never leave the thread running into it
-                t.join()
-            raise
+                    z, div, n_steps, step_size, accept, pe = programs.run(state, metric, draws, report)
         finally:
             report.close()
-        for t in bg:  # not on an interrupt: a daemon thread, it never delays a Ctrl-C
-            t.join()
         raw = lay.unflatten(precondition.to_position(metric, np.asarray(z, np.float64), np), np)
         t2 = time.perf_counter()
         samples = pot.constrain(raw)
@@ -622,7 +587,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "time_mcmc": t2 - t1 - comp["s"],  # warmup + sampling, compilation excluded
         "time_total": time.perf_counter() - t0,
         "time_constrain": t3 - t2,
-        "time_recover": t4 - t3,  # (its compilation overlaps the sampling with chain_method="vectorized")
+        "time_recover": t4 - t3,  # including its compilation (once per model and batch size)
         "chains": chains, "draws": draws, "warmup": warmup, "chain_method": chain_method, "devices": devices,
         "target_accept_prob": float(nuts_kwargs["target_accept_prob"]),
         "marginalized": list(pot.marginalized_terms), "hmc_terms": list(pot.hmc_terms),

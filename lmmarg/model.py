@@ -81,8 +81,9 @@ def warn_large_dense(plan) -> None:
     t = dense_seconds(n)
     warn_user(f"the crossed term(s) {dense} form a dense Schur block of size {n} ({8 * n * n / 2**20:.0f} MB): every "
               f"likelihood evaluation factorizes it, about {t:.2g} s per value and gradient on this machine "
-              f"(fit_ml needs 30-100 evaluations, NUTS one per leapfrog step); marginalize='auto' leaves such terms "
-              "to HMC instead")
+              f"(fit_ml needs 30-100 evaluations, NUTS one per leapfrog step); for NUTS leave some of them to HMC "
+              "(marginalize='auto' or a list of term names), with parameterization={term: 'conditional'} for terms "
+              "with many observations per level (docs/guide.md, section 4)")
 
 
 class Model:
@@ -360,6 +361,11 @@ class Model:
                chain_method: str = "vectorized", progress_bar=True, parameterization=None, recover: bool = True,
                compilation_cache=None, init: str = "mode", **nuts_kwargs):
         """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample.
+
+        parameterization: for terms left to HMC, "noncentered" (default), "centered" or "conditional" (offsets
+        from the effects' approximate conditional mean, scaled by their conditional SD: exact, and the right
+        geometry when the data dominate, e.g. thousands of levels with hundreds of observations each), one string
+        or {term: ...}; "laplace" for GLMM families (docs/glmm.md).
 
         init: "mode" (default; chains start near the posterior mode and move in coordinates whitened by its
         curvature) or "center" (a jittered data-scaled start, unit scales).

@@ -8,7 +8,8 @@
 >>> effects = pot.recover(draws, key)                               # {"u_<term>": (chains, draws, G, d)}
 
 Sample sites (unconstrained dict keys): b_<fixed>, sigma, sd_<term>__<col>, cor_<term> (Cholesky factor of the
-correlation, d > 1), z_<term> (noncentered) or u_<term> (centered) for terms left to HMC, and for a sigma formula
+correlation, d > 1), z_<term> (noncentered, or the ε of the conditional parameterization: u = Λ (m(θ) + S(θ) ε),
+see lmmarg.marginal.conditional) or u_<term> (centered) for terms left to HMC, and for a sigma formula
 b_sigma_<name>, sd_sigma_<term>__<col>, cor_sigma_<term>, z_sigma_<term>. Fixed parameters are not sites.
 Outputs of ``constrain`` (leading dims kept): beta (p,), sigma () or (K,) for sigma_by, sd_<term> (d,),
 corr_<term> (d, d) for d > 1, u_<term> (G, d) for terms left to HMC; b_sigma, sd_sigma_<term>, corr_sigma_<term>,
@@ -28,9 +29,24 @@ from numpyro.distributions.transforms import CorrCholeskyTransform, biject_to
 from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
 from .design import column_standardizer
-from .marginal import kernels, laplace
+from .marginal import conditional, kernels, laplace
 
 __all__ = ["Potential", "make_model_fn"]
+
+
+_PARAMETERIZATIONS = ("centered", "noncentered", "conditional", "laplace")
+
+
+def _check_conditional(model, terms: list) -> None:
+    """parameterization='conditional' needs the exact Gaussian marginal with a scalar or per-level residual SD."""
+    fam = model.family_spec
+    if fam.is_glmm:
+        raise ValueError(f"parameterization='conditional' (terms {terms}) is for Gaussian families; family "
+                         f"{model.family!r} has parameterization='laplace' (every term, marginalize='none') or the "
+                         "default noncentered effects")
+    if model.sigma_spec.kind not in ("constant", "by"):
+        raise ValueError(f"parameterization='conditional' (terms {terms}) supports a scalar residual SD or "
+                         "sigma_by=; a sigma= formula is not supported (use 'noncentered' or 'centered')")
 
 
 def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
@@ -48,14 +64,18 @@ def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
     for n, v in parameterization.items():
         if n not in names:
             raise ValueError(f"parameterization: unknown term {n!r}; terms are {names}")
-        if v not in ("centered", "noncentered", "laplace"):
-            raise ValueError(f"parameterization[{n!r}] must be 'centered', 'noncentered' or 'laplace', got {v!r}")
+        if v not in _PARAMETERIZATIONS:
+            raise ValueError(f"parameterization[{n!r}] must be 'centered', 'noncentered', 'conditional' or "
+                             f"'laplace', got {v!r}")
         if n in out:
             out[n] = v
     if "laplace" in out.values():
         if len(out) != len(names) or set(out.values()) != {"laplace"}:
             raise ValueError("parameterization='laplace' centres all random effects jointly: use it with "
                              "marginalize='none' and for every term")
+    cond = [n for n, v in out.items() if v == "conditional"]
+    if cond:
+        _check_conditional(model, cond)
     return out
 
 
@@ -68,7 +88,11 @@ class _Parts:
         self.terms = model.terms
         self.Z = [jnp.asarray(t.Z, dt) for t in self.terms]
         self.codes = [jnp.asarray(t.codes, jnp.int32) for t in self.terms]
-        self.centered = centered  # term name -> "centered"/"noncentered", HMC terms only
+        self.centered = centered  # term name -> "centered"/"noncentered"/"conditional"/"laplace", HMC terms only
+        # constants of the terms in the conditional parameterization (lmmarg.marginal.conditional)
+        self.cond_names = tuple(n for n, v in centered.items() if v == "conditional")
+        self.cond_terms = {t.name: conditional.cond_term(t.Z, t.codes, t.n_groups, dt)
+                           for t in self.terms if t.name in self.cond_names}
         self.sspec = model.sigma_spec
         if self.sspec.kind == "by":
             self.by_codes = jnp.asarray(self.sspec.codes, jnp.int32)
@@ -78,11 +102,12 @@ class _Parts:
             self.sZ = [jnp.asarray(t.Z, dt) for t in sd_.terms]
             self.scodes = [jnp.asarray(t.codes, jnp.int32) for t in sd_.terms]
 
-    def offset(self, u: dict):
-        """Σ_h Z_h u_h[codes_h] over the terms left to HMC (u: {term name: (G, d)}) -> (N,) or None."""
+    def offset(self, u: dict, skip=()):
+        """Σ_h Z_h u_h[codes_h] over the terms left to HMC (u: {term name: (G, d)}), those named in skip left out
+        -> (N,) or None."""
         off = None
         for h, t in enumerate(self.terms):
-            if h not in self.marg:
+            if h not in self.marg and t.name not in skip:
                 c = jnp.sum(self.Z[h] * u[t.name][self.codes[h]], -1)
                 off = c if off is None else off + c
         return off
@@ -241,14 +266,27 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
                 numpyro.deterministic(f"u_{t.name}", u_t)
             numpyro.factor("loglik", val + log_jac)
             return
-        scales, u = [], {}
+        scales, u, cond = [], {}, []
         for h, t in enumerate(model.terms):
             Lam = term_scale(t, "")
             if h in marg:
                 scales.append(Lam)
+            elif centered.get(t.name) == "conditional":
+                cond.append((t, Lam))
             else:
                 u[t.name] = hmc_effect(t, Lam, t.name, centered.get(t.name) == "centered")
         sigma = sigma_sites()
+        if cond:   # u = Λ (m(θ) + S(θ) ε): an exact change of variables (lmmarg.marginal.conditional)
+            eps = [numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0).to_event(2))
+                   for t, _ in cond]
+            vs, logjac = conditional.conditional_transform(
+                plan, beta, sigma, tuple(scales), parts.offset(u, skip=parts.cond_names),
+                [parts.cond_terms[t.name] for t, _ in cond], [L for _, L in cond], eps)
+            for (t, L), v in zip(cond, vs):
+                u[t.name] = numpyro.deterministic(f"u_{t.name}", v @ L.T)
+            # the prior N(0, I) of v and the Jacobian replace the N(0, I) of the sampled ε
+            extra = logjac - 0.5 * sum(jnp.sum(v * v) for v in vs) + 0.5 * sum(jnp.sum(e * e) for e in eps)
+            numpyro.factor("conditional", jnp.where(jnp.isfinite(extra), extra, -jnp.inf))
         ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u))
         numpyro.factor("loglik", ll + log_jac)
 
@@ -259,7 +297,10 @@ class Potential:
     """Unnormalized negative log posterior on unconstrained space, plus init / constrain / recover helpers.
 
     marginalize: "all" | "none" | "auto" | list of term names (terms integrated out analytically).
-    parameterization: "centered" | "noncentered" (default) or {term: ...} for terms left to HMC.
+    parameterization: "centered" | "noncentered" (default) | "conditional" or {term: ...} for terms left to HMC;
+    "laplace" (every term, marginalize="none"). "conditional" (Gaussian families, scalar σ or sigma_by): ε-offsets
+    from the effects' approximate conditional mean, scaled by their approximate conditional SD given the global
+    parameters (exact posterior; lmmarg.marginal.conditional) -- for large terms the data dominate.
     """
 
     def __init__(self, model, marginalize="all", parameterization=None):
@@ -386,6 +427,15 @@ class Potential:
                            return_deterministic=True)
         return {k: out[k] for k in self.output_keys}
 
+    def _constrain_batch(self) -> int:
+        """Draws per batch of ``constrain``: 512, fewer when terms in the conditional parameterization make each
+        draw touch the data (their transform runs a few passes over the N observations; ~2e8 bytes per batch)."""
+        if not self.parts.cond_names:
+            return 512
+        per = self.model.n_obs * (8 + 2 * sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
+        cap = int(max(1, min(512, 2e8 // (8 * max(per, 1)))))
+        return 1 << (cap.bit_length() - 1)
+
     def _lead(self, samples: dict) -> tuple:
         n = next(iter(self.sites))
         x = samples[n]
@@ -400,7 +450,7 @@ class Potential:
         S = math.prod(lead)
         flat = {n: np.reshape(np.asarray(samples[n]), (S,) + tuple(self.unc_shapes[n])) for n in self.sites}
         # fixed-size batches (the last one padded on the host): one compilation serves every number of draws
-        bs = 512
+        bs = self._constrain_batch()
         n_b = max(1, -(-S // bs))
         pad = n_b * bs - S
         if pad:

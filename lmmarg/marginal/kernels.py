@@ -41,8 +41,8 @@ from jax.scipy.linalg import block_diag, solve_triangular
 from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
 __all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
-           "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef", "weighted_solve", "weighted_sample",
-           "weighted_transform"]
+           "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef", "residual_precision", "weighted_solve",
+           "weighted_sample", "weighted_transform"]
 
 _UNROLL_MAX = 6
 _LOG2PI = 1.8378770664093453
@@ -781,6 +781,65 @@ def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_p
     ]
     eps_D = jax.random.normal(keys[K], (plan.dense_size,), dt)
     return _effects_given_eps(plan, _prepare(plan, beta, sigma, scales, offset, beta_prior), eps, eps_D)
+
+
+def residual_precision(plan: Plan, sigma, scales):
+    """The map e -> V^{-1} e, V = diag(sigma^2) + sum_l Z_l (I kron Sigma_l) Z_l^T (the marginalized classes),
+    with the matrix part factorized once: (apply, ok).
+
+    apply(e) takes (N,) or (N, k) and returns V^{-1} e of the same shape, through the Woodbury form
+    V^{-1} e = W (e - sum_l Z_l E[u_l | e]) (the conditional means of the marginalized classes given the residual
+    e): per call one pass over the data (cell sums of Z^T W e, a gather of the fitted effects) plus the back
+    substitution, no refactorization. sigma () or (N,); scales as :func:`log_marginal`. Without marginalized
+    classes V^{-1} = W. Used by the conditional parameterization of the terms left to HMC
+    (``lmmarg.marginal.conditional``); pure and differentiable."""
+    if plan.marginalize_beta:
+        raise ValueError("residual_precision needs a plan without marginalized fixed effects")
+    dt = plan.dtype
+    _, sigma, lams, _, _, ok = _prepare(plan, jnp.zeros((plan.n_fixed,), dt), sigma, scales, None, None)
+    w = 1.0 / sigma**2
+    N, D, K = plan.n_obs, plan.D, plan.n_chain_units
+
+    def weight(e):
+        return (w[:, None] if (w.ndim and e.ndim == 2) else w) * e
+
+    if D == 0:
+        return weight, ok
+    Hk = plan.S_zz * w if sigma.ndim == 0 else _weighted_gram(plan, w, jnp.zeros((N,), dt))[0]
+    Lam = block_diag(*lams)
+    mats, F, _ = _eliminate_matrix(plan, sigma, lams, Ht=_sandwich(Lam, Hk))
+    LD = _chol(F) if F is not None else None
+    zero = jnp.zeros((), dt)
+    eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)]
+    eps_D = jnp.zeros((plan.dense_size,), dt)
+
+    def cell_effects(z, xD):
+        """One right-hand side: chain z's and dense x_D -> the conditional mean effects per cell (n_cells, D)."""
+        levels = tuple((Linv, Wm, zj, V) for (Linv, Wm, V), zj in zip(mats, z))
+        zD = solve_triangular(LD, xD, lower=True) if LD is not None else None
+        vs = _backsolve(plan, Factor(levels, LD, zD, lams, None, zero, zero, zero, zero, ok), eps, eps_D)
+        vcell = [vs[j][plan.cell_node[j]] for j in range(K)]
+        if plan.m:
+            vD = jnp.concatenate([v.reshape(-1) for v in vs[K:]])
+            vcell.append(vD[plan.dense_idx])
+        return jnp.concatenate(vcell, axis=1) @ Lam.T
+
+    def apply(e):
+        e = jnp.asarray(e, dt)
+        E = e.reshape(N, -1)                                                   # (N, k): one pass for all k
+        k = E.shape[1]
+        wE = (w[:, None] if w.ndim else w) * E
+        hk = jax.ops.segment_sum((plan.Zt[:, :, None] * wE[:, None, :]).reshape(N, D * k), plan.cell,
+                                 plan.n_cells).reshape(-1, D, k)
+        ht = jnp.einsum("cak,ab->cbk", hk, Lam)                                # Lambda^T Z^T W e per cell
+        zs, x = _eliminate_rhs(plan, mats, ht)
+        ucell = jax.vmap(cell_effects, in_axes=(-1, -1), out_axes=-1)(
+            tuple(zs), x if x is not None else jnp.zeros((0, k), dt))          # (n_cells, D, k)
+        fit = jnp.sum(plan.Zt[:, :, None] * ucell[plan.cell], axis=1)    # not a batched dot (slow on XLA:CPU)
+        out = wE - (w[:, None] if w.ndim else w) * fit
+        return out.reshape(e.shape)
+
+    return apply, ok
 
 
 # --------------------------------------------------------------------------- weighted solves (the GLMM engine)

@@ -399,8 +399,12 @@ def _too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta=0):
     if leave:
         msg += (
             "Suggestion: leave " + ", ".join(repr(classes[i].name) for i in leave)
-            + f" to HMC (marginalize={[classes[i].name for i in sorted(keep)]}), or raise the limit with "
-            "Model(..., dense_limit=...) if memory allows (each evaluation then factorizes the dense block)."
+            + f" to HMC (marginalize={[classes[i].name for i in sorted(keep)]}; for a term with many "
+            "observations per level also parameterization={" + ", ".join(f"{classes[i].name!r}: 'conditional'"
+                                                                       for i in leave)
+            + "}, which samples its effects as offsets from their conditional mean given the other parameters), "
+            "or raise the limit with Model(..., dense_limit=...) if memory allows (each evaluation then "
+            "factorizes the dense block)."
         )
     else:
         msg += "Pass Model(..., dense_limit=...) or marginalize fewer classes."

@@ -13,7 +13,6 @@ import argparse
 import pathlib
 import platform
 import sys
-import time
 
 import jax
 import numpy as np
@@ -24,23 +23,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from experiments import EXPERIMENTS, build_model  # noqa: E402
+from harness import time_potential  # noqa: E402
 from peers_numpyro import lmm_numpyro, numpyro_target  # noqa: E402
 
 RESULTS = HERE / "results"
 
-
-def time_potential(potential_fn, params, repeats: int) -> tuple[float, float]:
-    """(compile + first call seconds, median seconds per value-and-gradient)."""
-    f = jax.jit(jax.value_and_grad(potential_fn))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(params))
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params))
-        ts.append(time.perf_counter() - t0)
-    return first, float(np.median(ts))
 
 
 def main(argv=None) -> int:

@@ -246,6 +246,20 @@ def benchmark(target: Target, *, seed=0, **kw) -> tuple[dict, dict]:
                     error=f"{type(e).__name__}: {e}"[:300]), {}
 
 
+def time_potential(potential_fn, params, repeats: int) -> tuple[float, float]:
+    """(compile + first call seconds, median seconds per value-and-gradient) of a jitted potential at params."""
+    f = jax.jit(jax.value_and_grad(potential_fn))
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(params))
+    first = time.perf_counter() - t0
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(params))
+        ts.append(time.perf_counter() - t0)
+    return first, float(np.median(ts))
+
+
 def to_markdown(df, cols, floatfmt=".3g") -> str:
     """A plain markdown table (no tabulate dependency)."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -146,18 +146,9 @@ GLOBALS = ["beta[0]", "beta[1]", "sd_a[0]", "sd_b[0]", "sigma"]
 
 def _grad_ms(pot, key, repeats: int = 5) -> tuple[float, float]:
     """(compile + first call s, median ms) of one jitted value-and-gradient of the potential at a start."""
-    import jax
-    params = pot.init_params(key, num_chains=None)
-    f = jax.jit(jax.value_and_grad(pot.potential_fn))
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(params))
-    first = time.perf_counter() - t0
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params))
-        ts.append(time.perf_counter() - t0)
-    return first, 1e3 * float(np.median(ts))
+    from harness import time_potential
+    first, sec = time_potential(pot.potential_fn, pot.init_params(key, num_chains=None), repeats)
+    return first, 1e3 * sec
 
 
 def _fit_row(m, label, parameterization, args):

@@ -141,13 +141,13 @@ def conditional_transform(plan, beta, sigma, scales, offset, terms, lams, eps, s
         else:
             A = jax.ops.segment_sum(w[:, None, None] * t.Z[:, :, None] * t.Z[:, None, :], t.codes, t.n_groups)
         Dh = jnp.einsum("ai,gab,bj->gij", L, A, L) + jnp.eye(L.shape[0], dtype=dt)
-        diag, Linv = kernels._chol_inv(Dh)
+        diag, Linv = kernels.chol_inv(Dh)
         Ds.append(Dh)
         Linvs.append(Linv)
         logdiag = logdiag + jnp.sum(jnp.log(diag))
 
     def dinv(h, r):
-        return _mvt(Linvs[h], kernels._mv(Linvs[h], r))
+        return _mvt(Linvs[h], kernels.matvec(Linvs[h], r))
 
     m = [jnp.zeros_like(r) for r in rhs]
     res = list(rhs)
@@ -173,7 +173,7 @@ def conditional_transform(plan, beta, sigma, scales, offset, terms, lams, eps, s
     logjac = -logdiag
     if coarse:
         # T = I + Q (F_c - I) Qᵀ: L_D^{-T} T ε = L_D^{-T} ε + C (L_c^{-T} L_r^{-1} - (CᵀDC)^{-1}) Cᵀ L_D ε
-        y = jnp.concatenate([jnp.sum(kernels._mv(Dh, b), axis=0) for Dh, b in zip(Ds, base)])
+        y = jnp.concatenate([jnp.sum(kernels.matvec(Dh, b), axis=0) for Dh, b in zip(Ds, base)])
         corr = (solve_triangular(Lc, solve_triangular(Lr, y, lower=True), lower=True, trans="T")
                 - cho_solve((Lr, True), y))
         base = [b + corr[offs[h]:offs[h + 1]] for h, b in enumerate(base)]

@@ -40,7 +40,7 @@ from jax.scipy.linalg import block_diag, solve_triangular
 
 from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
-__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample",
+__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample", "chol_inv", "matvec",
            "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef", "residual_precision", "weighted_solve",
            "weighted_sample", "weighted_transform"]
 
@@ -73,7 +73,7 @@ class Factor(NamedTuple):
 # --------------------------------------------------------------------------- small linear algebra
 
 
-def _chol_inv(A):
+def chol_inv(A):
     """Batched Cholesky of SPD (..., d, d) -> (diag L (..., d), L^{-1} (..., d, d)).
 
     Unrolled elementwise for small d (fast on CPU, differentiable); NaN on failure.
@@ -111,7 +111,7 @@ def _chol_inv(A):
     return jnp.stack([L[i][i] for i in range(d)], axis=-1), Linv
 
 
-def _mv(A, x):
+def matvec(A, x):
     """Batched matrix-vector product (..., a, b) x (..., b) -> (..., a)."""
     return jnp.sum(A * x[..., None, :], axis=-1)
 
@@ -229,7 +229,7 @@ def _cell_stats(plan: Plan, beta, sigma, lams, offset):
         Hk = plan.S_zz / s2
         if offset is None:
             delta = beta - plan.beta0
-            hk = plan.S_zr - _mv(plan.S_zX, delta)
+            hk = plan.S_zr - matvec(plan.S_zX, delta)
             rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
         else:
             hk, rr = _offset_residual_sums(plan, beta, offset)
@@ -383,7 +383,7 @@ def _one_level_leaves(plan: Plan, lams, s2):
     pooled = isinstance(plan.bilinear, PooledFill)
     A0 = plan.bilinear.A if pooled else plan.level1[0]
     A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
-    diag, Linv = _chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    diag, Linv = chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
     return Linv, 2.0 * jnp.sum(jnp.log(diag), axis=-1)
 
 
@@ -466,7 +466,7 @@ def _eliminate_matrix(plan: Plan, sigma, lams, Ht):
         C = Ht[:, :Dc, Dc:]
     for j in range(K):
         d, node = dims[j], plan.cell_node[j]
-        diag, Linv = _chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
+        diag, Linv = chol_inv(A[:, :d, :d] + jnp.eye(d, dtype=dt))
         Wm = _bmm(Linv, A[:, :d, d:])
         logdet = logdet + 2.0 * jnp.sum(jnp.log(diag))
         V = None
@@ -675,7 +675,7 @@ def _backsolve(plan: Plan, fac: Factor, eps_levels, eps_D):
                 anc.append(vs[lev][mp])
                 if lev + 1 < K:
                     mp = plan.parent[lev][mp]
-            rhs = rhs - _mv(Wm, jnp.concatenate(anc, axis=-1))
+            rhs = rhs - matvec(Wm, jnp.concatenate(anc, axis=-1))
         if plan.m:
             cv = jnp.einsum("kim,km->ki", V, vD[plan.dense_idx])
             rhs = rhs - jax.ops.segment_sum(cv, plan.cell_node[j], groups[j])
@@ -734,8 +734,8 @@ def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
     G0, d0 = Linv.shape[0], Linv.shape[-1]
     a_r, a_X = plan.level1_rhs[:2]
     cross = jax.ops.segment_sum(vals * lam_vD[rows], cols, G0 * d0).reshape(G0, d0)
-    a = (a_r - _mv(a_X, delta) - cross) @ lams[0] / s2                   # Lambda_0^T (a_g - cross_g) / s2
-    v0 = jnp.einsum("gij,gi->gj", Linv, _mv(Linv, a) + eps0)
+    a = (a_r - matvec(a_X, delta) - cross) @ lams[0] / s2                   # Lambda_0^T (a_g - cross_g) / s2
+    v0 = jnp.einsum("gij,gi->gj", Linv, matvec(Linv, a) + eps0)
     return [v0] + dense_units
 
 

@@ -29,10 +29,10 @@ Outputs (in ``--out``, default benchmarks/results; ``--quick`` adds the suffix _
   sbc.png  rank histograms per parameter with the 99 % band of a bin count under uniform ranks (binomial).
   sbc_meta.json  date, lmmarg commit, command and minutes of the run (``--report-only`` reuses them).
 
-Each data set is new, so each fit compiles its NUTS program afresh (lmmarg embeds the data's sufficient statistics
-in the compiled program as constants; the persistent compilation cache cannot hit): a fit costs the compilation
-(≈ 10-25 s on one core) plus a fraction of a second of sampling. Full runs therefore switch JAX's persistent cache
-off (entries for one-off data would only evict useful ones); ``--quick`` keeps it (its data sets recur).
+Every data set has the same shapes, so all fits of a model share one set of compiled programs (the data are an
+argument of lmmarg's programs, see docs/guide.md "Refitting to new data compiles nothing"): the first fit of each
+model compiles (≈ 10-25 s on one core), every later one costs the sampling (a fraction of a second). Full runs
+switch JAX's persistent cache off (nothing is gained within a process); ``--quick`` keeps it.
 ``--max-minutes`` stops cleanly (models interleaved, so they get about the same S) and ``--resume`` continues
 a previous run from its CSV with the same settings and seeds.
 """
@@ -377,10 +377,8 @@ def report(df: pd.DataFrame, out: str, tag: str, meta: dict) -> tuple[pd.DataFra
                            "fits_with_sampler_warnings", "warning_kinds"], floatfmt=".3g"),
         "",
         "`fit_s`: seconds per fit (building the `Model` and `sample()`), on one core; `compile_s`: of which "
-        "tracing and XLA compilation. Every simulated data set compiles its own NUTS program: lmmarg puts the "
-        "data's sufficient statistics into the compiled program as constants, so neither JAX's in-memory nor its "
-        "persistent cache can reuse a program across data sets of the same shape, and the compilation, not the "
-        "sampling, sets the cost of SBC.",
+        "tracing and XLA compilation: the first fit of each model compiles, the others reuse its programs (lmmarg's "
+        "compiled programs take the data as an argument), so the sampling, not the compilation, sets the cost.",
         "",
         "## Coverage and rank uniformity",
         "",
@@ -468,12 +466,12 @@ def main(argv=None):
             print(f"{d.name} sim {s}: {new[0]['fit_s']:.1f} s (compile {new[0]['compile_s']:.1f} s), "
                   f"{new[0]['divergences']} divergences, ranks "
                   + " ".join(str(r["rank"]) for r in new), flush=True)
-            pd.DataFrame(rows).to_csv(csv, index=False)
+            pd.DataFrame(rows).to_csv(csv, index=False, float_format="%.6g")
         if stopped:
             print(f"time budget of {a.max_minutes:g} min reached ({len(rows)} rows)", flush=True)
             break
     df = pd.DataFrame(rows)
-    df.to_csv(csv, index=False)
+    df.to_csv(csv, index=False, float_format="%.6g")
     meta["minutes"] = (time.perf_counter() - t_start) / 60
     if len(old) and os.path.exists(meta_path):  # a resumed run: add to the earlier time, keep its first command
         with open(meta_path) as f:

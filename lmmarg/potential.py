@@ -17,7 +17,11 @@ u_sigma_<term> for a sigma formula.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+import threading
+from collections import OrderedDict
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +35,7 @@ from numpyro.infer.util import constrain_fn, log_density, potential_energy
 from .design import column_standardizer
 from .marginal import conditional, kernels, laplace
 
-__all__ = ["Potential", "make_model_fn"]
+__all__ = ["Potential", "Programs", "make_model_fn", "model_data", "signature"]
 
 
 _PARAMETERIZATIONS = ("centered", "noncentered", "conditional", "laplace")
@@ -102,28 +106,47 @@ class _Parts:
             self.sZ = [jnp.asarray(t.Z, dt) for t in sd_.terms]
             self.scodes = [jnp.asarray(t.codes, jnp.int32) for t in sd_.terms]
 
-    def offset(self, u: dict, skip=()):
+    def arrays(self) -> dict:
+        """The data arrays of the terms (what ``offset`` / ``sigma_obs`` / the conditional transform read): an
+        argument of the compiled programs, so that models of equal shapes share them."""
+        a = {"Z": tuple(self.Z), "codes": tuple(self.codes),
+             "cond": {n: (c.Z, c.codes, c.S) for n, c in self.cond_terms.items()}}
+        if self.sspec.kind == "by":
+            a["by_codes"] = self.by_codes
+        if self.sspec.kind == "formula":
+            a["sX"], a["sZ"], a["scodes"] = self.sX, tuple(self.sZ), tuple(self.scodes)
+        return a
+
+    def cond_term(self, a: dict, name: str) -> conditional.CondTerm:
+        """The conditional term `name` built from the arrays ``a`` (its number of groups is static)."""
+        Z, codes, S = a["cond"][name]
+        return conditional.CondTerm(Z, codes, self.cond_terms[name].n_groups, S)
+
+    def offset(self, u: dict, skip=(), a: dict | None = None):
         """Σ_h Z_h u_h[codes_h] over the terms left to HMC (u: {term name: (G, d)}), those named in skip left out
-        -> (N,) or None."""
+        -> (N,) or None. a: the arrays (``arrays()``; default this model's)."""
+        a = self.arrays() if a is None else a
         off = None
         for h, t in enumerate(self.terms):
             if h not in self.marg and t.name not in skip:
-                c = jnp.sum(self.Z[h] * u[t.name][self.codes[h]], -1)
+                c = jnp.sum(a["Z"][h] * u[t.name][a["codes"][h]], -1)
                 off = c if off is None else off + c
         return off
 
-    def sigma_obs(self, c: dict):
-        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula; None for a GLMM family."""
+    def sigma_obs(self, c: dict, a: dict | None = None):
+        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula; None for a GLMM family.
+        a: the arrays (``arrays()``; default this model's)."""
         k = self.sspec.kind
         if k == "none":
             return None
         if k == "constant":
             return c["sigma"]
+        a = self.arrays() if a is None else a
         if k == "by":
-            return c["sigma"][self.by_codes]
-        eta = self.sX @ c["b_sigma"]
+            return c["sigma"][a["by_codes"]]
+        eta = a["sX"] @ c["b_sigma"]
         for j, t in enumerate(self.sspec.design.terms):
-            eta = eta + jnp.sum(self.sZ[j] * c[f"u_sigma_{t.name}"][self.scodes[j]], -1)
+            eta = eta + jnp.sum(a["sZ"][j] * c[f"u_sigma_{t.name}"][a["scodes"][j]], -1)
         return jnp.exp(eta)
 
 
@@ -193,63 +216,87 @@ def _lam(sd, corr_chol):
     return sd[:, None] * corr_chol
 
 
-def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None = None):
-    """A plain NumPyro model (no arguments) of the marginalized LMM; the marginal log-likelihood is a factor."""
+def model_data(model, plan, parts: _Parts) -> dict:
+    """What the NumPyro model of ``make_model_fn`` reads from the data set, as a pytree of arrays: the plan, the
+    terms' arrays, the priors (NumPyro distributions are pytrees of their parameters; fixed values as arrays) and
+    the log-Jacobian of the response transformation. Passed as an argument, so that one compiled program serves
+    every data set of the same shapes (the model's structure is in the closure, its numbers are here)."""
+    dt = model.dtype
+
+    def cast(v):
+        return jnp.asarray(v, dt) if jnp.issubdtype(jnp.result_type(v), jnp.floating) else v
+
+    priors = {}
+    for p in model.priors:
+        if p.is_fixed:
+            priors[p.site] = jnp.asarray(p.fixed, dt)
+        elif p.kind.startswith("cor"):   # lmmarg.priors.LKJ: its eta
+            priors[p.site] = jnp.asarray(p.dist.eta, dt)
+        else:
+            priors[p.site] = jax.tree.map(cast, p.dist)
+    return {"plan": plan, "parts": parts.arrays(), "priors": priors,
+            "log_jac": jnp.asarray(float(model.log_jacobian), dt)}
+
+
+def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = None):
+    """A NumPyro model of the marginalized LMM taking one argument, the data pytree of ``model_data``; the
+    marginal log-likelihood is a factor. Only the model's structure is read from ``model`` here."""
     pri = model.priors
     parts = parts or _Parts(model, marg, centered)
     dt = model.dtype
-    log_jac = float(model.log_jacobian)
-
-    def site(p):
-        if p.is_fixed:
-            return jnp.asarray(p.fixed, dt)
-        return numpyro.sample(p.site, p.dist)
-
-    def term_scale(t, sfx):
-        sd = jnp.stack([site(pri[f"sd_{sfx}{t.name}__{c}"]) for c in t.columns])
-        numpyro.deterministic(f"sd_{sfx}{t.name}", sd)
-        if t.d == 1:
-            return _lam(sd, jnp.ones((1, 1), dt))
-        pc = pri[f"cor_{sfx}{t.name}"]
-        if pc.is_fixed:
-            Lc = jnp.asarray(pc.fixed, dt)
-        else:
-            Lc = numpyro.sample(pc.site, _lkj(t.d, pc.dist.eta, dt))
-        numpyro.deterministic(f"corr_{sfx}{t.name}", Lc @ Lc.T)
-        return _lam(sd, Lc)
-
-    def hmc_effect(t, Lam, name, centered_):
-        G, d = t.n_groups, t.d
-        if centered_:
-            return numpyro.sample(f"u_{name}", dist.MultivariateNormal(jnp.zeros(d, dt), scale_tril=Lam)
-                                  .expand([G]).to_event(1))
-        z = numpyro.sample(f"z_{name}", dist.Normal(jnp.zeros((G, d), dt), 1.0).to_event(2))
-        return numpyro.deterministic(f"u_{name}", z @ Lam.T)
-
     laplace_centred = bool(centered) and set(centered.values()) == {"laplace"}
 
-    def sigma_sites():
-        c = {}
-        sk = parts.sspec.kind
-        if sk in ("constant", "by"):
-            p = pri["sigma"]
-            if sk == "constant":
-                c["sigma"] = site(p)
-            else:
-                K = len(parts.sspec.levels)
-                c["sigma"] = (jnp.full((K,), float(p.fixed), dt) if p.is_fixed
-                              else numpyro.sample("sigma", p.dist.expand([K]).to_event(1)))
-            if p.is_fixed:
-                numpyro.deterministic("sigma", c["sigma"])
-        elif sk == "formula":
-            sd_ = parts.sspec.design
-            c["b_sigma"] = numpyro.deterministic("b_sigma", jnp.stack([site(pri[f"b_sigma_{n}"])
-                                                                       for n in sd_.fixed_names]))
-            for t in sd_.terms:
-                c[f"u_sigma_{t.name}"] = hmc_effect(t, term_scale(t, "sigma_"), f"sigma_{t.name}", False)
-        return parts.sigma_obs(c)
+    def model_fn(data):
+        plan, arrays, prior = data["plan"], data["parts"], data["priors"]
 
-    def model_fn():
+        def site(p):
+            if p.is_fixed:
+                return prior[p.site]
+            return numpyro.sample(p.site, prior[p.site])
+
+        def term_scale(t, sfx):
+            sd = jnp.stack([site(pri[f"sd_{sfx}{t.name}__{c}"]) for c in t.columns])
+            numpyro.deterministic(f"sd_{sfx}{t.name}", sd)
+            if t.d == 1:
+                return _lam(sd, jnp.ones((1, 1), dt))
+            pc = pri[f"cor_{sfx}{t.name}"]
+            if pc.is_fixed:
+                Lc = prior[pc.site]
+            else:
+                Lc = numpyro.sample(pc.site, _lkj(t.d, prior[pc.site], dt))
+            numpyro.deterministic(f"corr_{sfx}{t.name}", Lc @ Lc.T)
+            return _lam(sd, Lc)
+
+        def hmc_effect(t, Lam, name, centered_):
+            G, d = t.n_groups, t.d
+            if centered_:
+                return numpyro.sample(f"u_{name}", dist.MultivariateNormal(jnp.zeros(d, dt), scale_tril=Lam)
+                                      .expand([G]).to_event(1))
+            z = numpyro.sample(f"z_{name}", dist.Normal(jnp.zeros((G, d), dt), 1.0).to_event(2))
+            return numpyro.deterministic(f"u_{name}", z @ Lam.T)
+
+        def sigma_sites():
+            c = {}
+            sk = parts.sspec.kind
+            if sk in ("constant", "by"):
+                p = pri["sigma"]
+                if sk == "constant":
+                    c["sigma"] = site(p)
+                else:
+                    K = len(parts.sspec.levels)
+                    c["sigma"] = (jnp.broadcast_to(prior[p.site], (K,)) if p.is_fixed
+                                  else numpyro.sample("sigma", prior[p.site].expand([K]).to_event(1)))
+                if p.is_fixed:
+                    numpyro.deterministic("sigma", c["sigma"])
+            elif sk == "formula":
+                sd_ = parts.sspec.design
+                c["b_sigma"] = numpyro.deterministic("b_sigma", jnp.stack([site(pri[f"b_sigma_{n}"])
+                                                                           for n in sd_.fixed_names]))
+                for t in sd_.terms:
+                    c[f"u_sigma_{t.name}"] = hmc_effect(t, term_scale(t, "sigma_"), f"sigma_{t.name}", False)
+            return parts.sigma_obs(c, arrays)
+
+        log_jac = data["log_jac"]
         beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
             else jnp.zeros((0,), dt)
         numpyro.deterministic("beta", beta)
@@ -260,8 +307,8 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
             if isinstance(plan, laplace.LaplacePlan):
                 val, us = _laplace_centred_jit(plan, beta, scales, eps)
             else:
-                val, us = _gaussian_centred_jit(plan, beta, sigma_sites(), scales, eps, tuple(parts.Z),
-                                                tuple(parts.codes))
+                val, us = _gaussian_centred_jit(plan, beta, sigma_sites(), scales, eps, arrays["Z"],
+                                                arrays["codes"])
             for t, u_t in zip(model.terms, us):
                 numpyro.deterministic(f"u_{t.name}", u_t)
             numpyro.factor("loglik", val + log_jac)
@@ -280,14 +327,14 @@ def make_model_fn(model, marg: tuple, centered: dict, plan, parts: _Parts | None
             eps = [numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0).to_event(2))
                    for t, _ in cond]
             vs, logjac = conditional.conditional_transform(
-                plan, beta, sigma, tuple(scales), parts.offset(u, skip=parts.cond_names),
-                [parts.cond_terms[t.name] for t, _ in cond], [L for _, L in cond], eps)
+                plan, beta, sigma, tuple(scales), parts.offset(u, skip=parts.cond_names, a=arrays),
+                [parts.cond_term(arrays, t.name) for t, _ in cond], [L for _, L in cond], eps)
             for (t, L), v in zip(cond, vs):
                 u[t.name] = numpyro.deterministic(f"u_{t.name}", v @ L.T)
             # the prior N(0, I) of v and the Jacobian replace the N(0, I) of the sampled ε
             extra = logjac - 0.5 * sum(jnp.sum(v * v) for v in vs) + 0.5 * sum(jnp.sum(e * e) for e in eps)
             numpyro.factor("conditional", jnp.where(jnp.isfinite(extra), extra, -jnp.inf))
-        ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u))
+        ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u, a=arrays))
         numpyro.factor("loglik", ll + log_jac)
 
     return model_fn
@@ -315,12 +362,15 @@ class Potential:
         else:
             self.plan = model.laplace_plan(marginalize) if model.family_spec.is_glmm else model.plan(marginalize)
         self.parts = _Parts(model, self.marg, self.centered)
-        self.model_fn = make_model_fn(model, self.marg, self.centered, self.plan, self.parts)
+        # the NumPyro model takes the data as an argument (``data``: plan, term arrays, priors, standardization,
+        # start); the compiled programs of lmmarg.inference take it as an argument too (``programs``)
+        self.model_data_fn = make_model_fn(model, self.marg, self.centered, self.parts)
+        self.data = model_data(model, self.plan, self.parts)
         # trace abstractly (eager tracing would compile every primitive separately)
         self.sites, det = {}, []
 
         def _trace(key):
-            tr = numpyro.handlers.trace(numpyro.handlers.seed(self.model_fn, key)).get_trace()
+            tr = numpyro.handlers.trace(numpyro.handlers.seed(self.model_data_fn, key)).get_trace(self.data)
             for n, s in tr.items():
                 if s["type"] == "sample" and not s["is_observed"]:
                     self.sites[n] = {"support": s["fn"].support, "shape": tuple(jnp.shape(s["value"]))}
@@ -331,7 +381,9 @@ class Potential:
         jax.eval_shape(_trace, jax.random.PRNGKey(0))
         self.transforms = {n: biject_to(s["support"]) for n, s in self.sites.items()}
         self.unc_shapes = {n: tuple(self.transforms[n].inverse_shape(s["shape"])) for n, s in self.sites.items()}
-        self.shift, self.scale = self._standardization()
+        center, width = self._center()
+        self.data["std"] = self._standardization(center, width)
+        self.data["start"] = {"center": center, "width": width}
         public = ["beta", "sigma", "b_sigma"]
         for sfx, terms in (("", model.terms), ("sigma_", getattr(model.sigma_spec.design, "terms", []))):
             for t in terms:
@@ -339,9 +391,20 @@ class Potential:
         self.output_keys = [n for n in public if n in self.sites or n in det]
         self.marginalized_terms = [model.terms[h].name for h in self.marg]
         self.hmc_terms = hmc
-        self._constrain_jit = jax.jit(jax.vmap(self._constrain_one))
-        self._recover_jit = {}
+        self._programs = None
         self._pe_jit = None
+
+    def model_fn(self):
+        """The NumPyro model (no arguments) of this data set: for Predictive, SVI, NumPyro's MCMC."""
+        return self.model_data_fn(self.data)
+
+    @property
+    def programs(self) -> Programs:
+        """The jitted programs of this potential (density, constrain, recovery, NUTS drivers), data as an argument;
+        shared with every earlier potential of the same structure and shapes (``Programs``)."""
+        if self._programs is None:
+            self._programs = Programs.of(self)
+        return self._programs
 
     # -- NumPyro interface --------------------------------------------------------------------------------------
     def _in_model_dtype(self, params: dict) -> dict:
@@ -356,13 +419,19 @@ class Potential:
         """-log p(params, y) on unconstrained space (Jacobians included); params: {site: array}. Jit-friendly.
 
         Computed in the model's dtype; returned in the dtype of ``params`` (what the sampler carries)."""
-        pe = potential_energy(self.model_fn, (), {}, self._in_model_dtype(self._to_numpyro(params)))
+        return self.density(params, self.data)
+
+    def density(self, params: dict, data: dict):
+        """``potential_fn`` with the data as an argument (``self.data`` or another data set of the same structure
+        and shapes): -log p(params, y) on unconstrained space. Pure, jit-friendly."""
+        pe = potential_energy(self.model_data_fn, (data,), {},
+                              self._in_model_dtype(self._to_numpyro(params, data["std"])))
         leaves = jax.tree.leaves(params)
         return pe.astype(jnp.result_type(*leaves)) if leaves else pe
 
     def log_density(self, values: dict):
         """log joint density at constrained site values (no Jacobian): priors + marginal log-likelihood."""
-        return log_density(self.model_fn, (), {}, self._in_model_dtype(values))[0]
+        return log_density(self.model_data_fn, (self.data,), {}, self._in_model_dtype(values))[0]
 
     def unconstrain(self, values: dict) -> dict:
         """Constrained site values -> the sampler's standardized unconstrained coordinates."""
@@ -374,7 +443,7 @@ class Potential:
         return {n: self.transforms[n](u[n]) for n in self.sites}
 
     # -- standardized coordinates -------------------------------------------------------------------------------
-    def _standardization(self) -> tuple[dict, dict]:
+    def _standardization(self, center: dict, width: dict) -> dict:
         """Per site (shift, scale): NumPyro's unconstrained value = shift + scale * x for the sampler's x; and for
         the fixed effects jointly (``self.b_sites``): b = b_ols + sd(y) S_X x (``design.column_standardizer``).
 
@@ -383,48 +452,60 @@ class Potential:
         were recorded in (y * 1e-12 froze every SD), and an uncentred covariate (Days + 1e4) correlates the
         intercept with its slope. In the sampler's coordinates the fixed effects are those of the centred,
         unit-scale columns in units of sd(y), so the geometry is unit-free; log-scale sites (SDs, sigma) already
-        are, up to a shift. The map is affine: its Jacobian is a constant and the posterior is unchanged."""
-        center, width = self._center()
+        are, up to a shift. The map is affine: its Jacobian is a constant and the posterior is unchanged.
+
+        Returns {"shift": {site: ()}, "scale": {site: ()}, "b_shift": (k,), "b_map": (k, k), "b_inv": (k, k)}, arrays
+        in JAX's default float dtype (part of ``self.data``). center, width: ``_center()``."""
         shift, scale = {}, {}
         for n in self.unc_shapes:
             shift[n], scale[n] = 0.0, 1.0
             if n.startswith("u_"):
-                scale[n] = float(10.0 * width[n])          # width = 0.1 residual SD
+                scale[n] = float(10.0 * float(width[n]))   # width = 0.1 residual SD
             if not np.isfinite(scale[n]) or scale[n] <= 0:
                 scale[n] = 1.0
         m = self.model
         self.b_sites = [f"b_{c}" for c in m.fixed_names if f"b_{c}" in self.sites]
+        b_shift, b_map = np.zeros(0), np.zeros((0, 0))
         if self.b_sites:
             cols = [m.fixed_names.index(n[2:]) for n in self.b_sites]
             X = np.asarray(m.design.X, dtype=np.float64)[:, cols]
             sy = 1.0 if m.family_spec.is_glmm else (float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0)
-            self.b_shift = np.array([float(center[n]) for n in self.b_sites])
-            self.b_map = sy * column_standardizer(X)       # (k, k): b = b_shift + b_map x
-            self.b_inv = np.linalg.inv(self.b_map)
+            b_shift = np.array([float(center[n]) for n in self.b_sites])
+            b_map = sy * column_standardizer(X)            # (k, k): b = b_shift + b_map x
             for n in self.b_sites:
                 shift.pop(n)
                 scale.pop(n)
-        return shift, scale
+        wide = jax.dtypes.canonicalize_dtype(np.float64)
+        std = {"shift": shift, "scale": scale, "b_shift": b_shift, "b_map": b_map, "b_inv": np.linalg.inv(b_map)}
+        return jax.tree.map(lambda v: jnp.asarray(v, wide), std)
 
-    def _to_numpyro(self, params: dict) -> dict:
-        out = {n: (self.shift[n] + self.scale[n] * v if n in self.shift else v) for n, v in params.items()}
+    def _to_numpyro(self, params: dict, std: dict | None = None) -> dict:
+        """The sampler's coordinates -> NumPyro's unconstrained values (std: ``self.data["std"]`` by default)."""
+        std = self.data["std"] if std is None else std
+        sh, sc = std["shift"], std["scale"]
+        out = {n: (sh[n] + sc[n] * v if n in sh else v) for n, v in params.items()}
         if self.b_sites and self.b_sites[0] in params:
             x = jnp.stack([jnp.asarray(params[n]) for n in self.b_sites], axis=-1)
-            b = jnp.asarray(self.b_shift, x.dtype) + x @ jnp.asarray(self.b_map.T, x.dtype)
+            b = std["b_shift"].astype(x.dtype) + x @ std["b_map"].T.astype(x.dtype)
             out.update({n: b[..., i] for i, n in enumerate(self.b_sites)})
         return out
 
-    def _from_numpyro(self, params: dict) -> dict:
-        out = {n: ((v - self.shift[n]) / self.scale[n] if n in self.shift else v) for n, v in params.items()}
+    def _from_numpyro(self, params: dict, std: dict | None = None) -> dict:
+        """NumPyro's unconstrained values -> the sampler's coordinates (the inverse of ``_to_numpyro``)."""
+        std = self.data["std"] if std is None else std
+        sh, sc = std["shift"], std["scale"]
+        out = {n: ((v - sh[n]) / sc[n] if n in sh else v) for n, v in params.items()}
         if self.b_sites and self.b_sites[0] in params:
             b = jnp.stack([jnp.asarray(params[n]) for n in self.b_sites], axis=-1)
-            x = (b - jnp.asarray(self.b_shift, b.dtype)) @ jnp.asarray(self.b_inv.T, b.dtype)
+            x = (b - std["b_shift"].astype(b.dtype)) @ std["b_inv"].T.astype(b.dtype)
             out.update({n: x[..., i] for i, n in enumerate(self.b_sites)})
         return out
 
-    def _constrain_one(self, params: dict) -> dict:
-        out = constrain_fn(self.model_fn, (), {}, self._in_model_dtype(self._to_numpyro(params)),
-                           return_deterministic=True)
+    def constrain_one(self, params: dict, data: dict) -> dict:
+        """One draw in the sampler's coordinates -> the public parameters (``constrain``'s keys), data as an
+        argument. Pure, jit-friendly."""
+        out = constrain_fn(self.model_data_fn, (data,), {},
+                           self._in_model_dtype(self._to_numpyro(params, data["std"])), return_deterministic=True)
         return {k: out[k] for k in self.output_keys}
 
     def _constrain_batch(self) -> int:
@@ -456,7 +537,8 @@ class Potential:
         if pad:
             flat = {k: np.concatenate([v, np.repeat(v[-1:] if S else np.zeros((1,) + v.shape[1:], v.dtype), pad, 0)])
                     for k, v in flat.items()}
-        res = [self._constrain_jit({k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}) for b in range(n_b)]
+        fn = self.programs.constrain
+        res = [fn({k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}, self.data) for b in range(n_b)]
         out = {k: np.concatenate([np.asarray(r[k]) for r in res])[:S] for k in res[0]}
         return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
 
@@ -502,7 +584,27 @@ class Potential:
                 center[n], width[n] = None, 2.0
                 continue
             center[n], width[n] = np.full(shape, v), w
-        return center, width
+        wide = jax.dtypes.canonicalize_dtype(np.float64)
+        return center, {n: jnp.asarray(w, wide) for n, w in width.items()}
+
+    def _center_unconstrained(self, name: str, center: dict):
+        """The data-scaled centre of one site in NumPyro's unconstrained space (zeros where it has none)."""
+        dt = self.model.dtype
+        if center[name] is None:
+            return jnp.zeros(self.unc_shapes[name], dt)
+        return self.transforms[name].inv(jnp.asarray(center[name], dt))
+
+    def start_points(self, key, num_chains: int, data: dict) -> dict:
+        """{site: (num_chains, *unconstrained shape)}: the data-scaled centre (``data["start"]``) jittered uniformly
+        within its half-width, in the sampler's coordinates; unchecked. Pure, jit-friendly (data an argument)."""
+        dt = self.model.dtype
+        center, width = data["start"]["center"], data["start"]["width"]
+        keys = jax.random.split(key, len(self.sites))
+        out = {}
+        for k, (name, shape) in zip(keys, self.unc_shapes.items()):
+            jitter = jax.random.uniform(k, (num_chains,) + tuple(shape), dt, -1.0, 1.0)
+            out[name] = self._center_unconstrained(name, center) + width[name].astype(dt) * jitter
+        return self._from_numpyro(out, data["std"])
 
     def init_params(self, key, num_chains: int | None = 4, check: bool = True) -> dict:
         """Starting points: a data-scaled centre (OLS β, residual SD, ...) jittered in unconstrained space, in the
@@ -514,23 +616,15 @@ class Potential:
         Returns {site: (num_chains, *unconstrained shape)} (no leading dim if num_chains is None), in JAX's
         default float dtype (what NumPyro's samplers carry; ``potential_fn`` computes in the model's dtype).
         """
-        center, width = self._center()
         n = 1 if num_chains is None else int(num_chains)
-        keys = jax.random.split(key, len(self.sites))
-        out = {}
-        for k, (name, shape) in zip(keys, self.unc_shapes.items()):
-            base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
-                    else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
-            out[name] = base + width[name] * jax.random.uniform(k, (n,) + tuple(shape), self.model.dtype, -1.0, 1.0)
-        out = self._from_numpyro(out)   # the sampler's standardized coordinates
+        out = self.start_points(key, n, self.data)
         if check and self._pe_jit is None:
             self._pe_jit = jax.jit(jax.vmap(self.potential_fn))
         bad = ~np.isfinite(np.asarray(self._pe_jit(out))) if check else np.zeros(n, bool)
         if bad.any():  # fall back to the un-jittered centre for chains whose start is invalid
+            center = self.data["start"]["center"]
             for name, shape in self.unc_shapes.items():
-                base = (jnp.zeros(shape, self.model.dtype) if center[name] is None
-                        else self.transforms[name].inv(jnp.asarray(center[name], self.model.dtype)))
-                base = self._from_numpyro({name: base})[name]
+                base = self._from_numpyro({name: self._center_unconstrained(name, center)})[name]
                 out[name] = jnp.where(jnp.asarray(bad).reshape((n,) + (1,) * len(shape)), base, out[name])
         wide = jnp.promote_types(self.model.dtype, jax.dtypes.canonicalize_dtype(np.float64))
         out = {k: v.astype(wide) for k, v in out.items()}
@@ -539,14 +633,16 @@ class Potential:
         return out
 
     # -- recovery of the marginalized random effects -------------------------------------------------------------
-    def kernel_args(self, c: dict) -> tuple:
+    def kernel_args(self, c: dict, data: dict | None = None) -> tuple:
         """The one map from constrained parameters to the marginal kernels' arguments.
 
         c: one draw of the public parameters (``constrain``'s keys, no leading dims). Returns (beta (p,), sigma
         () or (N,), scales: Λ_l = diag(sd_l) chol(corr_l) (d_l, d_l) per marginalized term in ``self.marg`` order,
         offset (N,) of the terms left to HMC or None) -- what ``kernels.log_marginal`` / ``conditional_mean`` /
         ``conditional_sample`` take with ``self.plan``. Used by recovery and by MAP/VI's conditional means.
+        data: ``self.data`` (default) or another data set of the same structure (the compiled recovery's argument).
         """
+        arrays = (self.data if data is None else data)["parts"]
         c = {k: jnp.asarray(v) for k, v in c.items()}
         scales, u = [], {}
         for h, t in enumerate(self.model.terms):
@@ -556,7 +652,7 @@ class Potential:
                 scales.append(_lam(sd, L))
             else:
                 u[t.name] = c[f"u_{t.name}"]
-        return c["beta"], self.parts.sigma_obs(c), tuple(scales), self.parts.offset(u)
+        return c["beta"], self.parts.sigma_obs(c, arrays), tuple(scales), self.parts.offset(u, a=arrays)
 
     def conditional_means(self, c: dict) -> tuple:
         """E[u | y, θ] per marginalized term at one constrained draw c (GLMM: the conditional modes û, the mean
@@ -566,14 +662,17 @@ class Potential:
             return laplace.conditional_modes(self.plan, beta, scales, offset)
         return kernels.conditional_mean(self.plan, beta, sigma, scales, offset)
 
-    def _recover_one(self, key, c: dict):
+    def recover_one(self, key, c: dict, data: dict):
+        """Exact draws of the marginalized effects {"u_<term>": (G, d)} given one constrained draw c, data as an
+        argument. Pure, jit-friendly."""
         if not self.marg:
             return {}
-        beta, sigma, scales, offset = self.kernel_args(c)
-        if isinstance(self.plan, laplace.LaplacePlan):  # the Laplace Gaussian at the mode (approximate)
-            draws = laplace.conditional_sample(self.plan, key, beta, scales, offset)
-        else:                                            # exact
-            draws = kernels.conditional_sample(self.plan, key, beta, sigma, scales, offset)
+        beta, sigma, scales, offset = self.kernel_args(c, data)
+        plan = data["plan"]
+        if isinstance(plan, laplace.LaplacePlan):  # the Laplace Gaussian at the mode (approximate)
+            draws = laplace.conditional_sample(plan, key, beta, scales, offset)
+        else:                                       # exact
+            draws = kernels.conditional_sample(plan, key, beta, sigma, scales, offset)
         return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
 
     def _recover_batch(self) -> int:
@@ -583,15 +682,6 @@ class Potential:
         per = self.model.n_obs * (2 + sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
         cap = int(max(1, min(256, 2e8 // (8 * max(per, 1)))))
         return 1 << (cap.bit_length() - 1)
-
-    def _recover_fn(self, bs: int):
-        """The compiled recovery of one batch of bs draws (cached per batch size): (key, batch index, draws) ->
-        {"u_<term>": (bs, G, d)}; the per-draw keys are derived inside (fold_in the batch index, split)."""
-        if bs not in self._recover_jit:
-            one = jax.vmap(self._recover_one)
-            self._recover_jit[bs] = jax.jit(
-                lambda key, b, c: one(jax.random.split(jax.random.fold_in(key, b), bs), c))
-        return self._recover_jit[bs]
 
     def recover(self, draws: dict, key, batch_size: int | None = None) -> dict:
         """Exact draws of every marginalized term's effects given each posterior draw (one key per draw).
@@ -612,12 +702,94 @@ class Potential:
             pad = n_b * bs - S
             if pad:  # repeat the last draw so every batch has the same shape (one compilation)
                 flat = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in flat.items()}
-            fn = self._recover_fn(bs)
+            fn = self.programs.recover(bs)
             # every batch is dispatched before any result is read, so the device never waits for the host
-            res = [fn(key, b, {k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}) for b in range(n_b)]
+            res = [fn(key, b, {k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}, self.data) for b in range(n_b)]
             for k in res[0]:
                 v = np.concatenate([np.asarray(r[k]) for r in res])[:S]
                 out[k] = v.reshape(lead + v.shape[1:])
         for name in self.hmc_terms:
             out[f"u_{name}"] = np.asarray(draws[f"u_{name}"])
         return {f"u_{t.name}": out[f"u_{t.name}"] for t in self.model.terms}
+
+
+# -- compiled programs, shared between potentials of one structure --------------------------------------------------
+PROGRAM_CACHE_SIZE = 8                # structures whose programs stay cached in a process (least recently used go)
+# The programs of a cached structure hold its first potential (their closures read its structure: sites, terms,
+# transforms); potentials with more data than this keep their own programs, so a large data set is never pinned
+PROGRAM_SHARE_MAX_BYTES = 32 << 20
+
+
+def _data_bytes(data) -> int:
+    return int(sum(np.size(x) * np.dtype(getattr(x, "dtype", np.float64)).itemsize for x in jax.tree.leaves(data)))
+
+
+def signature(pot: Potential) -> str:
+    """A digest of everything the compiled programs of ``pot`` depend on except the values in ``pot.data``: the
+    jaxpr of its density with the data abstract (structure, priors' families, every literal constant), the values
+    of any constants captured in it, the data's tree structure (with the plan's static fields) and shapes, and the
+    names and shapes of its sites and outputs. Equal signatures: a program compiled for one potential computes the
+    other's results when given the other's data."""
+    wide = jax.dtypes.canonicalize_dtype(np.float64)
+    params = {n: jax.ShapeDtypeStruct(s, wide) for n, s in pot.unc_shapes.items()}
+    closed = jax.make_jaxpr(pot.density)(params, pot.data)
+    h = hashlib.sha256()
+    text = re.sub(r" at 0x[0-9a-f]+", "", str(closed.jaxpr))   # function reprs inside printed parameters
+    h.update(text.encode())
+    for c in closed.consts:
+        a = np.asarray(c)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    leaves, tree = jax.tree.flatten(pot.data)
+    m = pot.model
+    static = (str(tree), [(np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves],
+              list(pot.unc_shapes.items()), pot.output_keys, pot.marg, sorted(pot.centered.items()),
+              [(t.name, tuple(t.columns), t.d, t.n_groups) for t in m.terms], list(m.fixed_names), m.family,
+              m.dtype.name if hasattr(m.dtype, "name") else str(m.dtype), pot.b_sites)
+    h.update(repr(static).encode())
+    return h.hexdigest()
+
+
+class Programs:
+    """The jitted programs of one model structure, the data an argument of each (``Potential.data``):
+
+    density(params, data) -> scalar; constrain(params (S, ...), data) -> public parameters (S, ...);
+    recover(bs)(key, batch index, draws (bs, ...), data) -> {"u_<term>": (bs, G, d)}; start(chains) (key, data) ->
+    starting points; drivers: lmmarg.inference.nuts's compiled NUTS drivers, keyed by their options.
+
+    ``Programs.of(pot)`` returns the programs cached for ``signature(pot)`` (up to PROGRAM_CACHE_SIZE structures,
+    for potentials with at most PROGRAM_SHARE_MAX_BYTES of data), so that refitting a model to new data of the same
+    shapes -- simulation-based calibration, bootstrap, cross-validation folds -- compiles nothing again."""
+
+    _cache: OrderedDict = OrderedDict()
+    _lock = threading.Lock()
+
+    def __init__(self, pot: Potential):
+        self.template = pot
+        self.density = jax.jit(pot.density)
+        self.constrain = jax.jit(jax.vmap(pot.constrain_one, in_axes=(0, None)))
+        self._recover, self._start = {}, {}
+        self.drivers = {}
+
+    def recover(self, bs: int):
+        """The compiled recovery of a batch of bs draws: (key, batch index, draws, data) -> {"u_<term>": (bs, G,
+        d)}; the per-draw keys are derived inside (fold_in the batch index, split)."""
+        if bs not in self._recover:
+            one = jax.vmap(self.template.recover_one, in_axes=(0, 0, None))
+            self._recover[bs] = jax.jit(
+                lambda key, b, c, data: one(jax.random.split(jax.random.fold_in(key, b), bs), c, data))
+        return self._recover[bs]
+
+    @classmethod
+    def of(cls, pot: Potential) -> Programs:
+        if _data_bytes(pot.data) > PROGRAM_SHARE_MAX_BYTES:
+            return cls(pot)
+        sig = signature(pot)
+        with cls._lock:
+            if sig in cls._cache:
+                cls._cache.move_to_end(sig)
+                return cls._cache[sig]
+            progs = cls._cache[sig] = cls(pot)
+            while len(cls._cache) > PROGRAM_CACHE_SIZE:
+                cls._cache.popitem(last=False)
+            return progs

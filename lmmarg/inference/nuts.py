@@ -1,7 +1,8 @@
 """NUTS on the marginal posterior of the global parameters; random effects recovered exactly afterwards.
 
 The default driver (``chain_method="vectorized"``) runs all chains in lockstep as jitted chunks of iterations,
-one compiled program per (model, marginalization, warmup, chains, NUTS options) for every chunk length. The
+one compiled program per (model structure and shapes, marginalization, warmup, chains, NUTS options) for every
+chunk length and every data set of those shapes (the data are an argument, ``lmmarg.potential.Programs``). The
 progress report advances only when a chunk's results are on the host (JAX dispatches asynchronously, so counting
 dispatched chunks would run ahead of the sampler), names the phase (compiling / warmup / sampling), shows the
 divergences after warmup so far and an ETA. After every fit the sampler's diagnostics are checked as brms/Stan
@@ -173,46 +174,72 @@ def _fields(state):
             state.potential_energy)
 
 
+class _HostCalls:
+    """Starting points and the potential's value and gradient on the flat layout, as host functions of one data
+    set (what ``_starts`` calls): from the compiled programs ``_start`` (key, data) and ``_vg`` (x, data)."""
+
+    def start_points(self, key) -> np.ndarray:
+        """(chains, D) jittered data-scaled starting points (``Potential.start_points``, unchecked)."""
+        return np.asarray(self._call(0, key, self.data), np.float64)
+
+    def value_and_grad(self, x):
+        v, g = self._call(1, jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.float64)), self.data)
+        return float(v), np.asarray(g, dtype=np.float64)
+
+
+def _start_program(pot, lay, chains: int):
+    """Jitted (key, data) -> (chains, D) jittered data-scaled starting points, flat (one program, not dozens of
+    eager operations that would each compile)."""
+    return jax.jit(lambda key, data: lay.flatten(pot.start_points(key, chains, data)))
+
+
+def _value_and_grad_program(density, lay):
+    """Jitted (x (D,), data) -> (potential, gradient) on the flat layout (the mode search)."""
+    return jax.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)))
+
+
 class _Driver:
-    """NUTS for `chains` vectorized chains, compiled once per (potential, warmup, chains, NUTS options).
+    """NUTS for `chains` vectorized chains, compiled once per (model structure and shapes, warmup, chains, NUTS
+    options): one instance serves every potential with the same ``lmmarg.potential.signature``.
 
     The chains move in the whitened coordinates z of a ``precondition.Metric`` (x = mean + R z, see
-    lmmarg.inference.precondition); the metric is an argument of the compiled programs, so another start or
-    curvature (another seed, another sample() of the same model) reuses them. The data are still constants of these
-    programs (the potential closes over the plan, the priors and the standardization), so a new data set of the
-    same shapes compiles again (benchmarks/results/sbc.md measured it). Iterations run as jitted chunks (a loop over
-    NumPyro's functional NUTS kernel; adaptation happens inside the kernel while the iteration count is below
+    lmmarg.inference.precondition). The metric and the data (``Potential.data``: plan, priors, standardization)
+    are arguments of the compiled programs, so another start or curvature (another seed) and another data set of
+    the same shapes (a refit, simulation-based calibration) reuse them. Iterations run as jitted chunks (a loop
+    over NumPyro's functional NUTS kernel; adaptation happens inside the kernel while the iteration count is below
     `warmup`). The chunk length is an argument too (the output buffer holds `capacity` iterations), so chunks can
-    follow the sampler's speed and stop exactly at the end of warmup without recompiling.
+    follow the sampler's speed and stop exactly at the end of warmup without recompiling. ``bind(data)`` gives the
+    host-side calls for one data set.
     """
 
-    def __init__(self, pot, lay: precondition.Layout, warmup: int, chains: int, nuts_kwargs: dict,
+    def __init__(self, progs, lay: precondition.Layout, warmup: int, chains: int, nuts_kwargs: dict,
                  devices: int = 1):
-        # a jitted potential is traced once for the several places NUTS evaluates it (init, leapfrog): ~20 % less
+        # the jitted density is traced once for the several places NUTS evaluates it (init, leapfrog): ~20 % less
         # tracing time (sleepstudy: 3.9 -> 3.2 s on a busy 2-core machine); XLA inlines it, the program is the same
-        pe = pot.__dict__.setdefault("_potential_fn_jit", jax.jit(pot.potential_fn))
+        pe, pot = progs.density, progs.template
 
-        def potential_gen(metric):
-            return lambda z: pe(lay.unflatten(precondition.to_position(metric, z)))
+        def potential_gen(metric, data):
+            return lambda z: pe(lay.unflatten(precondition.to_position(metric, z)), data)
 
         init_kernel, sample_kernel = hmc(potential_fn_gen=potential_gen, algo="NUTS")
         opts = {**_NUTS_DEFAULTS, **nuts_kwargs}
-        self.warmup, self.chains, self.pot, self.layout, self.devices = warmup, chains, pot, lay, devices
+        self.warmup, self.chains, self.layout, self.devices = warmup, chains, lay, devices
         per = chains // devices   # chains per device, vectorized on it
         self.capacity = int(max(1, min(_MAX_CHUNK, _CHUNK_BYTES // (8 * per * (lay.size + 6)))))
         cap = self.capacity
         step = jax.vmap(sample_kernel, in_axes=(0, None, None))
 
-        def init(key, z0, metric):
+        def init(key, z0, metric, data):
             keys = jax.random.split(key, z0.shape[0])
-            return jax.vmap(lambda k, z: init_kernel(z, warmup, **opts, model_args=(metric,), rng_key=k))(keys, z0)
+            return jax.vmap(lambda k, z: init_kernel(z, warmup, **opts, model_args=(metric, data), rng_key=k))(
+                keys, z0)
 
-        def chunk(state, n, metric):
+        def chunk(state, n, metric, data):
             buf = jax.tree.map(lambda x: jnp.zeros((cap,) + x.shape, x.dtype), _fields(state))
 
             def body(i, carry):
                 st, b = carry
-                st = step(st, (metric,), {})
+                st = step(st, (metric, data), {})
                 b = jax.tree.map(lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x, i, 0), b, _fields(st))
                 return st, b
 
@@ -221,12 +248,16 @@ class _Driver:
         if devices == 1:
             self._init, self._chunk = jax.jit(init), jax.jit(chunk)
         else:   # the same programs on every device, `per` chains each (XLA host devices on a CPU, or GPUs)
-            self._init = jax.pmap(init, in_axes=(0, 0, None))
-            self._chunk = jax.pmap(chunk, in_axes=(0, None, None))
-        self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pot, lay)
+            self._init = jax.pmap(init, in_axes=(0, 0, None, None))
+            self._chunk = jax.pmap(chunk, in_axes=(0, None, None, None))
+        self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pe, lay)
         self.compiled = None
 
-    def compile(self):
+    def bind(self, data) -> _Run:
+        """The host-side calls of this driver for one data set (a ``Potential.data``)."""
+        return _Run(self, data)
+
+    def compile(self, data):
         """Trace the four programs of a run (starting points, the potential's value and gradient for the mode
         search, NUTS init, a chunk of iterations) one after the other, then compile them concurrently: XLA
         compiles without the GIL, so on a multi-core machine a cold start costs about the longest compilation
@@ -242,37 +273,41 @@ class _Driver:
         key = jax.random.PRNGKey(0)
         keys = key if P == 1 else jax.random.split(key, P)
         z0 = spec(self.chains, D) if P == 1 else spec(P, self.chains // P, D)
-        lowered = [self._start.lower(key), self._vg.lower(spec(D))]
-        init = self._init.lower(keys, z0, metric)
-        lowered += [init, self._chunk.lower(init.out_info, np.int32(0), metric)]
+        lowered = [self._start.lower(key, data), self._vg.lower(spec(D), data)]
+        init = self._init.lower(keys, z0, metric, data)
+        lowered += [init, self._chunk.lower(init.out_info, np.int32(0), metric, data)]
         with ThreadPoolExecutor(max_workers=len(lowered)) as pool:
             self.compiled = list(pool.map(lambda lo: lo.compile(), lowered))
 
-    def start_points(self, key) -> np.ndarray:
-        """(chains, D) jittered data-scaled starting points (``Potential.init_params``, unchecked)."""
-        return np.asarray(self.compiled[0](key), np.float64)
-
-    def value_and_grad(self, x):
-        v, g = self.compiled[1](jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.float64)))
-        return float(v), np.asarray(g, dtype=np.float64)
-
-    def init(self, keys, z0, metric):
-        return self.compiled[2](keys, z0, metric)
-
-    def chunk(self, state, n: int, metric):
-        return self.compiled[3](state, np.int32(n), metric)
-
     def _to_devices(self, z0):
         return z0 if self.devices == 1 else z0.reshape((self.devices, -1) + z0.shape[1:])
+
+
+class _Run(_HostCalls):
+    """A compiled ``_Driver`` with one data set bound: starting points, mode search, NUTS init and the chunks."""
+
+    def __init__(self, driver: _Driver, data):
+        self.driver, self.data = driver, data
+        self.warmup, self.devices, self.capacity = driver.warmup, driver.devices, driver.capacity
+
+    def _call(self, i: int, *args):
+        return self.driver.compiled[i](*args)
+
+    def init(self, keys, z0, metric):
+        return self._call(2, keys, z0, metric, self.data)
+
+    def chunk(self, state, n: int, metric):
+        return self._call(3, state, np.int32(n), metric, self.data)
 
     def start(self, key, z0: np.ndarray, metric: precondition.Metric, fallback):
         """Initial states of the chains at z0 (chains, D); chains whose start has a non-finite potential restart
         from the matching row of `fallback()` (valid points)."""
         keys = key if self.devices == 1 else jax.random.split(key, self.devices)
-        state = self.init(keys, self._to_devices(z0), metric)
+        to_dev = self.driver._to_devices
+        state = self.init(keys, to_dev(z0), metric)
         bad = ~np.isfinite(np.asarray(state.potential_energy).reshape(-1))
         if bad.any():
-            state = self.init(keys, self._to_devices(np.where(bad[:, None], fallback(), z0)), metric)
+            state = self.init(keys, to_dev(np.where(bad[:, None], fallback(), z0)), metric)
         return state
 
     def _fetch(self, out, n: int):
@@ -319,16 +354,17 @@ class _Driver:
 
 
 def _driver(pot, lay, warmup, chains, nuts_kwargs, devices=1) -> _Driver:
-    """The driver cached on the potential (a fresh one when the options are not hashable)."""
+    """The driver cached with the potential's programs (shared by potentials of one structure and shapes; a fresh
+    one when the options are not hashable)."""
+    progs = pot.programs
     try:
         key = (warmup, chains, devices, tuple(sorted(nuts_kwargs.items())))
         hash(key)
     except TypeError:  # e.g. an array-valued inverse_mass_matrix
-        return _Driver(pot, lay, warmup, chains, nuts_kwargs, devices)
-    cache = pot.__dict__.setdefault("_driver_cache", {})
-    if key not in cache:
-        cache[key] = _Driver(pot, lay, warmup, chains, nuts_kwargs, devices)
-    return cache[key]
+        return _Driver(progs, lay, warmup, chains, nuts_kwargs, devices)
+    if key not in progs.drivers:
+        progs.drivers[key] = _Driver(progs, lay, warmup, chains, nuts_kwargs, devices)
+    return progs.drivers[key]
 
 
 def _device_groups(chains: int) -> int:
@@ -341,9 +377,9 @@ def _device_groups(chains: int) -> int:
 def _numpyro_mcmc(pot, lay, metric, key, z0, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs):
     """NumPyro's own MCMC driver, for chain_method "sequential" (positions in whitened coordinates; the metric is a
     constant of this program)."""
-    pe = pot.__dict__.setdefault("_potential_fn_jit", jax.jit(pot.potential_fn))
+    pe, data = pot.programs.density, pot.data
     m = precondition.Metric(*(jnp.asarray(a) for a in metric))
-    kernel = NUTS(potential_fn=lambda z: pe(lay.unflatten(precondition.to_position(m, z))), **nuts_kwargs)
+    kernel = NUTS(potential_fn=lambda z: pe(lay.unflatten(precondition.to_position(m, z)), data), **nuts_kwargs)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                 progress_bar=bool(progress_bar))
     mcmc.run(key, init_params=z0[0] if chains == 1 else z0, extra_fields=_EXTRA)
@@ -352,30 +388,15 @@ def _numpyro_mcmc(pot, lay, metric, key, z0, warmup, draws, chains, chain_method
     return z, *(np.asarray(ex[k]) for k in _EXTRA)
 
 
-def _start_program(pot, lay, chains: int):
-    """Jitted key -> (chains, D) jittered data-scaled starting points, flat (one program, not dozens of eager
-    operations that would each compile)."""
-    return jax.jit(lambda key: lay.flatten(pot.init_params(key, num_chains=chains, check=False)))
-
-
-def _value_and_grad_program(pot, lay):
-    """Jitted x (D,) -> (potential, gradient) on the flat layout (the mode search)."""
-    return jax.jit(jax.value_and_grad(lambda x: pot.potential_fn(lay.unflatten(x))))
-
-
-class _Eager:
+class _Eager(_HostCalls):
     """Start points and value-and-gradient for the "sequential" path, compiled on first use."""
 
     def __init__(self, pot, lay, chains):
-        self.pot = pot
-        self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pot, lay)
+        self.data = pot.data
+        self._programs = (_start_program(pot, lay, chains), _value_and_grad_program(pot.programs.density, lay))
 
-    def start_points(self, key):
-        return np.asarray(self._start(key), np.float64)
-
-    def value_and_grad(self, x):
-        v, g = self._vg(jnp.asarray(x, jax.dtypes.canonicalize_dtype(np.float64)))
-        return float(v), np.asarray(g, dtype=np.float64)
+    def _call(self, i: int, *args):
+        return self._programs[i](*args)
 
 
 def _starts(programs, pot, lay, init: str, key, seed: int, chains: int):
@@ -540,8 +561,9 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
             if chain_method == "sequential":
                 programs = _Eager(pot, lay, chains)
             else:
-                programs = _driver(pot, lay, warmup, chains, nuts_kwargs, devices)
-                programs.compile()
+                driver = _driver(pot, lay, warmup, chains, nuts_kwargs, devices)
+                driver.compile(pot.data)
+                programs = driver.bind(pot.data)
             t_c = time.perf_counter()
             with _compile_timer() as comp_init:
                 metric, z0, fallback, init_info = _starts(programs, pot, lay, init, k_init, seed, chains)

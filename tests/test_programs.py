@@ -1,0 +1,87 @@
+"""Compiled programs take the data as an argument and are shared between models of one structure and shapes."""
+import jax
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+
+from lmmarg import Model, datasets
+from lmmarg import potential as potential_mod
+from lmmarg.potential import Programs, signature
+
+FORM = "Reaction ~ Days + (Days | Subject)"
+
+
+def _data(seed: int):
+    d = datasets.load("sleepstudy").copy()
+    d["Reaction"] = d["Reaction"].to_numpy() + np.random.default_rng(seed).normal(0, 20, len(d))
+    return d
+
+
+def _run(m):
+    return m.sample(draws=60, warmup=60, chains=2, seed=3, progress_bar=False)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_refit_on_new_data_reuses_programs_and_equals_a_fresh_compilation():
+    Programs._cache.clear()
+    m1, m2 = Model(FORM, _data(1)), Model(FORM, _data(2))
+    f1, f2 = _run(m1), _run(m2)
+    assert m2.potential().programs is m1.potential().programs
+    assert m2.potential().programs.template is m1.potential()
+    # the second fit compiled nothing (its data went into the first fit's programs)
+    assert f2.diagnostics["time_compile"] < 0.5 * f1.diagnostics["time_compile"]
+    # the data really flow: another data set, another posterior
+    assert not np.allclose(f1.samples["beta"], f2.samples["beta"])
+    Programs._cache.clear()
+    m3 = Model(FORM, _data(2))
+    f3 = _run(m3)
+    assert m3.potential().programs is not m1.potential().programs
+    for k in ("beta", "sigma", "sd_Subject", "corr_Subject", "u_Subject"):
+        np.testing.assert_allclose(f3.samples[k], f2.samples[k], rtol=1e-9, atol=1e-12)
+
+
+def test_prior_values_are_data_prior_families_are_structure():
+    d = _data(1)
+    wider = Model(FORM, d, priors={"b_Days": dist.Normal(0.0, 50.0)})
+    narrower = Model(FORM, d, priors={"b_Days": dist.Normal(0.0, 5.0)})
+    other = Model(FORM, d, priors={"b_Days": dist.StudentT(3.0, 0.0, 5.0)})
+    pw, pn, po = (m.potential() for m in (wider, narrower, other))
+    assert signature(pw) == signature(pn)
+    assert signature(pw) != signature(po)
+    assert pn.programs is pw.programs
+    x = pw.init_params(jax.random.PRNGKey(0), num_chains=None)
+    shared = float(pn.programs.density(x, pn.data))
+    own = float(pn.density(x, pn.data))            # traced for this model alone, not through the shared program
+    np.testing.assert_allclose(shared, own, rtol=1e-12)
+    assert abs(shared - float(pw.potential_fn(x))) > 1e-6
+    # the prior difference is exactly the change of the b_Days log density
+    b = float(pn.to_constrained(x)["b_Days"])
+    diff = float(dist.Normal(0.0, 50.0).log_prob(b) - dist.Normal(0.0, 5.0).log_prob(b))
+    np.testing.assert_allclose(shared - float(pw.potential_fn(x)), diff, rtol=1e-9)
+
+
+def test_names_and_shapes_are_part_of_the_signature():
+    d = _data(1)
+    renamed = d.rename(columns={"Subject": "subj"})
+    a = Model(FORM, d).potential()
+    b = Model("Reaction ~ Days + (Days | subj)", renamed).potential()
+    c = Model(FORM, d.iloc[:170]).potential()      # fewer rows
+    assert len({signature(a), signature(b), signature(c)}) == 3
+    assert b.programs is not a.programs and c.programs is not a.programs
+
+
+def test_large_data_keep_their_own_programs(monkeypatch):
+    monkeypatch.setattr(potential_mod, "PROGRAM_SHARE_MAX_BYTES", 0)
+    d = _data(1)
+    a, b = Model(FORM, d).potential(), Model(FORM, d).potential()
+    assert a.programs is not b.programs
+
+
+def test_program_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(potential_mod, "PROGRAM_CACHE_SIZE", 2)
+    Programs._cache.clear()
+    d = _data(1)
+    pots = [Model(FORM, d.iloc[:n]).potential() for n in (150, 160, 170)]
+    progs = [p.programs for p in pots]
+    assert len(Programs._cache) == 2
+    assert progs[0] not in Programs._cache.values() and progs[2] in Programs._cache.values()

@@ -714,7 +714,12 @@ class Potential:
 
 
 # -- compiled programs, shared between potentials of one structure --------------------------------------------------
-PROGRAM_CACHE_SIZE = 8                # structures whose programs stay cached in a process (least recently used go)
+# Compiled programs are not free to keep: on XLA:CPU each holds memory mappings of its machine code (about 1,300 for
+# one structure's density, constrain, recovery and NUTS programs, measured), and Linux allows 65,530 per process;
+# a process that kept every structure and option set it ever compiled crashed inside XLA after a few hundred fits
+# (the test suite). So the cache is small, and each structure keeps a few NUTS drivers.
+PROGRAM_CACHE_SIZE = 4                # structures whose programs stay cached in a process (least recently used go)
+DRIVERS_PER_STRUCTURE = 2             # NUTS drivers (warmup, chains, options) kept per structure (least recent go)
 # The programs of a cached structure hold its first potential (their closures read its structure: sites, terms,
 # transforms); potentials with more data than this keep their own programs, so a large data set is never pinned
 PROGRAM_SHARE_MAX_BYTES = 32 << 20
@@ -754,8 +759,8 @@ class Programs:
     """The jitted programs of one model structure, the data an argument of each (``Potential.data``):
 
     density(params, data) -> scalar; constrain(params (S, ...), data) -> public parameters (S, ...);
-    recover(bs)(key, batch index, draws (bs, ...), data) -> {"u_<term>": (bs, G, d)}; start(chains) (key, data) ->
-    starting points; drivers: lmmarg.inference.nuts's compiled NUTS drivers, keyed by their options.
+    recover(bs)(key, batch index, draws (bs, ...), data) -> {"u_<term>": (bs, G, d)}; driver(key, make):
+    lmmarg.inference.nuts's compiled NUTS drivers, keyed by their options.
 
     ``Programs.of(pot)`` returns the programs cached for ``signature(pot)`` (up to PROGRAM_CACHE_SIZE structures,
     for potentials with at most PROGRAM_SHARE_MAX_BYTES of data), so that refitting a model to new data of the same
@@ -768,8 +773,19 @@ class Programs:
         self.template = pot
         self.density = jax.jit(pot.density)
         self.constrain = jax.jit(jax.vmap(pot.constrain_one, in_axes=(0, None)))
-        self._recover, self._start = {}, {}
-        self.drivers = {}
+        self._recover = {}
+        self.drivers = OrderedDict()      # lmmarg.inference.nuts: options -> compiled driver (``driver``)
+
+    def driver(self, key, make):
+        """The NUTS driver cached under `key` (built by make() when missing); at most DRIVERS_PER_STRUCTURE are kept,
+        the least recently used dropped."""
+        if key in self.drivers:
+            self.drivers.move_to_end(key)
+            return self.drivers[key]
+        d = self.drivers[key] = make()
+        while len(self.drivers) > DRIVERS_PER_STRUCTURE:
+            self.drivers.popitem(last=False)
+        return d
 
     def recover(self, bs: int):
         """The compiled recovery of a batch of bs draws: (key, batch index, draws, data) -> {"u_<term>": (bs, G,

@@ -4,11 +4,20 @@
   worker threads only spin (``lmmarg.inference._blas`` does the same for the library's own small blocks).
 * JAX's float64 mode: the oracle comparisons are at 1e-10 (``Model(dtype="float64")`` would turn it on anyway;
   kernels called directly need it set).
+* lmmarg's persistent compilation cache in a fresh temporary directory (``LMMARG_JAX_CACHE``, unless set): the
+  suite exercises the default-on cache without reading or filling the user's own.
 * ``dense_reference`` (the O(N^3) oracle) is importable as a top-level module: pytest puts this rootdir-relative
   folder first on the import path, so test modules simply ``from dense_reference import ...``.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
+if "LMMARG_JAX_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="lmmarg-test-jax-cache-")
+    os.environ["LMMARG_JAX_CACHE"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 

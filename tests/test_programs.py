@@ -85,3 +85,12 @@ def test_program_cache_is_bounded(monkeypatch):
     progs = [p.programs for p in pots]
     assert len(Programs._cache) == 2
     assert progs[0] not in Programs._cache.values() and progs[2] in Programs._cache.values()
+
+
+def test_drivers_per_structure_are_bounded(monkeypatch):
+    monkeypatch.setattr(potential_mod, "DRIVERS_PER_STRUCTURE", 2)
+    progs = Model(FORM, _data(1)).potential().programs
+    progs.drivers.clear()
+    made = [progs.driver(k, lambda k=k: object()) for k in ("a", "b", "a", "c")]
+    assert made[0] is made[2]                       # a hit returns the cached driver
+    assert list(progs.drivers) == ["a", "c"]        # "b" was the least recently used

@@ -362,9 +362,7 @@ def _driver(pot, lay, warmup, chains, nuts_kwargs, devices=1) -> _Driver:
         hash(key)
     except TypeError:  # e.g. an array-valued inverse_mass_matrix
         return _Driver(progs, lay, warmup, chains, nuts_kwargs, devices)
-    if key not in progs.drivers:
-        progs.drivers[key] = _Driver(progs, lay, warmup, chains, nuts_kwargs, devices)
-    return progs.drivers[key]
+    return progs.driver(key, lambda: _Driver(progs, lay, warmup, chains, nuts_kwargs, devices))
 
 
 def _device_groups(chains: int) -> int:

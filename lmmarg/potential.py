@@ -718,7 +718,7 @@ class Potential:
 # one structure's density, constrain, recovery and NUTS programs, measured), and Linux allows 65,530 per process;
 # a process that kept every structure and option set it ever compiled crashed inside XLA after a few hundred fits
 # (the test suite). So the cache is small, and each structure keeps a few NUTS drivers.
-PROGRAM_CACHE_SIZE = 4                # structures whose programs stay cached in a process (least recently used go)
+PROGRAM_CACHE_SIZE = 2                # structures whose programs stay cached in a process (least recently used go)
 DRIVERS_PER_STRUCTURE = 2             # NUTS drivers (warmup, chains, options) kept per structure (least recent go)
 # The programs of a cached structure hold its first potential (their closures read its structure: sites, terms,
 # transforms); potentials with more data than this keep their own programs, so a large data set is never pinned

@@ -216,6 +216,33 @@ def _lam(sd, corr_chol):
     return sd[:, None] * corr_chol
 
 
+class _PriorData:
+    """A NumPyro distribution as a pytree whose leaves come in sorted field order. NumPyro flattens a distribution
+    in the order of a set of field names, which changes with Python's string-hash seed: the compiled programs'
+    argument order, and so the persistent compilation cache's keys, would change from one process to the next."""
+
+    def __init__(self, d):
+        self.d = d
+
+
+def _prior_flatten(pd: _PriorData):
+    cls = type(pd.d)
+    vals, aux = pd.d.tree_flatten()
+    fields = {n: (_PriorData(v) if isinstance(v, dist.Distribution) else v)
+              for n, v in zip(cls.gather_pytree_data_fields(), vals)}
+    keys = tuple(sorted(fields))
+    return tuple(fields[k] for k in keys), (cls, keys, aux)
+
+
+def _prior_unflatten(static, children) -> _PriorData:
+    cls, keys, aux = static
+    by_name = {k: (c.d if isinstance(c, _PriorData) else c) for k, c in zip(keys, children)}
+    return _PriorData(cls.tree_unflatten(aux, tuple(by_name[n] for n in cls.gather_pytree_data_fields())))
+
+
+jax.tree_util.register_pytree_node(_PriorData, _prior_flatten, _prior_unflatten)
+
+
 def model_data(model, plan, parts: _Parts) -> dict:
     """What the NumPyro model of ``make_model_fn`` reads from the data set, as a pytree of arrays: the plan, the
     terms' arrays, the priors (NumPyro distributions are pytrees of their parameters; fixed values as arrays) and
@@ -233,7 +260,7 @@ def model_data(model, plan, parts: _Parts) -> dict:
         elif p.kind.startswith("cor"):   # lmmarg.priors.LKJ: its eta
             priors[p.site] = jnp.asarray(p.dist.eta, dt)
         else:
-            priors[p.site] = jax.tree.map(cast, p.dist)
+            priors[p.site] = _PriorData(jax.tree.map(cast, p.dist))
     return {"plan": plan, "parts": parts.arrays(), "priors": priors,
             "log_jac": jnp.asarray(float(model.log_jacobian), dt)}
 
@@ -252,7 +279,7 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = Non
         def site(p):
             if p.is_fixed:
                 return prior[p.site]
-            return numpyro.sample(p.site, prior[p.site])
+            return numpyro.sample(p.site, prior[p.site].d)
 
         def term_scale(t, sfx):
             sd = jnp.stack([site(pri[f"sd_{sfx}{t.name}__{c}"]) for c in t.columns])
@@ -285,7 +312,7 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = Non
                 else:
                     K = len(parts.sspec.levels)
                     c["sigma"] = (jnp.broadcast_to(prior[p.site], (K,)) if p.is_fixed
-                                  else numpyro.sample("sigma", prior[p.site].expand([K]).to_event(1)))
+                                  else numpyro.sample("sigma", prior[p.site].d.expand([K]).to_event(1)))
                 if p.is_fixed:
                     numpyro.deterministic("sigma", c["sigma"])
             elif sk == "formula":

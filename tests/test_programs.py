@@ -94,3 +94,20 @@ def test_drivers_per_structure_are_bounded(monkeypatch):
     made = [progs.driver(k, lambda k=k: object()) for k in ("a", "b", "a", "c")]
     assert made[0] is made[2]                       # a hit returns the cached driver
     assert list(progs.drivers) == ["a", "c"]        # "b" was the least recently used
+
+
+def test_compiled_programs_do_not_depend_on_the_hash_seed():
+    """The persistent compilation cache can only hit across processes if the lowered program is the same in each
+    (NumPyro flattens distributions in a set's order; lmmarg's data sort them)."""
+    import os
+    import subprocess
+    import sys
+    code = ("import hashlib, jax; jax.config.update('jax_enable_x64', True); "
+            "from lmmarg import Model, datasets; "
+            "pot = Model('Reaction ~ Days + (Days | Subject)', datasets.load('sleepstudy')).potential(); "
+            "x = pot.init_params(jax.random.PRNGKey(0), num_chains=None, check=False); "
+            "print(hashlib.sha256(jax.jit(pot.density).lower(x, pot.data).as_text().encode()).hexdigest())")
+    outs = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+                           capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            for seed in ("1", "2", "3")}
+    assert len(outs) == 1

@@ -39,6 +39,7 @@ __all__ = ["Potential", "Programs", "make_model_fn", "model_data", "signature"]
 
 
 _PARAMETERIZATIONS = ("centered", "noncentered", "conditional", "laplace")
+BATCH_BYTES = 2e8   # working memory of one batch of constrain / recovery draws (fixed batch: one compilation)
 
 
 def _check_conditional(model, terms: list) -> None:
@@ -535,14 +536,19 @@ class Potential:
                            self._in_model_dtype(self._to_numpyro(params, data["std"])), return_deterministic=True)
         return {k: out[k] for k in self.output_keys}
 
+    def _batch(self, most: int, per_obs: int) -> int:
+        """Draws per batch of a compiled per-draw program: the largest power of two <= `most` whose working memory
+        (per draw: `per_obs` doubles per observation plus the dense block) stays under BATCH_BYTES."""
+        per = self.model.n_obs * per_obs + self.plan.dense_size ** 2
+        cap = int(max(1, min(most, BATCH_BYTES // (8 * max(per, 1)))))
+        return 1 << (cap.bit_length() - 1)
+
     def _constrain_batch(self) -> int:
         """Draws per batch of ``constrain``: 512, fewer when terms in the conditional parameterization make each
-        draw touch the data (their transform runs a few passes over the N observations; ~2e8 bytes per batch)."""
+        draw touch the data (their transform runs a few passes over the N observations)."""
         if not self.parts.cond_names:
             return 512
-        per = self.model.n_obs * (8 + 2 * sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
-        cap = int(max(1, min(512, 2e8 // (8 * max(per, 1)))))
-        return 1 << (cap.bit_length() - 1)
+        return self._batch(512, 8 + 2 * sum(t.d for t in self.model.terms))
 
     def _lead(self, samples: dict) -> tuple:
         n = next(iter(self.sites))
@@ -706,9 +712,7 @@ class Potential:
         """Draws per recovery batch, fixed per model (so that runs with any number of draws reuse the compiled
         batch; the last batch is padded): 256, or less to bound the working memory (~N doubles per draw and term).
         """
-        per = self.model.n_obs * (2 + sum(t.d for t in self.model.terms)) + self.plan.dense_size ** 2
-        cap = int(max(1, min(256, 2e8 // (8 * max(per, 1)))))
-        return 1 << (cap.bit_length() - 1)
+        return self._batch(256, 2 + sum(t.d for t in self.model.terms))
 
     def recover(self, draws: dict, key, batch_size: int | None = None) -> dict:
         """Exact draws of every marginalized term's effects given each posterior draw (one key per draw).

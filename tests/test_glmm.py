@@ -48,6 +48,7 @@ CASES = [
     ("y ~ x + (1 | a) + (1 | b)", "crossed", "poisson", "log", 1),
     ("y ~ x + (x | a) + (1 | b)", "crossed", "bernoulli", "probit", 1),
     ("y ~ x + (1 | a) + (1 | a:b)", "nested", "binomial", "logit", 4),
+    ("y ~ x + (x || a) + (1 | b)", "crossed", "poisson", "log", 1),   # a's two terms share one engine unit
 ]
 
 

@@ -27,7 +27,7 @@ from lmmarg.marginal import (  # noqa: E402
     build_plan,
 )
 from lmmarg.marginal import conditional_mean as _cond_mean  # noqa: E402
-from lmmarg.marginal import conditional_sample  # noqa: E402
+from lmmarg.marginal import conditional_sample, kernels  # noqa: E402
 from lmmarg.marginal import log_marginal as _log_marginal  # noqa: E402
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -88,12 +88,18 @@ def make_design(kind, seed, dims, balanced):
     elif kind == "xgrp":  # (1 + x || g): two classes with identical grouping
         g = _codes(rng, 80, 8, balanced)
         codes, names, groups = [g, g], ["g", "g.x"], [8, 8]
+    elif kind == "xcrossed":  # (1 + x || subj) + (1 + x || item), crossed
+        s, i = _crossed(rng, [9, 7], 2, balanced, 126)
+        codes, names, groups = [s, i, s, i], ["subj", "item", "subj.x", "item.x"], [9, 7, 9, 7]
     else:
         raise ValueError(kind)
     N = len(codes[0])
     classes = [ClassSpec(n, _Z(rng, N, d), c, G) for n, c, G, d in zip(names, codes, groups, dims)]
     if kind == "xgrp":
         classes[1] = ClassSpec("g.x", rng.normal(size=(N, dims[1])), codes[1], groups[1])
+    if kind == "xcrossed":
+        for j in (2, 3):
+            classes[j] = ClassSpec(names[j], rng.normal(size=(N, dims[j])), codes[j], groups[j])
     X = np.column_stack([np.ones(N), rng.normal(size=N)])
     beta = np.array([0.5, -0.3])
     lams = [_lam(rng, d) for d in dims]
@@ -135,6 +141,8 @@ DESIGNS = [
     ("nested_crossed", 8, (1, 2, 1), False),
     ("nested_crossed", 9, (2, 1, 2), True),
     ("xgrp", 10, (1, 1), False),
+    ("xcrossed", 11, (1, 1, 1, 1), True),
+    ("xcrossed", 12, (1, 2, 1, 1), False),
 ]
 
 
@@ -246,6 +254,8 @@ def test_float32(kind, seed, dims):
         ("nested_crossed", 19, (1, 2, 2), False, True),
         ("nested", 20, (2, 1), True, False),
         ("crossed3", 21, (1, 1, 2), True, True),
+        ("xcrossed", 44, (1, 2, 1, 1), False, False),
+        ("xcrossed", 45, (1, 1, 1, 1), True, True),
     ],
 )
 def test_gradients_match_finite_differences(kind, seed, dims, mbeta, per_obs):
@@ -296,6 +306,8 @@ def _flat(tup):
         ("nested_crossed", 26, (2, 1, 1), [0, 1, 2], True),
         ("nested_crossed", 27, (1, 1, 2), [2, 0], False),
         ("xgrp", 28, (1, 2), [0, 1], True),
+        ("xcrossed", 41, (1, 1, 1, 1), [3, 0, 1, 2], False),
+        ("xcrossed", 42, (1, 1, 2, 1), [1, 2, 0], True),
     ],
 )
 def test_conditional_mean_matches_dense(kind, seed, dims, marg, mbeta):
@@ -320,7 +332,8 @@ def test_conditional_mean_matches_dense(kind, seed, dims, marg, mbeta):
 
 @pytest.mark.parametrize(
     "kind,seed,dims,mbeta",
-    [("nested_crossed", 29, (1, 2, 1), True), ("nested", 30, (2, 1), True), ("crossed", 31, (1, 2), False)],
+    [("nested_crossed", 29, (1, 2, 1), True), ("nested", 30, (2, 1), True), ("crossed", 31, (1, 2), False),
+     ("xcrossed", 43, (1, 1, 1, 1), False)],
 )
 def test_conditional_sample_moments(kind, seed, dims, mbeta):
     des = make_design(kind, seed, dims, False)
@@ -473,6 +486,14 @@ def test_plan_structure_pytree_and_jit():
     np.testing.assert_allclose(a, b, rtol=1e-12)
     xg = build_plan(*[make_design("xgrp", 38, (1, 1), False)[k] for k in ("X", "y", "classes")], [0, 1])
     assert xg.dense == () and len(xg.chain) == 2
+    # terms on one grouping factor share one unit, Lambda block-diagonal over them
+    assert xg.unit_src == ((0, 1),) and xg.unit_dims == (2,) and xg.term_dims == (1, 1)
+    xc = build_plan(*[make_design("xcrossed", 40, (1, 2, 1, 1), True)[k] for k in ("X", "y", "classes")],
+                    [3, 1, 0, 2])
+    assert xc.unit_src == ((2, 3), (0, 1)) and xc.unit_dims == (2, 3) and xc.dense_size == 7 * 3
+    assert xc.level1 is not None and "'subj+subj.x' (9 groups x d=2)" in xc.describe()
+    assert "'item.x+item' (7 x 3)" in xc.describe()
+    assert kernels.term_shape(xc, 2) == (9, 1) and kernels.term_shape(xc, 1) == (7, 2)
     cr = build_plan(*[make_design("crossed", 39, (1, 1), True)[k] for k in ("X", "y", "classes")], [1, 0])
     assert cr.chain == (0,) and cr.dense == (1,)
 

@@ -173,7 +173,7 @@ def _build(model):
 
     def stats(plan, phi, c):
         lams = _lambdas(phi, layout, dims)                                   # Λ̃ per term (standardized)
-        lams = tuple(lams[src] for src in plan.unit_src)                     # term order -> engine unit order
+        lams = kernels.unit_lams(plan, lams)                                 # term order -> engine unit order
         ok = jnp.all(jnp.isfinite(phi))
         # at σ = 1: log|V| = log|F| and [X̃ r0]ᵀV⁻¹[X̃ r0] = [X̃ r0]ᵀ[X̃ r0] - (whitened Gram), one engine call
         logdet, gram = kernels.logdet_gram(plan, lams, jnp.ones((), dt), c["c_rhs"])

@@ -40,7 +40,8 @@ from jax.scipy.linalg import block_diag, solve_triangular
 
 from .plan import BETA, DenseProductFill, PairListFill, Plan, PooledFill
 
-__all__ = ["Factor", "factorize", "log_marginal", "conditional_mean", "conditional_sample", "chol_inv", "matvec",
+__all__ = ["Factor", "factorize", "unit_lams", "term_shape",
+           "log_marginal", "conditional_mean", "conditional_sample", "chol_inv", "matvec",
            "dense_logdet_gram", "logdet_gram", "one_level_rhs_coef", "residual_precision", "weighted_solve",
            "weighted_sample", "weighted_transform"]
 
@@ -129,6 +130,52 @@ def _sandwich(Lam, H):
     return (jnp.swapaxes(T, 1, 2).reshape(k * D, D) @ Lam).reshape(k, D, D).swapaxes(1, 2)
 
 
+# --------------------------------------------------------------------------- terms <-> units
+
+
+def unit_lams(plan: Plan, scales, beta_scale=None) -> tuple:
+    """Per-term Lambda_l (d_l, d_l) in ``plan.marginalized`` order -> per-unit Lambda_u in plan unit order:
+    block-diagonal over the terms a unit stacks (terms on one grouping factor); beta_scale (p, p) for the unit of
+    marginalized fixed effects."""
+    return tuple(beta_scale if src == (BETA,) else (scales[src[0]] if len(src) == 1 else
+                                                    block_diag(*(scales[h] for h in src)))
+                 for src in plan.unit_src)
+
+
+def _unit_terms(plan: Plan, u: int):
+    """(term position h, column slice) of each term stacked in unit u."""
+    out, lo = [], 0
+    for h in plan.unit_src[u]:
+        d = plan.n_fixed if h == BETA else plan.term_dims[h]
+        out.append((h, slice(lo, lo + d)))
+        lo += d
+    return out
+
+
+def term_shape(plan: Plan, h: int) -> tuple:
+    """(G_h, d_h) of marginalized term h."""
+    u = next(u for u, src in enumerate(plan.unit_src) if h in src)
+    return plan.unit_groups[u], plan.term_dims[h]
+
+
+def _per_term(plan: Plan, per_unit) -> tuple:
+    """Per-unit arrays (G_u, d_u) -> (per marginalized term (G_h, d_h) in caller order, beta's row or None)."""
+    out, beta = [None] * len(plan.marginalized), None
+    for u, v in enumerate(per_unit):
+        for h, cols in _unit_terms(plan, u):
+            if h == BETA:
+                beta = v[0, cols]
+            else:
+                out[h] = v[..., cols]
+    return tuple(out), beta
+
+
+def _per_unit(plan: Plan, per_term, units) -> list:
+    """Per-term arrays (G_h, d_h) (caller order) -> per-unit (G_u, d_u) for the given units."""
+    return [per_term[plan.unit_src[u][0]] if len(plan.unit_src[u]) == 1 else
+            jnp.concatenate([per_term[h] for h in plan.unit_src[u]], axis=-1) for u in units]
+
+
 # --------------------------------------------------------------------------- inputs
 
 
@@ -166,11 +213,9 @@ def _prepare(plan: Plan, beta, sigma, scales, offset, beta_prior):
     else:
         beta = jnp.asarray(beta, dt).reshape(p)
         ok = ok & _finite(beta)
-    sc = []
-    for src, d in zip(plan.unit_src, plan.unit_dims):
-        lam = S if src == BETA else jnp.asarray(scales[src], dt).reshape(d, d)
+    sc = unit_lams(plan, tuple(jnp.asarray(s, dt).reshape(d, d) for s, d in zip(scales, plan.term_dims)), S)
+    for lam in sc:
         ok = ok & _finite(lam)
-        sc.append(lam)
     if offset is not None:
         offset = jnp.asarray(offset, dt).reshape(plan.n_obs)
         ok = ok & _finite(offset)
@@ -691,18 +736,9 @@ def _to_effects(plan: Plan, fac: Factor, vs):
 
     Invalid inputs (fac.ok False) give NaN effects.
     """
-    out = [None] * len(plan.marginalized)
-    beta = None
     nan = jnp.asarray(jnp.nan, plan.dtype)
-    for u, (src, v) in enumerate(zip(plan.unit_src, vs)):
-        eff = jnp.where(fac.ok, v @ fac.lams[u].T, nan)
-        if src == BETA:
-            beta = fac.mu + eff[0]
-        else:
-            out[src] = eff
-    if plan.marginalize_beta:
-        out.append(beta)
-    return tuple(out)
+    out, beta = _per_term(plan, [jnp.where(fac.ok, v @ lam.T, nan) for v, lam in zip(vs, fac.lams)])
+    return out + (fac.mu + beta,) if plan.marginalize_beta else out
 
 
 def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
@@ -857,10 +893,7 @@ def _working_factor(plan: Plan, r, w, scales) -> Factor:
 
 def _standardized(plan: Plan, vs):
     """Per-unit standardized v -> tuple per marginalized class in caller order (no Lambda applied)."""
-    out = [None] * len(plan.marginalized)
-    for src, v in zip(plan.unit_src, vs):
-        out[src] = v
-    return tuple(out)
+    return _per_term(plan, vs)[0]
 
 
 def weighted_solve(plan: Plan, r, w, scales):
@@ -872,16 +905,15 @@ def weighted_solve(plan: Plan, r, w, scales):
     residual r = Z u + s / w (s the score, w the Fisher weights); log|F| is the Laplace determinant.
     The plan must be built for per-observation sigma (``build_plan(..., scalar_sigma=False)``).
     """
-    zeros = tuple(jnp.zeros((plan.unit_groups[plan.unit_src.index(h)], plan.unit_dims[plan.unit_src.index(h)]),
-                            plan.dtype) for h in range(len(plan.marginalized)))
+    zeros = tuple(jnp.zeros(term_shape(plan, h), plan.dtype) for h in range(len(plan.marginalized)))
     return weighted_transform(plan, r, w, scales, zeros)
 
 
 def _unit_eps(plan: Plan, eps):
     """Per-class standard normals (G_l, d_l) (caller order) -> the backsolve's layout (chain levels, dense)."""
     K = plan.n_chain_units
-    levels = [eps[plan.unit_src[j]] for j in range(K)]
-    dense = [eps[plan.unit_src[u]].reshape(-1) for u in range(K, len(plan.unit_dims))]
+    levels = _per_unit(plan, eps, range(K))
+    dense = [e.reshape(-1) for e in _per_unit(plan, eps, range(K, len(plan.unit_dims)))]
     eps_D = jnp.concatenate(dense) if dense else jnp.zeros((0,), plan.dtype)
     return levels, eps_D
 
@@ -901,9 +933,7 @@ def weighted_sample(plan: Plan, key, r, w, scales):
     :func:`weighted_solve`): per marginalized class (G_l, d_l) in caller order -- the Laplace Gaussian of a GLMM
     at its mode; NaN for invalid inputs."""
     keys = jax.random.split(key, len(plan.marginalized))
-    eps = tuple(jax.random.normal(k, (plan.unit_groups[plan.unit_src.index(h)],
-                                      plan.unit_dims[plan.unit_src.index(h)]), plan.dtype)
-                for h, k in enumerate(keys))
+    eps = tuple(jax.random.normal(k, term_shape(plan, h), plan.dtype) for h, k in enumerate(keys))
     vs, _, ok = weighted_transform(plan, r, w, scales, eps)
     nan = jnp.asarray(jnp.nan, plan.dtype)
     return tuple(jnp.where(ok, v @ jnp.asarray(L, plan.dtype).T, nan) for v, L in zip(vs, scales))

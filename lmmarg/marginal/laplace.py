@@ -36,7 +36,7 @@ from jax import lax
 
 from .. import families
 from ..families import Family
-from .kernels import weighted_sample, weighted_solve, weighted_transform
+from .kernels import term_shape, weighted_sample, weighted_solve, weighted_transform
 from .plan import Plan
 
 __all__ = ["LaplacePlan", "build_laplace_plan", "conditional_mode", "log_marginal", "conditional_sample",
@@ -158,8 +158,7 @@ def _newton(lp: LaplacePlan, lams, eta0, vs):
 
 
 def _zeros(lp: LaplacePlan):
-    return tuple(jnp.zeros((lp.gauss.unit_groups[lp.gauss.unit_src.index(h)], z.shape[1]), lp.dtype)
-                 for h, z in enumerate(lp.Z))
+    return tuple(jnp.zeros(term_shape(lp.gauss, h), lp.dtype) for h in range(len(lp.Z)))
 
 
 def _mode_loop(lp: LaplacePlan, lams, eta0, v0):

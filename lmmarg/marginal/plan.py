@@ -165,7 +165,9 @@ class Plan:
       level1: one chain level + dense block only: (A0 (G_0, d_0, d_0) group sums of Z_0^T Z_0, and the level-1
         fill matrix B (ds, G_0 d_0) as entries rows, cols, vals (nnz,)),
       level1_rhs: (a_r (G_0, d_0), a_X (G_0, d_0, p), x_r (ds,), x_X (ds, p)) group / dense sums of Z^T r0, Z^T X.
-    Static: everything else.
+    Static: everything else; among it unit_src: per unit the positions in ``marginalized`` of the terms it
+    stacks (terms on one grouping factor share a unit, Lambda_u = blockdiag of theirs), (BETA,) for the fixed
+    effects; term_dims: d of each marginalized term.
     """
 
     # --- array leaves
@@ -198,6 +200,7 @@ class Plan:
     unit_dims: tuple = ()
     unit_groups: tuple = ()
     unit_src: tuple = ()
+    term_dims: tuple = ()
     n_chain_units: int = 0
     dense_offsets: tuple = ()
     dense_size: int = 0
@@ -270,7 +273,7 @@ _DATA_FIELDS = [
 ]
 _META_FIELDS = [
     "marginalized", "chain", "dense", "beta_block", "class_names", "unit_names",
-    "unit_dims", "unit_groups", "unit_src", "n_chain_units", "dense_offsets",
+    "unit_dims", "unit_groups", "unit_src", "term_dims", "n_chain_units", "dense_offsets",
     "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name", "n_targets",
 ]
 jax.tree_util.register_dataclass(Plan, data_fields=_DATA_FIELDS, meta_fields=_META_FIELDS)
@@ -304,6 +307,26 @@ def _class_codes(c: ClassSpec, N: int) -> np.ndarray:
 def _dim(c: ClassSpec) -> int:
     Z = np.asarray(c.Z)
     return 1 if Z.ndim == 1 else int(Z.shape[1])
+
+
+def _merge_same_grouping(classes, marg, N: int):
+    """Merge the marginalized classes with identical group codes into one class each.
+
+    Returns (merged ClassSpecs with Z (N, sum of d) and validated codes, members: per merged class the original
+    class indices, in ``marg`` order). Checked here: every class's Z and codes (errors name the class)."""
+    merged, members = [], []
+    for i in marg:
+        c = classes[i]
+        Z, codes = _class_Z(c, N), _class_codes(c, N)
+        for k, m in enumerate(merged):
+            if m.n_groups == int(c.n_groups) and np.array_equal(m.codes, codes):
+                merged[k] = ClassSpec(f"{m.name}+{c.name}", np.concatenate([m.Z, Z], axis=1), m.codes, m.n_groups)
+                members[k].append(i)
+                break
+        else:
+            merged.append(ClassSpec(c.name, Z, codes, int(c.n_groups)))
+            members.append([i])
+    return merged, members
 
 
 def _partition(classes: Sequence[ClassSpec], subset: Sequence[int], nested=None):
@@ -661,7 +684,12 @@ def build_plan(
     if chain_fill not in CHAIN_FILLS:
         raise ValueError(f"chain_fill must be one of {CHAIN_FILLS}, got {chain_fill!r}")
 
-    chain, dense = _partition(classes, marg)
+    # terms on the same grouping factor (the `||` terms of one bar, `(1 | g) + (0 + x | g)`) form one class
+    # with block-diagonal Lambda: one elimination unit instead of a chain of copies (docs/math.md, section 3)
+    merged, members = _merge_same_grouping(classes, marg, N)
+    chain_m, dense_m = _partition(merged, range(len(merged)))
+    chain = [i for k in chain_m for i in members[k]]
+    dense = [i for k in dense_m for i in members[k]]
     ds = _dense_size(classes, dense)
     beta_block = None
     if marginalize_beta:
@@ -675,18 +703,21 @@ def build_plan(
         raise MarginalTooLarge(_too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))
 
     # ---- units: chain (finest first) then dense; beta as a one-group class
-    units = []  # (name, Z (N,d), codes (N,), n_groups, src)
-    for i in chain:
-        c = classes[i]
-        units.append((c.name, _class_Z(c, N), _class_codes(c, N), int(c.n_groups), marg.index(i)))
+    units = []  # (name, Z (N,d), codes (N,), n_groups, src: marginalized positions of its terms)
+
+    def add(k):
+        c = merged[k]
+        units.append((c.name, c.Z, c.codes, int(c.n_groups), tuple(marg.index(i) for i in members[k])))
+
+    for k in chain_m:
+        add(k)
     if beta_block == "chain":
-        units.append(("beta", X, np.zeros(N, np.int64), 1, BETA))
+        units.append(("beta", X, np.zeros(N, np.int64), 1, (BETA,)))
     K = len(units)
-    for i in dense:
-        c = classes[i]
-        units.append((c.name, _class_Z(c, N), _class_codes(c, N), int(c.n_groups), marg.index(i)))
+    for k in dense_m:
+        add(k)
     if beta_block == "dense":
-        units.append(("beta", X, np.zeros(N, np.int64), 1, BETA))
+        units.append(("beta", X, np.zeros(N, np.int64), 1, (BETA,)))
     dims = tuple(u[1].shape[1] for u in units)
     groups = tuple(u[3] for u in units)
 
@@ -785,6 +816,7 @@ def build_plan(
         unit_dims=dims,
         unit_groups=groups,
         unit_src=tuple(u[4] for u in units),
+        term_dims=tuple(_dim(classes[i]) for i in marg),
         n_chain_units=K,
         dense_offsets=tuple(dense_offsets),
         dense_size=int(ds),

@@ -123,6 +123,17 @@ def _bmm(A, B):
     return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
 
 
+def _small_left_product(A, B):
+    """A @ B_g for one small A (a, d) and a batch B (G, d, k) -> (G, a, k).
+
+    As a sum of broadcast products for small d: XLA:CPU lowers a tiny-d contraction over a long batch written as
+    a dot to kernels wrapped in transposes and copies, forward and reverse (dillonE1's dense block: 0.244 ->
+    0.217 ms per value-and-gradient; unrolling into scaled slices measured in between)."""
+    if B.shape[1] > _UNROLL_MAX:
+        return jnp.einsum("ad,gdk->gak", A, B)
+    return jnp.sum(A[None, :, :, None] * B[:, None, :, :], axis=2)
+
+
 def _sandwich(Lam, H):
     """Lam^T H_k Lam for a batch H (k, D, D) and one Lam (D, D), as two plain GEMMs."""
     k, D, _ = H.shape
@@ -332,7 +343,7 @@ def _dense_scale_rows(plan: Plan, lams, x):
     for u in range(K, len(plan.unit_dims)):
         lo, G, d = plan.dense_offsets[u - K], plan.unit_groups[u], plan.unit_dims[u]
         blk = x[lo:lo + G * d].reshape(G, d, -1)
-        out.append(jnp.einsum("ab,gak->gbk", lams[u], blk).reshape(G * d, -1))
+        out.append(_small_left_product(lams[u].T, blk).reshape(G * d, -1))
     return jnp.concatenate(out, axis=0)
 
 

@@ -134,6 +134,23 @@ def _small_left_product(A, B):
     return jnp.sum(A[None, :, :, None] * B[:, None, :, :], axis=2)
 
 
+@jax.custom_vjp
+def _gram(W):
+    """W W^T (n, n) for W (n, k): one dense product; its reverse is one product too (autodiff forms two)."""
+    return W @ W.T
+
+
+def _gram_fwd_(W):
+    return W @ W.T, W
+
+
+def _gram_bwd_(W, g):
+    return ((g + g.T) @ W,)
+
+
+_gram.defvjp(_gram_fwd_, _gram_bwd_)
+
+
 def _sandwich(Lam, H):
     """Lam^T H_k Lam for a batch H (k, D, D) and one Lam (D, D), as two plain GEMMs."""
     k, D, _ = H.shape
@@ -362,28 +379,37 @@ def _level1_R(lams, Linv):
     return jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0])
 
 
-def _level1_K(plan: Plan, R):
+def _level1_Q(lams, Linv):
+    """Q_g = Lambda_0 L_g^{-T} (G_0, d0, d0), so that R_g = Q_g Q_g^T."""
+    return jnp.einsum("ai,gji->gaj", lams[0], Linv)
+
+
+def _level1_K(plan: Plan, lams, Linv):
     """K = sum_g B_g R_g B_g^T (ds, ds), the level-1 fill for scalar sigma, by the plan's strategy (plan.bilinear).
 
-    R: (G_0, d0, d0) per group, or (U, d0, d0) per pooled class for a PooledFill."""
+    Linv: chol(I + Lambda_0^T A_g Lambda_0)^{-1} (G_0, d0, d0) per group, or (U, d0, d0) per pooled class for a
+    PooledFill (``_group_leaves``)."""
     fill, ds = plan.bilinear, plan.dense_size
+    R = None if isinstance(fill, DenseProductFill) else _level1_R(lams, Linv)
     if isinstance(fill, PooledFill):
         d0 = R.shape[-1]
         iu, ju = np.triu_indices(d0)
         return (R[:, iu, ju].reshape(-1) @ fill.K)[fill.tri]
-    if isinstance(fill, DenseProductFill):  # K = (B blockdiag(R)) B^T, two dense products
-        B = fill.B
-        return jnp.einsum("tga,gab->tgb", B, R).reshape(ds, -1) @ B.reshape(ds, -1).T
+    if isinstance(fill, DenseProductFill):  # K = W W^T, W_g = B_g Q_g (R_g = Q_g Q_g^T): one dense product
+        Q = _level1_Q(lams, Linv)
+        Bc, d0 = fill.Bc, Q.shape[-1]
+        W = jnp.stack([sum(Bc[:, a, :] * Q[None, :, a, b] for a in range(d0)) for b in range(d0)], axis=1)
+        return _gram(W.reshape(ds, -1))
     assert isinstance(fill, PairListFill)
     return _bilinear_K(R.reshape(-1), tuple(fill), ds * ds, plan.n_targets).reshape(ds, ds)
 
 
-def _structured_dense(plan: Plan, lams, s2, R):
+def _structured_dense(plan: Plan, lams, s2, Linv):
     """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
 
-    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from _level1_K.
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D with K from _level1_K (Linv as it takes it).
     """
-    return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - _level1_K(plan, R) / s2**2))
+    return _add_identity(_dense_scale(plan, lams, plan.S_DD / s2 - _level1_K(plan, lams, Linv) / s2**2))
 
 
 def _add_identity(M):
@@ -428,9 +454,10 @@ def _one_level(plan: Plan, sigma) -> bool:
     return plan.level1 is not None and sigma.ndim == 0
 
 
-def _group_R(plan: Plan, R):
-    """Per-group R (G_0, d0, d0) -> what _level1_K takes: per pooled class for a PooledFill (R at one group each)."""
-    return R[plan.bilinear.rep] if isinstance(plan.bilinear, PooledFill) else R
+def _group_leaves(plan: Plan, Linv):
+    """Per-group leaf factors (G_0, d0, d0) -> what _level1_K takes: per pooled class for a PooledFill (one group
+    each)."""
+    return Linv[plan.bilinear.rep] if isinstance(plan.bilinear, PooledFill) else Linv
 
 
 def _one_level_leaves(plan: Plan, lams, s2):
@@ -452,7 +479,7 @@ def _one_level_matrix(plan: Plan, lams, s2):
     R = _level1_R(lams, Linv)
     pooled = isinstance(plan.bilinear, PooledFill)
     logdet = jnp.sum(plan.bilinear.count * logdets) if pooled else jnp.sum(logdets)
-    return R, _structured_dense(plan, lams, s2, R), logdet
+    return R, _structured_dense(plan, lams, s2, Linv), logdet
 
 
 def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
@@ -467,7 +494,10 @@ def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
     w = jnp.einsum("gab,gbk->gak", R, a_raw)
     gram = jnp.einsum("gak,gal->kl", a_raw, w) / s2**2
     k = a_raw.shape[-1]
-    Bw = jax.ops.segment_sum(vals[:, None] * w.reshape(-1, k)[cols], rows, plan.dense_size)
+    if isinstance(plan.bilinear, DenseProductFill):   # B w as one dense product instead of a scatter of its entries
+        Bw = plan.bilinear.Bc.reshape(plan.dense_size, -1) @ jnp.swapaxes(w, 0, 1).reshape(-1, k)
+    else:
+        Bw = jax.ops.segment_sum(vals[:, None] * w.reshape(-1, k)[cols], rows, plan.dense_size)
     return gram, _dense_scale_rows(plan, lams, x_raw - Bw / s2) / s2
 
 
@@ -528,7 +558,7 @@ def _eliminate_matrix(plan: Plan, sigma, lams, Ht):
         V = None
         if m:
             V = _bmm(Linv[node], C[:, :d, :])
-            F = (_structured_dense(plan, lams, sigma**2, _group_R(plan, _level1_R(lams, Linv)))
+            F = (_structured_dense(plan, lams, sigma**2, _group_leaves(plan, Linv))
                  if (structured and j == 0) else _fill(plan, j, F, V))
             C = C[:, d:, :] - _bmm(jnp.swapaxes(Wm[node], 1, 2), V)
         levels.append((Linv, Wm, V))
@@ -765,7 +795,7 @@ def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
     s2 = sigma**2
     Linv, _ = _one_level_leaves(plan, lams, s2)
     R = _level1_R(lams, Linv)
-    F = _structured_dense(plan, lams, s2, R)
+    F = _structured_dense(plan, lams, s2, Linv)
     delta = beta - plan.beta0
     c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
     _, xD = one_level_rhs_coef(plan, lams, s2, R, c)

@@ -55,9 +55,10 @@ CHAIN_FILLS = ("auto", "pairs", "mtm")
 
 
 class DenseProductFill(NamedTuple):
-    """Level-1 fill as two dense products K = (B blockdiag(R)) B^T; B (ds, G_0, d_0)."""
+    """Level-1 fill as one dense product K = W W^T, W_g = B_g Q_g (R_g = Q_g Q_g^T); Bc: B laid out
+    (ds, d_0, G_0), so that forming W scales contiguous rows (entry [t, a, g] = B[t, (g, a)])."""
 
-    B: jax.Array
+    Bc: jax.Array
 
 
 class PairListFill(NamedTuple):
@@ -599,7 +600,7 @@ def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None)
         if not np.isfinite(costs[choice]):
             return None
     if choice == "dense":
-        return DenseProductFill(B.toarray().reshape(ds, G0, d0))
+        return DenseProductFill(np.ascontiguousarray(B.toarray().reshape(ds, G0, d0).transpose(0, 2, 1)))
     if choice == "pairs":
         return _pair_list_fill(B, d0, G0, ds)
     return _pooled_fill(B, A0, cls, rep, count, d0, G0, ds, C)
@@ -630,7 +631,7 @@ def _put_fill(fill, f, i32):
     if fill is None:
         return None
     if isinstance(fill, DenseProductFill):
-        return DenseProductFill(f(fill.B))
+        return DenseProductFill(f(fill.Bc))
     if isinstance(fill, PairListFill):
         return PairListFill(f(fill.coef), *(i32(a) for a in fill[1:]))
     return PooledFill(i32(fill.cls), i32(fill.rep), f(fill.count), f(fill.A), f(fill.K),

@@ -13,10 +13,11 @@ from . import design, formula, inference, loo, marginal, model, potential, prior
 from .inference import mapvi, ml, nuts  # noqa: E402  (loads lmmarg.inference.ml, ...)
 from .loo import compare
 from .results import Fit, load
+from .inference.nuts import use_cores
 
 del mapvi, ml, nuts  # reachable as lmmarg.inference.<name>, not as top-level names
 
 __version__ = "0.1.0"
 __all__ = ["Model", "Fit", "Design", "DesignError", "FormulaError", "RandomTerm", "build_design", "parse_formula",
-           "compare", "load", "datasets", "design", "formula", "inference", "loo", "marginal", "model",
+           "compare", "load", "use_cores", "datasets", "design", "formula", "inference", "loo", "marginal", "model",
            "potential", "priors", "results", "__version__"]

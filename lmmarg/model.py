@@ -358,7 +358,7 @@ class Model:
         return self.potential(marginalize, parameterization).model_fn
 
     def sample(self, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
-               chain_method: str = "vectorized", progress_bar=True, parameterization=None, recover: bool = True,
+               chain_method: str = "parallel", progress_bar=True, parameterization=None, recover: bool = True,
                compilation_cache=None, init: str = "mode", **nuts_kwargs):
         """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample.
 

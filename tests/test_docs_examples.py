@@ -41,8 +41,20 @@ def _run(blocks, where, tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # short runs: SamplerWarnings
         for code in blocks:
+            if "use_cores(" in code:   # sets JAX's devices, which must happen before JAX starts: a fresh process
+                _run_fresh(code, where)
+                continue
             exec(compile(code, where, "exec"), ns)
     return ns
+
+
+def _run_fresh(code: str, where: str):
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, f"{where}: {p.stderr[-2000:]}"
+    expected = re.findall(r"print\(.*\)\s+#\s*(\S+)", code)   # the values the comments promise
+    assert p.stdout.split() == expected, (where, p.stdout, expected)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/formula.md", "docs/math.md", "docs/glmm.md"])

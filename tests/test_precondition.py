@@ -91,7 +91,7 @@ m = Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
 seen = []
 fit = m.sample(draws=300, warmup=200, chains=4, chain_method="parallel", seed=0,
                progress_bar=lambda phase, done, total, div: seen.append(done))
-ref = m.sample(draws=300, warmup=200, chains=4, seed=0, progress_bar=False)
+ref = m.sample(draws=300, warmup=200, chains=4, seed=0, chain_method="vectorized", progress_bar=False)
 assert fit.diagnostics["devices"] == 2 and ref.diagnostics["devices"] == 1, fit.diagnostics["devices"]
 assert fit.samples["beta"].shape == (4, 300, 2) and fit.samples["u_Subject"].shape == (4, 300, 18, 2)
 assert seen == sorted(seen) and seen[-1] == 500
@@ -111,6 +111,53 @@ def test_parallel_chains_over_two_host_devices():
     import sys
     p = subprocess.run([sys.executable, "-c", _PARALLEL], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-2000:]
+
+
+_PARALLEL_DENSE = """
+import lmmarg
+assert lmmarg.use_cores(2) == 2
+import warnings, numpy as np
+warnings.simplefilter("ignore")
+from lmmarg import Model, datasets
+m = Model("diameter ~ 1 + (1 | plate) + (1 | sample)", datasets.load("Penicillin"))
+fit = m.sample(draws=100, warmup=100, chains=4, seed=0, progress_bar=False)   # the default: parallel
+assert fit.diagnostics["devices"] == 2 and np.isfinite(fit.samples["sigma"]).all()
+assert lmmarg.use_cores(2) == 2           # unchanged: fine after JAX started
+try:
+    lmmarg.use_cores(3)
+except RuntimeError as e:
+    assert "before any JAX computation" in str(e), e
+else:
+    raise AssertionError("use_cores(3) after JAX started should fail")
+print("OK")
+"""
+
+
+def test_parallel_chains_with_a_dense_block_do_not_deadlock():
+    """lmmarg.use_cores(2) makes two host devices and the default sample() uses them. Crossed terms: the density
+    factorizes a dense block with LAPACK. jaxlib 0.10's batched CPU LAPACK kernels
+    wait on XLA's intra-op thread pool, which the programs of two host devices occupy: two batched chains per
+    device deadlocked. On a CPU the chains of a device run one after the other (unbatched calls)."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _PARALLEL_DENSE], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "OK" in p.stdout, p.stderr[-2000:]
+
+
+def test_chains_one_after_the_other_equal_batched_chains(monkeypatch):
+    """The CPU driver maps the chains of a device one after the other; the accelerator driver batches them in
+    lockstep. Same keys and starts, same kernel: the same draws."""
+    import lmmarg
+    from lmmarg import datasets
+    from lmmarg.inference import nuts
+    m = lmmarg.Model("diameter ~ 1 + (1 | plate) + (1 | sample)", datasets.load("Penicillin"))
+    out = {}
+    for batched in (False, True):
+        monkeypatch.setattr(nuts, "_chains_batched", lambda b=batched: b)
+        fit = m.sample(draws=30, warmup=30, chains=2, seed=4, progress_bar=False)
+        out[batched] = fit.samples
+    for k in ("beta", "sigma", "sd_plate", "u_plate"):
+        np.testing.assert_allclose(out[False][k], out[True][k], rtol=1e-7, atol=1e-9, err_msg=k)
 
 
 def test_a_runaway_mode_search_falls_back_to_the_center(sleep):

@@ -1,12 +1,12 @@
 """NUTS on the marginal posterior of the global parameters; random effects recovered exactly afterwards.
 
-The default driver (``chain_method="vectorized"``) runs all chains in lockstep as jitted chunks of iterations,
-one compiled program per (model structure and shapes, marginalization, warmup, chains, NUTS options) for every
-chunk length and every data set of those shapes (the data are an argument, ``lmmarg.potential.Programs``). The
-progress report advances only when a chunk's results are on the host (JAX dispatches asynchronously, so counting
-dispatched chunks would run ahead of the sampler), names the phase (compiling / warmup / sampling), shows the
-divergences after warmup so far and an ETA. After every fit the sampler's diagnostics are checked as brms/Stan
-do and problems are reported as ``SamplerWarning``.
+The chunked driver (``chain_method="vectorized"``; "parallel", the default, runs it on every local device) runs
+the chains as jitted chunks of iterations, one compiled program per (model structure and shapes,
+marginalization, warmup, chains, NUTS options) for every chunk length and every data set of those shapes (the
+data are an argument, ``lmmarg.potential.Programs``). The progress report advances only when a chunk's results
+are on the host (JAX dispatches asynchronously, so counting dispatched chunks would run ahead of the sampler),
+names the phase (compiling / warmup / sampling), shows the divergences after warmup so far and an ETA. After every
+fit the sampler's diagnostics are checked as brms/Stan do and problems are reported as ``SamplerWarning``.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .. import jax_cache
 from . import precondition
 from ._blas import blas_threads
 
-__all__ = ["sample", "SamplerWarning"]
+__all__ = ["sample", "use_cores", "SamplerWarning"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,14 +227,15 @@ class _Driver:
         per = chains // devices   # chains per device, vectorized on it
         self.capacity = int(max(1, min(_MAX_CHUNK, _CHUNK_BYTES // (8 * per * (lay.size + 6)))))
         cap = self.capacity
-        step = jax.vmap(sample_kernel, in_axes=(0, None, None))
+        self.batched = _chains_batched()
 
         def init(key, z0, metric, data):
             keys = jax.random.split(key, z0.shape[0])
-            return jax.vmap(lambda k, z: init_kernel(z, warmup, **opts, model_args=(metric, data), rng_key=k))(
-                keys, z0)
+            one = lambda k, z: init_kernel(z, warmup, **opts, model_args=(metric, data), rng_key=k)  # noqa: E731
+            return jax.vmap(one)(keys, z0) if self.batched else jax.lax.map(lambda a: one(*a), (keys, z0))
 
-        def chunk(state, n, metric, data):
+        def iterations(step, state, n, metric, data):
+            """n iterations of `step` from `state` -> (state, buffer (cap, ...) of `_fields`)."""
             buf = jax.tree.map(lambda x: jnp.zeros((cap,) + x.shape, x.dtype), _fields(state))
 
             def body(i, carry):
@@ -244,6 +245,13 @@ class _Driver:
                 return st, b
 
             return jax.lax.fori_loop(0, n, body, (state, buf))
+
+        def chunk(state, n, metric, data):
+            if self.batched:   # every chain in lockstep, one iteration at a time
+                return iterations(jax.vmap(sample_kernel, in_axes=(0, None, None)), state, n, metric, data)
+            # one chain after the other, each for the whole chunk: (chains, cap, ...) -> (cap, chains, ...)
+            st, b = jax.lax.map(lambda s: iterations(sample_kernel, s, n, metric, data), state)
+            return st, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), b)
 
         if devices == 1:
             self._init, self._chunk = jax.jit(init), jax.jit(chunk)
@@ -358,11 +366,42 @@ def _driver(pot, lay, warmup, chains, nuts_kwargs, devices=1) -> _Driver:
     one when the options are not hashable)."""
     progs = pot.programs
     try:
-        key = (warmup, chains, devices, tuple(sorted(nuts_kwargs.items())))
+        key = (warmup, chains, devices, _chains_batched(), tuple(sorted(nuts_kwargs.items())))
         hash(key)
     except TypeError:  # e.g. an array-valued inverse_mass_matrix
         return _Driver(progs, lay, warmup, chains, nuts_kwargs, devices)
     return progs.driver(key, lambda: _Driver(progs, lay, warmup, chains, nuts_kwargs, devices))
+
+
+def use_cores(n: int | None = None) -> int:
+    """Make n CPU cores (default: all) XLA host devices, so that ``sample()`` (chain_method="parallel", the
+    default) runs its chains on them in parallel: brms's ``cores`` / ``options(mc.cores = n)``. Call it right after
+    ``import lmmarg``, before any JAX computation (JAX fixes its devices when it starts; without this call it sees
+    one CPU device and every chain of a fit runs on one core). Returns n. On a machine whose default JAX backend
+    is an accelerator, its devices are used whatever this says."""
+    n = int(n or os.cpu_count() or 1)
+    if n < 1:
+        raise ValueError(f"use_cores needs n >= 1, got {n}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        have = len(jax.devices("cpu"))
+        if have != n:
+            raise RuntimeError(f"use_cores({n}) must run before any JAX computation: JAX has started with {have} CPU "
+                               f"device(s). Call lmmarg.use_cores right after `import lmmarg` (or set XLA_FLAGS="
+                               f"--xla_force_host_platform_device_count={n} before starting Python).") from None
+    return n
+
+
+def _chains_batched() -> bool:
+    """Whether the chains on one device run batched (vmap, in lockstep: every iteration costs the longest
+    trajectory of the batch) or one after the other (lax.map). Batched on accelerators, where a batch of chains
+    costs about one chain. On a CPU a batch costs the sum of its chains anyway (dillonE1: 4 batched
+    value-and-gradients 4.1x one), so the chains run one after the other and no chain waits for the longest
+    trajectory; and the engine's dense LAPACK calls stay unbatched: jaxlib 0.10's batched CPU LAPACK kernels
+    split their batch over XLA's intra-op thread pool and block on it, which deadlocks when programs on
+    several host devices (chain_method="parallel") hold every pool thread."""
+    return jax.default_backend() != "cpu"
 
 
 def _device_groups(chains: int) -> int:
@@ -514,16 +553,16 @@ def _diagnostic_warnings(fit, nuts_kwargs: dict) -> list[str]:
 
 
 def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
-           chain_method: str = "vectorized", progress_bar=True, parameterization=None,
+           chain_method: str = "parallel", progress_bar=True, parameterization=None,
            recover: bool = True, compilation_cache=None, init: str = "mode", **nuts_kwargs):
     """Sample the posterior with NUTS (NumPyro) on the marginal likelihood.
 
     marginalize: "all" (default) | "none" | "auto" | list of term names integrated out analytically.
     parameterization: "noncentered" (default) | "centered" | {term: ...} for terms left to HMC.
-    chain_method: "vectorized" (default; all chains in lockstep on one device), "parallel" (the chains spread over
-        the local devices, vectorized on each: several GPUs, or CPU cores made XLA host devices with
-        ``numpyro.set_host_device_count(n)`` before JAX starts; one device: as "vectorized"), or "sequential"
-        (NumPyro's MCMC, one chain after the other).
+    chain_method: "parallel" (default; the chains spread over the local devices: several GPUs, or CPU cores made
+        XLA host devices with ``numpyro.set_host_device_count(n)`` before JAX starts; with one device it is
+        "vectorized"), "vectorized" (all chains in one program on one device: batched in lockstep on an
+        accelerator, one after the other within each chunk on a CPU), or "sequential" (NumPyro's MCMC).
     progress_bar: True (a live bar in a terminal or notebook, a few plain lines otherwise), False, or a callable
         f(phase, done, total, divergences) called after each finished chunk of iterations ("vectorized" only).
     compilation_cache: None (default: JAX's persistent cache on, see lmmarg.jax_cache), True, False or a directory.

@@ -15,10 +15,11 @@ Parts (``--parts``, default all):
              (4 vectorized chains, 1000 + 1000) on a 6-dimensional Gaussian.
   crossed    `y ~ x + (1 | a) + (1 | b)`, a 10,000 levels, b 100, N = 5e5: sample(chains=2, warmup=300, draws=300)
              incl. compilation and recovery vs one fit_ml().
-  eeg        eeg, default sample() (4 chains x 1000 + 1000), wall incl. compilation.
-  cores      chain_method="vectorized" (4 chains in lockstep on one device) vs "parallel" (spread over the CPU cores
-             as XLA host devices) in one process with as many host devices as cores: sleepstudy, dillonE1, eeg;
-             the second call of each (compiled) is timed.
+  eeg        eeg, default sample() (4 chains x 1000 + 1000), wall incl. compilation: on one device, and with
+             lmmarg.use_cores(all cores) (the chains spread over the cores).
+  cores      chain_method="vectorized" (4 chains in one program on one device: one after the other on a CPU) vs
+             "parallel" (spread over the CPU cores as XLA host devices) in one process with as many host devices
+             as cores: sleepstudy, dillonE1, eeg; the second call of each (compiled) is timed.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/sampler.py [--parts geometry,dillon,...] [--quick]
 
@@ -99,6 +100,9 @@ def worker(case: dict) -> dict:
     import warnings
 
     import jax
+    if case.get("cores"):   # before JAX starts: that many XLA host devices, the default sample() uses them
+        import lmmarg
+        lmmarg.use_cores(case["cores"])
     jax.config.update("jax_enable_x64", True)
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
@@ -212,11 +216,14 @@ def part_crossed(quick: bool, cache: str) -> list:
 
 def part_eeg(quick: bool, cache: str) -> list:
     n = (100, 100) if quick else (1000, 1000)
-    with tempfile.TemporaryDirectory() as fresh:
-        r = dict(part="eeg", label="sample() default, cold",
-                 **run_case(dict(kind="sample", data="eeg", chains=4, warmup=n[0], draws=n[1]), fresh))
-    print(r, flush=True)
-    return [r]
+    rows = []
+    for cores in (None, os.cpu_count()):
+        with tempfile.TemporaryDirectory() as fresh:
+            case = dict(kind="sample", data="eeg", chains=4, warmup=n[0], draws=n[1], cores=cores)
+            label = "sample() default, cold" + (f", lmmarg.use_cores({cores})" if cores else ", one device")
+            rows.append(dict(part="eeg", label=label, **run_case(case, fresh)))
+            print(rows[-1], flush=True)
+    return rows
 
 
 _CORES = """

@@ -438,9 +438,18 @@ def _too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta=0):
 # --------------------------------------------------------------------------- statistics
 
 
+_BINCOUNT_MAX_COLUMNS = 16   # up to this many columns one weighted bincount each beats building a sparse indicator
+
+
 def _aggregate(cell: np.ndarray, n_cells: int, cols: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
-    """Sum rows of ``cols`` (N, k) by cell -> (n_cells, k), chunked over k."""
+    """Sum rows of ``cols`` (N, k) by cell -> (n_cells, k): one weighted bincount per column for few columns, else
+    one sparse indicator product chunked over k."""
     N, k = cols.shape
+    if k <= _BINCOUNT_MAX_COLUMNS:
+        out = np.empty((n_cells, k))
+        for j in range(k):
+            out[:, j] = np.bincount(cell, weights=cols[:, j], minlength=n_cells)
+        return out
     ind = sp.csr_matrix((np.ones(N), (cell, np.arange(N))), shape=(n_cells, N))
     out = np.empty((n_cells, k))
     step = max(1, chunk // max(N, 1))
@@ -449,26 +458,47 @@ def _aggregate(cell: np.ndarray, n_cells: int, cols: np.ndarray, chunk: int = 1 
     return out
 
 
+def _centre_beta(X, y) -> np.ndarray:
+    """An OLS beta0 (p,) to centre the statistics around: from the normal equations when X^T X is well
+    conditioned (one pass, no (N, p) SVD), else least squares. Any beta0 gives exact statistics; a good one only
+    keeps r0 = y - X beta0 small (no cancellation in r0^T r0)."""
+    XtX, Xty = X.T @ X, X.T @ y
+    if np.linalg.cond(XtX) < 1e8:
+        return np.linalg.solve(XtX, Xty)
+    return np.linalg.lstsq(X, y, rcond=None)[0]
+
+
 def _cell_statistics(cell: np.ndarray, n_cells: int, Zt, X, r0):
     """S_zz (n_cells, D, D), S_zr (n_cells, D), S_zX (n_cells, D, p): cell sums of Zt_i Zt_i^T, Zt_i r0_i, Zt_i X_i^T.
 
-    One weighted np.bincount per column (a sequential pass over N rows into n_cells accumulators: no sort, no
-    gather, no index structure); S_zz sums the upper triangle and mirrors it."""
+    One weighted np.bincount per distinct product of columns (a sequential pass over N rows into n_cells
+    accumulators: no sort, no gather, no index structure); S_zz sums the upper triangle and mirrors it. Columns of
+    ones (intercepts, in Z and in X) are recognized once, so that a product with one is the other column and equal
+    products are summed once (y ~ x + (1 | a) + (1 | b): 3 passes instead of 9)."""
     D, p = Zt.shape[1], X.shape[1]
+    cols = {("z", a): np.ascontiguousarray(Zt[:, a]) for a in range(D)}
+    cols.update({("x", j): np.ascontiguousarray(X[:, j]) for j in range(p)})
+    cols["r"] = np.asarray(r0)
+    ones = {k for k, v in cols.items() if k != "r" and np.all(v == 1.0)}
+    memo = {}
 
-    def sums(w):
-        return np.bincount(cell, weights=w, minlength=n_cells)
+    def sums(u, v):
+        key = tuple(sorted((k for k in (u, v) if k not in ones), key=str))
+        if key not in memo:
+            w = None if not key else cols[key[0]] if len(key) == 1 else cols[key[0]] * cols[key[1]]
+            memo[key] = np.bincount(cell, weights=w, minlength=n_cells).astype(np.float64)
+        return memo[key]
 
     S_zz = np.zeros((n_cells, D, D))
     for a in range(D):
         for b in range(a, D):
-            S_zz[:, a, b] = S_zz[:, b, a] = sums(Zt[:, a] * Zt[:, b])
+            S_zz[:, a, b] = S_zz[:, b, a] = sums(("z", a), ("z", b))
     S_zr = np.zeros((n_cells, D))
     S_zX = np.zeros((n_cells, D, p))
     for a in range(D):
-        S_zr[:, a] = sums(Zt[:, a] * r0)
+        S_zr[:, a] = sums(("z", a), "r")
         for j in range(p):
-            S_zX[:, a, j] = sums(Zt[:, a] * X[:, j])
+            S_zX[:, a, j] = sums(("z", a), ("x", j))
     return S_zz, S_zr, S_zX
 
 
@@ -734,7 +764,7 @@ def build_plan(
     Zt = np.concatenate([u[1] for u in units], axis=1) if units else np.zeros((N, 0))
 
     # ---- sufficient statistics around an OLS beta0 (reduces cancellation)
-    beta0 = np.linalg.lstsq(X, y, rcond=None)[0] if (p and N) else np.zeros(p)
+    beta0 = _centre_beta(X, y) if (p and N) else np.zeros(p)
     r0 = y - X @ beta0
     S_zz, S_zr, S_zX = _cell_statistics(cell, n_cells, Zt, X, r0)
 

@@ -135,20 +135,20 @@ def _small_left_product(A, B):
 
 
 @jax.custom_vjp
-def _gram(W):
+def _outer_gram(W):
     """W W^T (n, n) for W (n, k): one dense product; its reverse is one product too (autodiff forms two)."""
     return W @ W.T
 
 
-def _gram_fwd_(W):
+def _outer_gram_fwd(W):
     return W @ W.T, W
 
 
-def _gram_bwd_(W, g):
+def _outer_gram_bwd(W, g):
     return ((g + g.T) @ W,)
 
 
-_gram.defvjp(_gram_fwd_, _gram_bwd_)
+_outer_gram.defvjp(_outer_gram_fwd, _outer_gram_bwd)
 
 
 def _sandwich(Lam, H):
@@ -399,7 +399,7 @@ def _level1_K(plan: Plan, lams, Linv):
         Q = _level1_Q(lams, Linv)
         Bc, d0 = fill.Bc, Q.shape[-1]
         W = jnp.stack([sum(Bc[:, a, :] * Q[None, :, a, b] for a in range(d0)) for b in range(d0)], axis=1)
-        return _gram(W.reshape(ds, -1))
+        return _outer_gram(W.reshape(ds, -1))
     assert isinstance(fill, PairListFill)
     return _bilinear_K(R.reshape(-1), tuple(fill), ds * ds, plan.n_targets).reshape(ds, ds)
 

@@ -8,6 +8,9 @@ Parts (``--parts``, default all):
   geometry   init="center" (a jittered data-scaled start, unit scales: the sampler before) vs init="mode" (start at
              the posterior mode, whitened by its curvature: the default) on dillonE1, eeg, InstEval and the crossed
              N = 5e5 model: leapfrog steps per draw, min bulk ESS, ESS per iteration, divergences, time.
+  beta       the fixed effects sampled (default) vs integrated out and drawn exactly afterwards
+             (marginalize_beta=True), normal priors on them in both: dillonE1 (uncorrelated and correlated), eeg,
+             InstEval (dept marginalized), the crossed N = 5e5 model.
   dillon     dillonE1 `log(rt) ~ intc + (intc || subj) + (intc || item)` (intc = ±1), 1 chain, 1000 + 2000, wall
              incl. compilation, lmmarg cold and warm vs Bambi-NumPyro (benchmarks/peers_bambi.py), same model and
              priors (the paper's, benchmarks/experiments.py).
@@ -60,7 +63,11 @@ def _crossed_data(n, a, b, seed):
 def _build(case: dict):
     import lmmarg
     if case["data"] == "crossed":
-        return lmmarg.Model("y ~ x + (1 | a) + (1 | b)", _crossed_data(**CROSSED))
+        priors = None
+        if case.get("normal_beta"):   # normal priors on beta (what marginalize_beta integrates against)
+            import numpyro.distributions as dist
+            priors = {"Intercept": dist.Normal(0.0, 10.0), "b": dist.Normal(0.0, 10.0)}
+        return lmmarg.Model("y ~ x + (1 | a) + (1 | b)", _crossed_data(**CROSSED), priors=priors)
     if case["data"] == "sleepstudy":
         return lmmarg.Model("Reaction ~ Days + (Days | Subject)", lmmarg.datasets.load("sleepstudy"))
     from experiments import build_model
@@ -115,7 +122,8 @@ def worker(case: dict) -> dict:
     marg = case.get("marginalize", "all")
     t1 = time.perf_counter()
     fit = model.sample(chains=case["chains"], warmup=case["warmup"], draws=case["draws"], seed=case.get("seed", 0),
-                       marginalize=marg, init=case.get("init", "mode"), progress_bar=False)
+                       marginalize=marg, init=case.get("init", "mode"), progress_bar=False,
+                       marginalize_beta=case.get("marginalize_beta", False))
     wall = time.perf_counter() - t1
     out = dict(wall=wall, t_model=t_model, **_global_summary(fit))
     out["min_ess_per_s"] = out["min_ess_bulk"] / wall
@@ -166,6 +174,25 @@ def part_geometry(quick: bool, cache: str) -> list:
     for c in cases:
         for init in ("center", "mode"):
             rows.append(dict(part="geometry", **run_case(dict(c, kind="sample", init=init), cache)))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def part_beta(quick: bool, cache: str) -> list:
+    """beta sampled (the default) vs integrated out (marginalize_beta=True), normal priors on beta in both."""
+    cases = [dict(data="dillonE1", formula=DILLON_FORMULA, chains=1, warmup=1000, draws=2000),
+             dict(data="dillonE1", chains=1, warmup=1000, draws=2000),
+             dict(data="eeg", chains=1, warmup=500, draws=500),
+             dict(data="InstEval", chains=1, warmup=300, draws=300, marginalize=["dept"]),
+             dict(data="crossed", chains=2, warmup=300, draws=300, normal_beta=True)]
+    if quick:
+        cases = [dict(cases[0], warmup=100, draws=100)]
+    rows = []
+    for c in cases:
+        for seed, mb in [(s, mb) for s in ((0,) if quick or c["data"] == "InstEval" else (0, 1))
+                         for mb in (False, True)]:
+            r = run_case(dict(c, kind="sample", marginalize_beta=mb, seed=seed), cache)
+            rows.append(dict(part="beta", **{"formula": "", **r}))
             print(rows[-1], flush=True)
     return rows
 
@@ -270,8 +297,8 @@ def part_cores(quick: bool, cache: str) -> list:
     return rows
 
 
-PARTS = {"geometry": part_geometry, "dillon": part_dillon, "demo": part_demo, "crossed": part_crossed,
-         "eeg": part_eeg, "cores": part_cores}
+PARTS = {"geometry": part_geometry, "beta": part_beta, "dillon": part_dillon, "demo": part_demo,
+         "crossed": part_crossed, "eeg": part_eeg, "cores": part_cores}
 
 
 def report(df: pd.DataFrame) -> str:
@@ -287,6 +314,11 @@ def report(df: pd.DataFrame) -> str:
     if len(g):
         out += ["## Geometry: init=\"center\" (before) vs init=\"mode\" (default)", "",
                 to_markdown(g, [c for c in cols if c in g]), ""]
+    b = df[df.part == "beta"]
+    if len(b):
+        bcols = ["data", "formula", "marginalize_beta", "seed"] + cols[2:] + ["time_recover"]
+        out += ["## Fixed effects sampled (default) vs integrated out (`marginalize_beta=True`), normal priors", "",
+                to_markdown(b, [c for c in bcols if c in b]), ""]
     for part, title in (("dillon", "dillonE1 (uncorrelated), 1 chain, 1000 + 2000: lmmarg vs Bambi-NumPyro"),
                         ("demo", "`python -m lmmarg` vs the bare-NumPyro floor"),
                         ("crossed", "Crossed N = 5e5 (10,000 x 100): sample(chains=2, 300 + 300) vs fit_ml()"),

@@ -345,12 +345,14 @@ class Model:
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
 
     # -- Bayesian inference on the marginal ------------------------------------------------------------------
-    def potential(self, marginalize="all", parameterization=None):
-        """Drop-in NumPyro potential (lmmarg.potential.Potential): potential_fn, init_params, constrain, recover."""
+    def potential(self, marginalize="all", parameterization=None, marginalize_beta: bool = False):
+        """Drop-in NumPyro potential (lmmarg.potential.Potential): potential_fn, init_params, constrain, recover.
+        marginalize_beta: integrate the fixed effects out too (normal priors; drawn exactly by ``recover``)."""
         from .potential import Potential
-        key = (self.resolve_marginalize(marginalize), repr(parameterization))
+        key = (self.resolve_marginalize(marginalize), repr(parameterization), bool(marginalize_beta))
         if key not in self._potentials:
-            self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization)
+            self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization,
+                                              marginalize_beta=marginalize_beta)
         return self._potentials[key]
 
     def numpyro_model(self, marginalize="all", parameterization=None):
@@ -359,7 +361,7 @@ class Model:
 
     def sample(self, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
                chain_method: str = "parallel", progress_bar=True, parameterization=None, recover: bool = True,
-               compilation_cache=None, init: str = "mode", **nuts_kwargs):
+               compilation_cache=None, init: str = "mode", marginalize_beta: bool | None = None, **nuts_kwargs):
         """NUTS on the global parameters, random effects recovered exactly; see lmmarg.inference.nuts.sample.
 
         parameterization: for terms left to HMC, "noncentered" (default), "centered" or "conditional" (offsets
@@ -369,6 +371,9 @@ class Model:
 
         init: "mode" (default; chains start near the posterior mode and move in coordinates whitened by its
         curvature) or "center" (a jittered data-scaled start, unit scales).
+        marginalize_beta: integrate the fixed effects out as well (Gaussian families, a normal prior on every
+        fixed effect) and draw them exactly afterwards. None (default): when every term is marginalized and every
+        fixed effect has a normal prior (measured to win there; docs/guide.md section 4).
         nuts_kwargs: NUTS options, e.g. adapt_delta / target_accept_prob, max_treedepth / max_tree_depth,
         dense_mass; unknown keywords raise a TypeError listing the valid ones. Diagnostics problems (divergences,
         R-hat, ESS, tree depth) are reported as SamplerWarning after the fit, as brms does.
@@ -376,7 +381,8 @@ class Model:
         from .inference.nuts import sample
         return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
                       chain_method=chain_method, progress_bar=progress_bar, parameterization=parameterization,
-                      recover=recover, compilation_cache=compilation_cache, init=init, **nuts_kwargs)
+                      recover=recover, compilation_cache=compilation_cache, init=init,
+                      marginalize_beta=marginalize_beta, **nuts_kwargs)
 
     # -- inference (each lives in its own module) ---------------------------------------------------------------
     def fit_ml(self, reml: bool = False, **kwargs):

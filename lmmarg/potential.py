@@ -54,6 +54,46 @@ def _check_conditional(model, terms: list) -> None:
                          "sigma_by=; a sigma= formula is not supported (use 'noncentered' or 'centered')")
 
 
+def _check_beta_marginal(model, centered: dict) -> None:
+    """marginalize_beta=True integrates beta out against its prior: Gaussian families, every fixed effect with a
+    normal (not fixed) prior, and no parameterization that conditions on beta."""
+    if model.family_spec.is_glmm:
+        raise ValueError(f"marginalize_beta=True is for Gaussian families; family {model.family!r} samples beta")
+    if not model.fixed_names:
+        raise ValueError("marginalize_beta=True: the model has no fixed effects")
+    bad = [p for p in (model.priors[f"b_{n}"] for n in model.fixed_names)
+           if p.is_fixed or type(p.dist) is not dist.Normal]
+    if bad:
+        p = bad[0]
+        what = f"is fixed at {p.fixed}" if p.is_fixed else f"has the prior {p.text or type(p.dist).__name__}"
+        raise ValueError(f"marginalize_beta=True integrates the fixed effects out against normal priors; "
+                         f"{p.label} {what}. Give every fixed effect a normal prior (e.g. priors={{'{p.label}': "
+                         f"numpyro.distributions.Normal(0, 10)}}; 'b' names every slope), or sample beta")
+    other = sorted(set(centered.values()) & {"conditional", "laplace"})
+    if other:
+        raise ValueError(f"marginalize_beta=True cannot be combined with parameterization={other[0]!r}")
+
+
+def default_marginalize_beta(model, marginalize="all", parameterization=None) -> bool:
+    """sample()'s default for marginalize_beta: integrate the fixed effects out when every term is integrated out,
+    the family is Gaussian and every fixed effect has a normal prior. Measured (benchmarks/sampler.py --parts beta,
+    docs/benchmarks.md): with every term marginalized it gave 1.2-2.3x the ESS per iteration on dillonE1 and eeg
+    and the same ESS per gradient on a crossed N = 5e5 model; with terms left to HMC (InstEval, dept integrated
+    out) it lost 15 % (beta then moves with the sampled effects, and each gradient carries its block)."""
+    if model.family_spec.is_glmm or not model.fixed_names or parameterization not in (None, "noncentered"):
+        return False
+    if len(model.resolve_marginalize(marginalize)) != len(model.terms):
+        return False
+    return all(not p.is_fixed and type(p.dist) is dist.Normal
+               for p in (model.priors[f"b_{n}"] for n in model.fixed_names))
+
+
+def _beta_prior(model, prior: dict):
+    """(mean (p,), scale (p, p)) of the fixed effects' independent normal priors, from the model data's priors."""
+    ds = [prior[f"b_{n}"].d for n in model.fixed_names]
+    return jnp.stack([d.loc for d in ds]), jnp.diag(jnp.stack([d.scale for d in ds]))
+
+
 def _resolve_parameterization(model, hmc: list, parameterization) -> dict:
     names = [t.name for t in model.terms]
     out = {n: "noncentered" for n in hmc}
@@ -180,11 +220,12 @@ def _gaussian_centred(plan, beta, sigma, scales, eps, Z, codes):
 _gaussian_centred_jit = jax.jit(_gaussian_centred)
 
 
-def _likelihood(plan, beta, sigma, scales, offset):
-    """The marginal log-likelihood: exact (Gaussian families, a Plan) or Laplace (GLMM families, a LaplacePlan)."""
+def _likelihood(plan, beta, sigma, scales, offset, beta_prior=None):
+    """The marginal log-likelihood: exact (Gaussian families, a Plan; beta integrated out against beta_prior when
+    the plan marginalizes it) or Laplace (GLMM families, a LaplacePlan)."""
     if isinstance(plan, laplace.LaplacePlan):
         return _laplace_jit(plan, beta, scales, offset)
-    return _log_marginal_jit(plan, beta, sigma, scales, offset)
+    return _log_marginal_jit(plan, beta, sigma, scales, offset, beta_prior)
 
 
 class _CorrCholeskyTransform(CorrCholeskyTransform):
@@ -266,9 +307,10 @@ def model_data(model, plan, parts: _Parts) -> dict:
             "log_jac": jnp.asarray(float(model.log_jacobian), dt)}
 
 
-def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = None):
+def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = None, marginalize_beta: bool = False):
     """A NumPyro model of the marginalized LMM taking one argument, the data pytree of ``model_data``; the
-    marginal log-likelihood is a factor. Only the model's structure is read from ``model`` here."""
+    marginal log-likelihood is a factor. Only the model's structure is read from ``model`` here.
+    marginalize_beta: the fixed effects are integrated out against their normal priors (no beta sites)."""
     pri = model.priors
     parts = parts or _Parts(model, marg, centered)
     dt = model.dtype
@@ -325,9 +367,13 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = Non
             return parts.sigma_obs(c, arrays)
 
         log_jac = data["log_jac"]
-        beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
-            else jnp.zeros((0,), dt)
-        numpyro.deterministic("beta", beta)
+        if marginalize_beta:   # integrated out against its prior; recovered exactly with the random effects
+            beta, beta_prior = jnp.zeros((len(model.fixed_names),), dt), _beta_prior(model, prior)
+        else:
+            beta = jnp.stack([site(pri[f"b_{n}"]) for n in model.fixed_names]) if model.fixed_names \
+                else jnp.zeros((0,), dt)
+            beta_prior = None
+            numpyro.deterministic("beta", beta)
         if laplace_centred:   # every term: u = mode(θ) + L(θ)^{-T} ε, an exact reparameterization
             scales = tuple(term_scale(t, "") for t in model.terms)
             eps = tuple(numpyro.sample(f"z_{t.name}", dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0)
@@ -362,7 +408,7 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: _Parts | None = Non
             # the prior N(0, I) of v and the Jacobian replace the N(0, I) of the sampled ε
             extra = logjac - 0.5 * sum(jnp.sum(v * v) for v in vs) + 0.5 * sum(jnp.sum(e * e) for e in eps)
             numpyro.factor("conditional", jnp.where(jnp.isfinite(extra), extra, -jnp.inf))
-        ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u, a=arrays))
+        ll = _likelihood(plan, beta, sigma, tuple(scales), parts.offset(u, a=arrays), beta_prior)
         numpyro.factor("loglik", ll + log_jac)
 
     return model_fn
@@ -376,23 +422,29 @@ class Potential:
     "laplace" (every term, marginalize="none"). "conditional" (Gaussian families, scalar σ or sigma_by): ε-offsets
     from the effects' approximate conditional mean, scaled by their approximate conditional SD given the global
     parameters (exact posterior; lmmarg.marginal.conditional) -- for large terms the data dominate.
+    marginalize_beta: integrate the fixed effects out too (Gaussian families, normal priors on every fixed
+    effect); ``recover`` then draws beta exactly with the random effects.
     """
 
-    def __init__(self, model, marginalize="all", parameterization=None):
+    def __init__(self, model, marginalize="all", parameterization=None, marginalize_beta: bool = False):
         self.model = model
         self.marg = model.resolve_marginalize(marginalize)
         # the engine's plan: exact Gaussian marginal, or the Laplace plan of a GLMM family
         hmc = [t.name for h, t in enumerate(model.terms) if h not in self.marg]
         self.centered = _resolve_parameterization(model, hmc, parameterization)
+        self.marginalize_beta = bool(marginalize_beta)
+        if self.marginalize_beta:
+            _check_beta_marginal(model, self.centered)
         if "laplace" in self.centered.values():   # a plan over every term, centring them jointly
             self.plan = (model.laplace_plan("all") if model.family_spec.is_glmm
                          else model.plan("all", per_obs_sigma=True))
         else:
-            self.plan = model.laplace_plan(marginalize) if model.family_spec.is_glmm else model.plan(marginalize)
+            self.plan = (model.laplace_plan(marginalize) if model.family_spec.is_glmm
+                         else model.plan(marginalize, marginalize_beta=self.marginalize_beta))
         self.parts = _Parts(model, self.marg, self.centered)
         # the NumPyro model takes the data as an argument (``data``: plan, term arrays, priors, standardization,
         # start); the compiled programs of lmmarg.inference take it as an argument too (``programs``)
-        self.model_data_fn = make_model_fn(model, self.marg, self.centered, self.parts)
+        self.model_data_fn = make_model_fn(model, self.marg, self.centered, self.parts, self.marginalize_beta)
         self.data = model_data(model, self.plan, self.parts)
         # trace abstractly (eager tracing would compile every primitive separately)
         self.sites, det = {}, []
@@ -575,6 +627,23 @@ class Potential:
         out = {k: np.concatenate([np.asarray(r[k]) for r in res])[:S] for k in res[0]}
         return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
 
+    def compile_outputs(self, recover: bool) -> None:
+        """Compile (without running) the programs that turn raw draws into results: ``constrain``'s batch and, if
+        `recover` (or beta is marginalized), the recovery batch. ``sample()`` calls this in a background thread
+        while NUTS runs, so that their compilation overlaps the sampling (on a CPU the chains of one device use
+        one core; on a GPU the host is idle): the later calls find the executables in JAX's caches. Arguments
+        are abstract and shaped exactly as ``constrain`` / ``recover`` pass them; nothing executes."""
+        wide = jax.dtypes.canonicalize_dtype(np.float64)
+        bs = self._constrain_batch()
+        raw = {n: jax.ShapeDtypeStruct((bs,) + tuple(s), wide) for n, s in self.unc_shapes.items()}
+        self.programs.constrain.lower(raw, self.data).compile()
+        if not ((recover and self.marg) or self.marginalize_beta):
+            return
+        out = jax.eval_shape(self.programs.constrain, raw, self.data)
+        rb = self._recover_batch()
+        c = {k: jax.ShapeDtypeStruct((rb,) + out[k].shape[1:], out[k].dtype) for k in _recovery_inputs(out)}
+        self.programs.recover(rb).lower(jax.random.PRNGKey(0), 0, c, self.data).compile()
+
     # -- initial values -----------------------------------------------------------------------------------------
     def _center(self) -> tuple[dict, dict]:
         """Data-scaled constrained starting point per site and its unconstrained jitter half-width."""
@@ -673,7 +742,9 @@ class Potential:
         () or (N,), scales: Λ_l = diag(sd_l) chol(corr_l) (d_l, d_l) per marginalized term in ``self.marg`` order,
         offset (N,) of the terms left to HMC or None) -- what ``kernels.log_marginal`` / ``conditional_mean`` /
         ``conditional_sample`` take with ``self.plan``. Used by recovery and by MAP/VI's conditional means.
-        data: ``self.data`` (default) or another data set of the same structure (the compiled recovery's argument).
+        With beta marginalized (``marginalize_beta``), beta is zeros and ``beta_prior`` gives what the kernels
+        integrate it against. data: ``self.data`` (default) or another data set of the same structure (the
+        compiled recovery's argument).
         """
         arrays = (self.data if data is None else data)["parts"]
         c = {k: jnp.asarray(v) for k, v in c.items()}
@@ -685,7 +756,14 @@ class Potential:
                 scales.append(_lam(sd, L))
             else:
                 u[t.name] = c[f"u_{t.name}"]
-        return c["beta"], self.parts.sigma_obs(c, arrays), tuple(scales), self.parts.offset(u, a=arrays)
+        beta = jnp.zeros((len(self.model.fixed_names),), self.model.dtype) if self.marginalize_beta else c["beta"]
+        return beta, self.parts.sigma_obs(c, arrays), tuple(scales), self.parts.offset(u, a=arrays)
+
+    def beta_prior(self, data: dict | None = None):
+        """(mean (p,), scale (p, p)) of the fixed effects' normal priors when they are marginalized, else None."""
+        if not self.marginalize_beta:
+            return None
+        return _beta_prior(self.model, (self.data if data is None else data)["priors"])
 
     def conditional_means(self, c: dict) -> tuple:
         """E[u | y, θ] per marginalized term at one constrained draw c (GLMM: the conditional modes û, the mean
@@ -693,20 +771,23 @@ class Potential:
         beta, sigma, scales, offset = self.kernel_args(c)
         if isinstance(self.plan, laplace.LaplacePlan):
             return laplace.conditional_modes(self.plan, beta, scales, offset)
-        return kernels.conditional_mean(self.plan, beta, sigma, scales, offset)
+        return kernels.conditional_mean(self.plan, beta, sigma, scales, offset, self.beta_prior())[:len(self.marg)]
 
     def recover_one(self, key, c: dict, data: dict):
-        """Exact draws of the marginalized effects {"u_<term>": (G, d)} given one constrained draw c, data as an
-        argument. Pure, jit-friendly."""
-        if not self.marg:
+        """Exact draws of the marginalized effects {"u_<term>": (G, d)} (and "beta" (p,) when it is marginalized)
+        given one constrained draw c, data as an argument. Pure, jit-friendly."""
+        if not self.marg and not self.marginalize_beta:
             return {}
         beta, sigma, scales, offset = self.kernel_args(c, data)
         plan = data["plan"]
         if isinstance(plan, laplace.LaplacePlan):  # the Laplace Gaussian at the mode (approximate)
             draws = laplace.conditional_sample(plan, key, beta, scales, offset)
         else:                                       # exact
-            draws = kernels.conditional_sample(plan, key, beta, sigma, scales, offset)
-        return {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
+            draws = kernels.conditional_sample(plan, key, beta, sigma, scales, offset, self.beta_prior(data))
+        out = {f"u_{self.model.terms[h].name}": v for h, v in zip(self.marg, draws)}
+        if self.marginalize_beta:
+            out["beta"] = draws[-1]
+        return out
 
     def _recover_batch(self) -> int:
         """Draws per recovery batch, fixed per model (so that runs with any number of draws reuse the compiled
@@ -718,16 +799,16 @@ class Potential:
         """Exact draws of every marginalized term's effects given each posterior draw (one key per draw).
 
         draws: output of ``constrain`` (any leading dims). Returns {"u_<term>": (*lead, G, d)} for every term
-        (terms left to HMC are passed through from ``draws``).
+        (terms left to HMC are passed through from ``draws``), and "beta" (*lead, p) when it is marginalized.
         """
-        lead = tuple(np.shape(draws["beta"])[:-1])
+        n = next(k for k in draws if k.startswith(("sd_", "sigma", "beta")))
+        lead = tuple(np.shape(draws[n])[: np.ndim(draws[n]) - len(self._public_shape(n))])
         S = math.prod(lead)
         out = {}
-        if self.marg and S:
-            needed = ["beta", "sigma", "b_sigma"] + [k for k in draws if k.startswith(("sd_", "corr_", "u_"))]
+        if (self.marg or self.marginalize_beta) and S:
             # flattened and padded on the host: eager JAX ops would compile once per number of draws
             flat = {k: np.reshape(np.asarray(draws[k]), (S,) + np.shape(draws[k])[len(lead):])
-                    for k in needed if k in draws}
+                    for k in _recovery_inputs(draws)}
             bs = self._recover_batch() if batch_size is None else int(batch_size)
             n_b = -(-S // bs)
             pad = n_b * bs - S
@@ -741,7 +822,23 @@ class Potential:
                 out[k] = v.reshape(lead + v.shape[1:])
         for name in self.hmc_terms:
             out[f"u_{name}"] = np.asarray(draws[f"u_{name}"])
-        return {f"u_{t.name}": out[f"u_{t.name}"] for t in self.model.terms}
+        res = {f"u_{t.name}": out[f"u_{t.name}"] for t in self.model.terms}
+        if self.marginalize_beta:
+            res["beta"] = out["beta"]
+        return res
+
+    def _public_shape(self, name: str) -> tuple:
+        """The shape of one draw of the public parameter `name` (``constrain``'s output)."""
+        m = self.model
+        if name == "beta":
+            return (len(m.fixed_names),)
+        if name == "sigma":
+            return () if m.sigma_spec.kind == "constant" else (len(m.sigma_spec.levels),)
+        if name.startswith("sd_"):
+            t = next(t for t in list(m.terms) + list(getattr(m.sigma_spec.design, "terms", []))
+                     if name in (f"sd_{t.name}", f"sd_sigma_{t.name}"))
+            return (t.d,)
+        raise KeyError(name)
 
 
 # -- compiled programs, shared between potentials of one structure --------------------------------------------------
@@ -754,6 +851,11 @@ DRIVERS_PER_STRUCTURE = 2             # NUTS drivers (warmup, chains, options) k
 # The programs of a cached structure hold its first potential (their closures read its structure: sites, terms,
 # transforms); potentials with more data than this keep their own programs, so a large data set is never pinned
 PROGRAM_SHARE_MAX_BYTES = 32 << 20
+
+
+def _recovery_inputs(draws: dict) -> list:
+    """The public parameters the recovery reads, of those in `draws` (in their order)."""
+    return [k for k in draws if k in ("beta", "sigma", "b_sigma") or k.startswith(("sd_", "corr_", "u_"))]
 
 
 def _data_bytes(data) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from . import diagnostics
 from .design import DesignError
 
 __all__ = ["Fit", "load"]
@@ -180,11 +181,8 @@ class Fit:
 
     def summary(self, prob: float = 0.95, ranef: bool = False) -> pd.DataFrame:
         """Posterior summary: mean, sd, equal-tailed interval (q2.5, q97.5 for prob=0.95), ess_bulk, ess_tail,
-        r_hat (rank-normalized, ArviZ). Rows are brms-like names (see ``draws_by_name``). A single-draw fit (MAP)
-        has NaN sd and interval: it is a point estimate."""
-        import arviz as az
-        import xarray as xr
-
+        r_hat (rank-normalized split R-hat; ``lmmarg.diagnostics``, equal to ArviZ's). Rows are brms-like names
+        (see ``draws_by_name``). A single-draw fit (MAP) has NaN sd and interval: it is a point estimate."""
         rows = self.draws_by_name(ranef=ranef)
         names = list(rows)
         arr = np.stack([rows[n] for n in names], -1)  # (chain, draw, R)
@@ -196,12 +194,9 @@ class Fit:
                            else np.full(len(names), np.nan),
                            f"q{100 * lo:g}": q[0], f"q{100 * hi:g}": q[1]}, index=names)
         if self.n_draws >= 4:
-            ds = xr.Dataset({"x": (("chain", "draw", "row"), arr)})
             const = np.ptp(arr, axis=(0, 1)) == 0
             with np.errstate(all="ignore"):
-                ess_b = az.ess(ds, method="bulk")["x"].values
-                ess_t = az.ess(ds, method="tail")["x"].values
-                rhat = az.rhat(ds)["x"].values if self.n_chains > 1 else np.full(len(names), np.nan)
+                ess_b, ess_t, rhat = diagnostics.summarize(arr)
             df["ess_bulk"] = np.where(const, np.nan, ess_b)
             df["ess_tail"] = np.where(const, np.nan, ess_t)
             df["r_hat"] = np.where(const, np.nan, rhat)

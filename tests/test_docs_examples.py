@@ -70,3 +70,4 @@ def test_guide_sections_1_to_9_run(short_sampling, tmp_path, monkeypatch):
     ns = _run(blocks, "docs/guide.md", tmp_path, monkeypatch)
     assert ns["effects"]["u_Subject"].shape[-2:] == (18, 2)   # the drop-in NumPyro example recovered the effects
     assert ns["yrep"].shape[-1] == 3
+    assert ns["fit_b"].diagnostics["marginalize_beta"] and ns["fit_b"].samples["beta"].shape[-1] == 2

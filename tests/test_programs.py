@@ -111,3 +111,40 @@ def test_compiled_programs_do_not_depend_on_the_hash_seed():
                            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             for seed in ("1", "2", "3")}
     assert len(outs) == 1
+
+
+def _backend_compiles(fn) -> int:
+    """Number of XLA compilations (in this thread) while fn() runs."""
+    n = [0]
+
+    def listener(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            n[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return n[0]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("priors", [None, {"Intercept": dist.Normal(250, 100), "b": dist.Normal(0, 50)}])
+def test_outputs_compiled_during_sampling_are_what_constrain_and_recover_run(priors):
+    """sample() compiles the constrain and recovery programs in a background thread while NUTS runs
+    (Potential.compile_outputs): the calls after sampling must find them (no compilation), also with beta
+    integrated out (normal priors: beta comes from the recovery)."""
+    Programs._cache.clear()
+    m = Model(FORM, _data(4), priors=priors)
+    pot = m.potential(marginalize_beta=priors is not None)
+    pot.compile_outputs(recover=True)
+    raw = pot.init_params(jax.random.PRNGKey(0), num_chains=3)
+    raw = {k: np.repeat(np.asarray(v)[:, None], 5, axis=1) for k, v in raw.items()}   # (3 chains, 5 draws, ...)
+    out = {}
+    assert _backend_compiles(lambda: out.update(pot.constrain(raw))) == 0
+    assert _backend_compiles(lambda: out.update(pot.recover(out, jax.random.PRNGKey(1)))) == 0
+    assert out["u_Subject"].shape == (3, 5, 18, 2) and out["beta"].shape == (3, 5, 2)
+    fit = m.sample(draws=50, warmup=50, chains=2, progress_bar=False)
+    assert fit.diagnostics["marginalize_beta"] == (priors is not None)
+    assert fit.diagnostics["time_recover"] < 0.5 and fit.samples["u_Subject"].shape == (2, 50, 18, 2)

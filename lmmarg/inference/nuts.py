@@ -77,6 +77,28 @@ def _compile_timer():
             pass
 
 
+@contextlib.contextmanager
+def _in_background(fn):
+    """Run fn() in a thread during the block (which then waits for it): {"s": its tracing and compilation
+    seconds}. Errors in fn are dropped: it only warms caches (the work it prepares is redone if it failed)."""
+    acc = {"s": 0.0}
+
+    def work():
+        with _compile_timer() as c:
+            try:
+                fn()
+            except Exception:   # noqa: BLE001 -- a cache warm-up; the caller compiles on demand anyway
+                pass
+        acc["s"] = c["s"]
+
+    t = threading.Thread(target=work, name="lmmarg-compile-outputs", daemon=True)
+    t.start()
+    try:
+        yield acc
+    finally:
+        t.join()
+
+
 # -- progress ------------------------------------------------------------------------------------------------------
 def _interactive() -> bool:
     """A terminal or a Jupyter kernel: a live bar. Otherwise (CI logs, redirected stderr) a few plain lines."""
@@ -554,7 +576,8 @@ def _diagnostic_warnings(fit, nuts_kwargs: dict) -> list[str]:
 
 def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: int = 0, marginalize="all",
            chain_method: str = "parallel", progress_bar=True, parameterization=None,
-           recover: bool = True, compilation_cache=None, init: str = "mode", **nuts_kwargs):
+           recover: bool = True, compilation_cache=None, init: str = "mode", marginalize_beta: bool | None = None,
+           **nuts_kwargs):
     """Sample the posterior with NUTS (NumPyro) on the marginal likelihood.
 
     marginalize: "all" (default) | "none" | "auto" | list of term names integrated out analytically.
@@ -569,6 +592,10 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     init: "mode" (default): find the posterior mode, start the chains within about one posterior SD of it and let
         NUTS move in coordinates whitened by the curvature there (an affine map: the posterior is unchanged; see
         lmmarg.inference.precondition); "center": start at a jittered data-scaled centre, unit scales.
+    marginalize_beta: integrate the fixed effects out too (Gaussian families, normal priors on every fixed effect);
+        they are then drawn exactly after sampling, with the random effects (even when recover=False). None
+        (default): when every term is marginalized and every fixed effect has a normal prior
+        (lmmarg.potential.default_marginalize_beta: chosen by measurement).
     nuts_kwargs: NUTS options (numpyro.infer.NUTS): target_accept_prob (brms: adapt_delta), max_tree_depth
         (brms: max_treedepth), dense_mass, step_size, ...; other keywords are refused.
     Returns lmmarg.results.Fit; samples have leading dims (chains, draws) and include every "u_<term>".
@@ -584,13 +611,17 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
     from ..results import Fit
 
     jax_cache.apply(compilation_cache)
-    pot = model.potential(marginalize, parameterization)
+    if marginalize_beta is None:
+        from ..potential import default_marginalize_beta
+        marginalize_beta = default_marginalize_beta(model, marginalize, parameterization)
+    pot = model.potential(marginalize, parameterization, marginalize_beta)
     if not pot.sites:
         raise ValueError("every parameter is fixed by the priors: nothing to sample")
     k_init, k_mcmc, k_rec = jax.random.split(jax.random.PRNGKey(seed), 3)
     lay = precondition.layout(pot)
     devices = _device_groups(chains) if chain_method == "parallel" else 1
     t0 = time.perf_counter()
+    outputs = {"s": 0.0}   # compile seconds of the constrain / recovery programs, overlapped with sampling
     with blas_threads(pot.plan.dense_size):
         # shown while compiling, too (NumPyro's driver shows its own)
         report = _NoProgress() if chain_method == "sequential" else _progress(progress_bar, warmup + draws, chains)
@@ -613,15 +644,17 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                     # nothing else executes while NUTS runs: XLA:CPU was seen to stall with every thread idle when
                     # a recovery program ran concurrently with a chunk (as it did in group LOO, see lmmarg.loo)
                     state = programs.start(k_mcmc, z0, metric, fallback)
-                    z, div, n_steps, step_size, accept, pe = programs.run(state, metric, draws, report)
+                    with _in_background(lambda: pot.compile_outputs(recover)) as outputs:
+                        z, div, n_steps, step_size, accept, pe = programs.run(state, metric, draws, report)
         finally:
             report.close()
         raw = lay.unflatten(precondition.to_position(metric, np.asarray(z, np.float64), np), np)
         t2 = time.perf_counter()
         samples = pot.constrain(raw)
         t3 = time.perf_counter()
-        if recover:
-            samples.update(pot.recover(samples, k_rec))
+        if recover or pot.marginalize_beta:
+            drawn = pot.recover(samples, k_rec)
+            samples.update(drawn if recover else {"beta": drawn["beta"]})
         t4 = time.perf_counter()
 
     n_steps = np.asarray(n_steps)
@@ -647,6 +680,8 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "mean_acceptance": float(stats["acceptance_rate"].mean()),
         # tracing and compiling NUTS and the mode search (wall time: the programs compile concurrently)
         "time_compile": (t_c - t0) + comp_init["s"] + comp["s"],
+        # constrain and recovery programs, compiled while NUTS ran (not part of the wall time unless they took longer)
+        "time_compile_outputs": outputs["s"],
         "time_init": t1 - t_c - comp_init["s"],  # posterior mode and curvature (init="mode"), compilation excluded
         "time_mcmc": t2 - t1 - comp["s"],  # warmup + sampling, compilation excluded
         "time_total": time.perf_counter() - t0,
@@ -655,6 +690,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "chains": chains, "draws": draws, "warmup": warmup, "chain_method": chain_method, "devices": devices,
         "target_accept_prob": float(nuts_kwargs["target_accept_prob"]),
         "marginalized": list(pot.marginalized_terms), "hmc_terms": list(pot.hmc_terms),
+        "marginalize_beta": pot.marginalize_beta,
         "compilation_cache": jax_cache.active_cache_dir(),
         **init_info,
     }

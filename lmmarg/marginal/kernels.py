@@ -817,7 +817,7 @@ def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
 
 
 def _one_level_recovery(plan: Plan, sigma, offset) -> bool:
-    return _one_level(plan, sigma) and offset is None and not plan.marginalize_beta
+    return _one_level(plan, sigma) and offset is None
 
 
 def conditional_mean(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):

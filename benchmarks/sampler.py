@@ -123,7 +123,7 @@ def worker(case: dict) -> dict:
     t1 = time.perf_counter()
     fit = model.sample(chains=case["chains"], warmup=case["warmup"], draws=case["draws"], seed=case.get("seed", 0),
                        marginalize=marg, init=case.get("init", "mode"), progress_bar=False,
-                       marginalize_beta=case.get("marginalize_beta", False))
+                       marginalize_beta=case.get("marginalize_beta"))
     wall = time.perf_counter() - t1
     out = dict(wall=wall, t_model=t_model, **_global_summary(fit))
     out["min_ess_per_s"] = out["min_ess_bulk"] / wall

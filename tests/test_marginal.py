@@ -683,3 +683,25 @@ def test_one_level_recovery_matches_the_general_elimination(form):
     for a, b in zip(kernels.conditional_sample(p1, key, beta, sig, sc),
                     kernels.conditional_sample(p2, key, beta, jnp.full(n, sig), sc)):
         np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_pooled_class_grams_dense_and_sparse_builds_agree():
+    """The pooled fill's constants K_u = sum_{g in class u} B_g B_g^T: one BLAS product per class (few classes)
+    and the sparse product (many classes) give the same matrices."""
+    import scipy.sparse as sp
+
+    from lmmarg.marginal.plan import _class_grams
+
+    rng = np.random.default_rng(44)
+    ds, G0, d0, U = 7, 30, 2, 5
+    B = sp.random(ds, G0 * d0, density=0.3, random_state=rng, format="csc")
+    cls = rng.integers(0, U, G0)
+    count = np.bincount(cls, minlength=U)
+    Bcols = [B[:, np.arange(G0) * d0 + a].tocoo() for a in range(d0)]
+    Bblk = [sp.csr_matrix((Ba.data, (cls[Ba.col] * ds + Ba.row, Ba.col)), shape=(U * ds, G0)) for Ba in Bcols]
+    dense = _class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds)
+    sparse = _class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds, blas_max_classes=0)
+    Bd = B.toarray().reshape(ds, G0, d0)
+    want = np.stack([np.einsum("iga,jgb->abij", Bd[:, cls == u], Bd[:, cls == u]) for u in range(U)])
+    np.testing.assert_allclose(dense, want, atol=1e-12)
+    np.testing.assert_allclose(sparse, want, atol=1e-12)

@@ -44,6 +44,7 @@ DENSE_B_MAX_ENTRIES = 4e6    # the dense B (ds, G_0, d0) of DenseProductFill: at
 PAIR_MAX_ENTRIES = 4e7       # coefficient-list entries of PairListFill
 POOLED_MAX_ENTRIES = 2e7     # constants of PooledFill (U d0^2 ds (ds + k0)): at most 160 MB in float64
 POOLED_ENTRY_COST = 4.0      # a pooled constant is streamed from memory once per call in each pass: memory-bound
+POOLED_BLAS_MAX_CLASSES = 1024   # build the pooled constants by one BLAS product per class (a loop) up to this many
 LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
 # The default limit on the dense Schur block is set by memory, not by time (slow is allowed when it is said):
 # a value-and-gradient holds about DENSE_WORK_COPIES (n, n) arrays (F, its Cholesky factor, F^-1, cotangents), and
@@ -568,16 +569,39 @@ def _pool_groups(A0: np.ndarray):
     return np.asarray(cls).reshape(-1), rep, count
 
 
+def _class_grams(B, Bcols, Bblk, cls, count, d0: int, G0: int, ds: int,
+                 blas_max_classes: int = POOLED_BLAS_MAX_CLASSES) -> np.ndarray:
+    """K (U, d0, d0, ds, ds): K[u, a, b] = sum over the groups g of class u of B[:, (g, a)] B[:, (g, b)]^T.
+
+    When B is small enough to hold dense (DENSE_B_MAX_ENTRIES) and the classes are few (blas_max_classes),
+    one BLAS product per class and column pair (the groups of a class side by side): ~ds^2 G_0 d0^2 multiply-adds
+    at BLAS speed. Otherwise sparse products (Bblk @ Bcols^T), whose cost grows with the squared entries per group
+    (at 2e6 rows, 10,000 x 100 groups: 0.11 s against 0.01 s dense)."""
+    U = count.size
+    K = np.empty((U, d0, d0, ds, ds))
+    if ds * G0 * d0 <= DENSE_B_MAX_ENTRIES and U <= blas_max_classes:
+        Bd = B.toarray().reshape(ds, G0, d0)
+        order = np.argsort(cls, kind="stable")
+        ends = np.cumsum(count.astype(np.int64))
+        for u in range(U):
+            Bu = Bd[:, order[ends[u] - count[u]:ends[u]], :]                       # (ds, n_u, d0)
+            for a in range(d0):
+                for b in range(d0):
+                    K[u, a, b] = Bu[:, :, a] @ Bu[:, :, b].T
+        return K
+    for a in range(d0):
+        for b in range(d0):
+            K[:, a, b] = (Bblk[a] @ Bcols[b].T.tocsc()).toarray().reshape(U, ds, ds)
+    return K
+
+
 def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C) -> PooledFill:
     """Constants of PooledFill; C (G_0, d0, k0) group right-hand-side columns or None (no one-level path)."""
     U = rep.size
     Ind = sp.csr_matrix((np.ones(G0), (cls, np.arange(G0))), shape=(U, G0))
     Bcols = [B[:, np.arange(G0) * d0 + a].tocoo() for a in range(d0)]            # (ds, G_0) per column a
     Bblk = [sp.csr_matrix((Ba.data, (cls[Ba.col] * ds + Ba.row, Ba.col)), shape=(U * ds, G0)) for Ba in Bcols]
-    K = np.empty((U, d0, d0, ds, ds))
-    for a in range(d0):
-        for b in range(d0):
-            K[:, a, b] = (Bblk[a] @ Bcols[b].T.tocsc()).toarray().reshape(U, ds, ds)
+    K = _class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds)
     P = M = None
     if C is not None:
         k0 = C.shape[2]

@@ -705,3 +705,48 @@ def test_pooled_class_grams_dense_and_sparse_builds_agree():
     want = np.stack([np.einsum("iga,jgb->abij", Bd[:, cls == u], Bd[:, cls == u]) for u in range(U)])
     np.testing.assert_allclose(dense, want, atol=1e-12)
     np.testing.assert_allclose(sparse, want, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "kind,seed,dims",
+    [("one", 45, (2,)), ("crossed", 46, (2, 2)), ("nested_crossed", 47, (1, 2, 1)), ("xcrossed", 48, (1, 1, 2, 1))],
+)
+def test_beta_eliminated_last_matches_dense(kind, seed, dims):
+    """beta_block='last' (the default for scalar-sigma plans with every class marginalized): beta eliminated by a
+    p x p Schur complement after the random effects. Density, conditional means (beta last) and sampling moments
+    against the dense oracle, and the density equal to the beta-as-a-unit plan's."""
+    des = make_design(kind, seed, dims, False)
+    marg = list(range(len(dims)))[::-1]
+    sc = tuple(des["lams"][i] for i in marg)
+    plan = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True, scalar_sigma=True)
+    unit = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True, scalar_sigma=True,
+                      beta_block="unit")
+    assert plan.beta_block == "last" and unit.beta_block in ("dense", "chain")
+    assert plan.dense_size == unit.dense_size - (2 if unit.beta_block == "dense" else 0)
+    val = log_marginal(plan, None, 0.7, sc, None, BETA_PRIOR)
+    ref = _ref(des, marg, None, 0.7, sc, None, BETA_PRIOR)
+    assert _rel(val, ref) < 1e-10
+    assert _rel(log_marginal(unit, None, 0.7, sc, None, BETA_PRIOR), ref) < 1e-10
+    mean = conditional_mean(plan, None, 0.7, sc, None, BETA_PRIOR)
+    rm, rc, _ = dense_conditional(des["X"], des["y"], des["classes"], marg, None, 0.7, sc, None, BETA_PRIOR)
+    assert len(mean) == len(marg) + 1 and mean[-1].shape == (2,)
+    np.testing.assert_allclose(_flat(mean), rm, rtol=1e-8, atol=1e-8 * np.abs(rm).max())
+    # gradients through the Schur complement (sigma, the scales, the prior) are finite and match the unit plan's
+    g_last = jax.grad(lambda s, L: kernels.log_marginal(plan, None, s, L, None, BETA_PRIOR), argnums=(0, 1))(0.7, sc)
+    g_unit = jax.grad(lambda s, L: kernels.log_marginal(unit, None, s, L, None, BETA_PRIOR), argnums=(0, 1))(0.7, sc)
+    np.testing.assert_allclose(_flat(jax.tree_util.tree_leaves(g_last)), _flat(jax.tree_util.tree_leaves(g_unit)),
+                               rtol=1e-7, atol=1e-9)
+    if kind == "crossed":
+        n = 20000
+        keys = jax.random.split(jax.random.PRNGKey(seed), n)
+        draws = _jit(jax.vmap(lambda k: conditional_sample(plan, k, None, 0.7, sc, None, BETA_PRIOR)))(keys)
+        S = np.concatenate([np.asarray(a).reshape(n, -1) for a in draws], axis=1)
+        sd = np.sqrt(np.diag(rc))
+        assert np.all(np.abs(S.mean(0) - rm) <= 5 * sd / np.sqrt(n))
+        C = np.cov(S, rowvar=False)
+        assert np.all(np.abs(C - rc) <= 6 * np.sqrt((np.outer(sd**2, sd**2) + rc**2) / n))
+    with pytest.raises(ValueError, match="beta_block='last'"):
+        log_marginal(plan, None, jnp.full(len(des["y"]), 0.7), sc, None, BETA_PRIOR)
+    with pytest.raises(ValueError, match="beta_block"):
+        build_plan(des["X"], des["y"], des["classes"], marg[:-1], marginalize_beta=True, scalar_sigma=True,
+                   beta_block="last")

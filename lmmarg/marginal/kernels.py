@@ -709,6 +709,32 @@ def logdet_gram(plan: Plan, lams, sigma, c):
     return logdet, gram
 
 
+def _beta_last(plan: Plan, prepared, beta_prior):
+    """beta ~ N(mu, S S^T) eliminated after every random effect (plan.beta_block == "last"): with V the marginal
+    covariance of y given beta and the engine primitive's Gram of the k = p + 1 columns C = [X S, y - X mu],
+    Q = C^T V^{-1} C = C^T C / sigma^2 - G (from the plan's X^T X, X^T r0, r0^T r0), A = Q[:p, :p], b = Q[:p, p]:
+
+        log N(y; X mu, V + X S S^T X^T) = -1/2 [Q[p, p] - b^T (I + A)^{-1} b + log|V| + log|I + A| + N log 2 pi]
+
+    (determinant lemma and Woodbury on the p x p block). Returns (log|F| + log|I + A|, Q[p, p], |L^{-1} b|^2,
+    L = chol(I + A) (p, p), w = L^{-1} b (p,), S (p, p)); beta | y, theta ~ N(mu + S L^{-T} w, S (I + A)^{-1} S^T).
+    """
+    _, sigma, lams, offset, mu, ok = prepared
+    if sigma.ndim != 0 or offset is not None:
+        raise ValueError("this plan integrates beta out last (beta_block='last': scalar sigma, every term "
+                         "marginalized, no offset); build the plan with beta_block='unit' for a per-observation "
+                         "sigma or an offset")
+    dt, p = plan.dtype, plan.n_fixed
+    S = jnp.where(ok, jnp.asarray(beta_prior[1], dt).reshape(p, p), jnp.eye(p, dtype=dt))
+    c = (jnp.zeros((p + 1, p + 1), dt).at[:p, :p].set(S).at[:p, p].set(plan.beta0 - mu).at[p, p].set(1.0))
+    logdet, gram = logdet_gram(plan, lams, sigma, c)
+    M = jnp.block([[plan.XtX, plan.Xtr[:, None]], [plan.Xtr[None, :], plan.rr[None, None]]])
+    Q = c.T @ M @ c / sigma**2 - gram
+    L = _chol(jnp.eye(p, dtype=dt) + Q[:p, :p])
+    w = solve_triangular(L, Q[:p, p], lower=True)
+    return logdet + 2.0 * jnp.sum(jnp.log(jnp.diagonal(L))), Q[p, p], w @ w, L, w, S
+
+
 def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """log N(y; X beta + offset, sum_l Z_l (I kron Sigma_l) Z_l^T + diag(sigma^2)) -> scalar.
 
@@ -719,6 +745,10 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
     """
     prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
     beta, sigma, lams, offset, mu, ok = prepared
+    if plan.beta_block == "last":
+        logdet, rWr, quad, *_ = _beta_last(plan, prepared, beta_prior)
+        log2pi = plan.n_obs * (_LOG2PI + jnp.log(sigma**2))
+        return _log_density(Factor((), None, None, lams, mu, logdet, quad, rWr, log2pi, ok))
     if sigma.ndim == 0 and plan.D:
         s2 = sigma**2
         log2pi = plan.n_obs * (_LOG2PI + jnp.log(s2))
@@ -779,7 +809,7 @@ def _to_effects(plan: Plan, fac: Factor, vs):
     """
     nan = jnp.asarray(jnp.nan, plan.dtype)
     out, beta = _per_term(plan, [jnp.where(fac.ok, v @ lam.T, nan) for v, lam in zip(vs, fac.lams)])
-    return out + (fac.mu + beta,) if plan.marginalize_beta else out
+    return out + (fac.mu + beta,) if plan.beta_block in ("dense", "chain") else out
 
 
 def _one_level_draw(plan: Plan, prepared, eps0, eps_D):
@@ -827,7 +857,20 @@ def conditional_mean(plan: Plan, beta, sigma, scales, offset=None, beta_prior=No
     prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
     eps = [jnp.zeros((plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(plan.n_chain_units)]
     eps_D = jnp.zeros(plan.dense_size, dt)
+    if plan.beta_block == "last":
+        return _beta_last_effects(plan, prepared, beta_prior, jnp.zeros((plan.n_fixed,), dt), eps, eps_D)
     return _effects_given_eps(plan, prepared, eps, eps_D)
+
+
+def _beta_last_effects(plan: Plan, prepared, beta_prior, eps_beta, eps, eps_D):
+    """beta eliminated last: beta = mu + S L^{-T} (w + eps_beta) (``_beta_last``), then the random effects given
+    that beta (exactly ``_effects_given_eps`` of the plan without beta): a joint draw (the mean for zero eps)."""
+    _, sigma, lams, offset, mu, ok = prepared
+    *_, L, w, S = _beta_last(plan, prepared, beta_prior)
+    b = mu + S @ solve_triangular(L, w + eps_beta, lower=True, trans="T")
+    ok = ok & _finite(b)
+    effects = _effects_given_eps(plan, (jnp.where(ok, b, mu), sigma, lams, offset, None, ok), eps, eps_D)
+    return effects + (jnp.where(ok, b, jnp.nan),)
 
 
 def _effects_given_eps(plan: Plan, prepared, eps, eps_D):
@@ -852,12 +895,16 @@ def conditional_sample(plan: Plan, key, beta, sigma, scales, offset=None, beta_p
     """
     dt = plan.dtype
     K = plan.n_chain_units
-    keys = jax.random.split(key, K + 1)
+    keys = jax.random.split(key, K + 1 + (plan.beta_block == "last"))
     eps = [
         jax.random.normal(keys[j], (plan.unit_groups[j], plan.unit_dims[j]), dt) for j in range(K)
     ]
     eps_D = jax.random.normal(keys[K], (plan.dense_size,), dt)
-    return _effects_given_eps(plan, _prepare(plan, beta, sigma, scales, offset, beta_prior), eps, eps_D)
+    prepared = _prepare(plan, beta, sigma, scales, offset, beta_prior)
+    if plan.beta_block == "last":
+        eps_beta = jax.random.normal(keys[K + 1], (plan.n_fixed,), dt)
+        return _beta_last_effects(plan, prepared, beta_prior, eps_beta, eps, eps_D)
+    return _effects_given_eps(plan, prepared, eps, eps_D)
 
 
 def residual_precision(plan: Plan, sigma, scales):

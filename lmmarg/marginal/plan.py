@@ -46,6 +46,7 @@ POOLED_MAX_ENTRIES = 2e7     # constants of PooledFill (U d0^2 ds (ds + k0)): at
 POOLED_ENTRY_COST = 4.0      # a pooled constant is streamed from memory once per call in each pass: memory-bound
 POOLED_BLAS_MAX_CLASSES = 1024   # build the pooled constants by one BLAS product per class (a loop) up to this many
 LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
+BETA_BLOCKS = ("auto", "unit", "last")   # where a marginalized beta is eliminated (build_plan's beta_block)
 # The default limit on the dense Schur block is set by memory, not by time (slow is allowed when it is said):
 # a value-and-gradient holds about DENSE_WORK_COPIES (n, n) arrays (F, its Cholesky factor, F^-1, cotangents), and
 # they may take DENSE_MEMORY_FRACTION of the machine's memory.
@@ -706,6 +707,7 @@ def build_plan(
     scalar_sigma: bool = False,
     level1_fill: str = "auto",
     chain_fill: str = "auto",
+    beta_block: str = "auto",
     dtype=jnp.float64,
 ) -> Plan:
     """Build the static plan.
@@ -718,6 +720,11 @@ def build_plan(
     cost model of ``_level1_fill``; "dense", "pairs", "pooled" force one, for tests and benchmarks).
     ``chain_fill`` selects the per-cell fill of every chain level used with a per-observation sigma ("auto": by
     ``_choose_fill``'s cost model; "pairs" or "mtm" force one).
+    ``beta_block`` (with ``marginalize_beta``) places beta in the elimination: "unit" as one more one-group unit
+    (in the dense block when there is one, else the chain's root: any sigma, offsets allowed), "last" eliminated
+    after every random effect by a p x p Schur complement of the k = p + 1 Gram of the engine primitive (scalar
+    sigma, every class marginalized, no offset: the random-effect elimination stays that of the plan without
+    beta), "auto" = "last" where it applies (scalar_sigma, every class marginalized), else "unit".
     Raises MarginalTooLarge if the dense block exceeds ``dense_limit`` (default: ``default_dense_limit``, set by
     the machine's memory).
     """
@@ -746,11 +753,20 @@ def build_plan(
     chain = [i for k in chain_m for i in members[k]]
     dense = [i for k in dense_m for i in members[k]]
     ds = _dense_size(classes, dense)
+    if beta_block not in BETA_BLOCKS:
+        raise ValueError(f"beta_block must be one of {BETA_BLOCKS}, got {beta_block!r}")
+    last_ok = scalar_sigma and len(marg) == len(classes) and len(marg) > 0
+    if beta_block == "last" and marginalize_beta and not last_ok:
+        raise ValueError("beta_block='last' needs scalar_sigma=True and every class marginalized")
+    choice = beta_block
     beta_block = None
     if marginalize_beta:
-        beta_block = "dense" if dense else "chain"
-        if dense:
-            ds += p
+        if choice == "last" or (choice == "auto" and last_ok):
+            beta_block = "last"
+        else:
+            beta_block = "dense" if dense else "chain"
+            if dense:
+                ds += p
     if dense_limit is None:
         dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize)
     if ds > dense_limit:

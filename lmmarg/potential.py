@@ -77,9 +77,10 @@ def _check_beta_marginal(model, centered: dict) -> None:
 def default_marginalize_beta(model, marginalize="all", parameterization=None) -> bool:
     """sample()'s default for marginalize_beta: integrate the fixed effects out when every term is integrated out,
     the family is Gaussian and every fixed effect has a normal prior. Measured (benchmarks/sampler.py --parts beta,
-    docs/benchmarks.md): with every term marginalized it gave 1.2-2.3x the ESS per iteration on dillonE1 and eeg
-    and the same ESS per gradient on a crossed N = 5e5 model; with terms left to HMC (InstEval, dept integrated
-    out) it lost 15 % (beta then moves with the sampled effects, and each gradient carries its block)."""
+    docs/benchmarks.md): with every term marginalized it gave 2.2x the ESS per iteration on eeg, 1.0-1.5x on
+    dillonE1 and about the same ESS per gradient on a crossed N = 5e5 model; with terms left to HMC (InstEval,
+    dept integrated out) it lost 15 % (beta then moves with the sampled effects, and each gradient carries its
+    block)."""
     if model.family_spec.is_glmm or not model.fixed_names or parameterization not in (None, "noncentered"):
         return False
     if len(model.resolve_marginalize(marginalize)) != len(model.terms):

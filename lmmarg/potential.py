@@ -17,6 +17,7 @@ u_sigma_<term> for a sigma formula.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -640,9 +641,8 @@ class Potential:
         self.programs.constrain.lower(raw, self.data).compile()
         if not ((recover and self.marg) or self.marginalize_beta):
             return
-        out = jax.eval_shape(self.programs.constrain, raw, self.data)
-        rb = self._recover_batch()
-        c = {k: jax.ShapeDtypeStruct((rb,) + out[k].shape[1:], out[k].dtype) for k in _recovery_inputs(out)}
+        rb, out = self._recover_batch(), self._outputs
+        c = {k: jax.ShapeDtypeStruct((rb,) + out[k].shape, out[k].dtype) for k in _recovery_inputs(out)}
         self.programs.recover(rb).lower(jax.random.PRNGKey(0), 0, c, self.data).compile()
 
     # -- initial values -----------------------------------------------------------------------------------------
@@ -802,8 +802,8 @@ class Potential:
         draws: output of ``constrain`` (any leading dims). Returns {"u_<term>": (*lead, G, d)} for every term
         (terms left to HMC are passed through from ``draws``), and "beta" (*lead, p) when it is marginalized.
         """
-        n = next(k for k in draws if k.startswith(("sd_", "sigma", "beta")))
-        lead = tuple(np.shape(draws[n])[: np.ndim(draws[n]) - len(self._public_shape(n))])
+        n = next(k for k in draws if k in self._outputs)
+        lead = tuple(np.shape(draws[n])[: np.ndim(draws[n]) - len(self._outputs[n].shape)])
         S = math.prod(lead)
         out = {}
         if (self.marg or self.marginalize_beta) and S:
@@ -828,18 +828,13 @@ class Potential:
             res["beta"] = out["beta"]
         return res
 
-    def _public_shape(self, name: str) -> tuple:
-        """The shape of one draw of the public parameter `name` (``constrain``'s output)."""
-        m = self.model
-        if name == "beta":
-            return (len(m.fixed_names),)
-        if name == "sigma":
-            return () if m.sigma_spec.kind == "constant" else (len(m.sigma_spec.levels),)
-        if name.startswith("sd_"):
-            t = next(t for t in list(m.terms) + list(getattr(m.sigma_spec.design, "terms", []))
-                     if name in (f"sd_{t.name}", f"sd_sigma_{t.name}"))
-            return (t.d,)
-        raise KeyError(name)
+    @functools.cached_property
+    def _outputs(self) -> dict:
+        """{public parameter: jax.ShapeDtypeStruct of one draw} (``constrain``'s outputs), from the abstract
+        evaluation of one draw's constrain (nothing executes)."""
+        wide = jax.dtypes.canonicalize_dtype(np.float64)
+        raw = {n: jax.ShapeDtypeStruct(tuple(s), wide) for n, s in self.unc_shapes.items()}
+        return jax.eval_shape(self.constrain_one, raw, self.data)
 
 
 # -- compiled programs, shared between potentials of one structure --------------------------------------------------

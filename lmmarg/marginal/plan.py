@@ -758,19 +758,18 @@ def build_plan(
     last_ok = scalar_sigma and len(marg) == len(classes) and len(marg) > 0
     if beta_block == "last" and marginalize_beta and not last_ok:
         raise ValueError("beta_block='last' needs scalar_sigma=True and every class marginalized")
-    choice = beta_block
-    beta_block = None
+    placement = None   # where beta is eliminated (Plan.beta_block): "last", "dense", "chain"; None if sampled
     if marginalize_beta:
-        if choice == "last" or (choice == "auto" and last_ok):
-            beta_block = "last"
+        if beta_block == "last" or (beta_block == "auto" and last_ok):
+            placement = "last"
         else:
-            beta_block = "dense" if dense else "chain"
+            placement = "dense" if dense else "chain"
             if dense:
                 ds += p
     if dense_limit is None:
         dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize)
     if ds > dense_limit:
-        p_beta = p if beta_block == "dense" else 0
+        p_beta = p if placement == "dense" else 0
         raise MarginalTooLarge(_too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))
 
     # ---- units: chain (finest first) then dense; beta as a one-group class
@@ -782,12 +781,12 @@ def build_plan(
 
     for k in chain_m:
         add(k)
-    if beta_block == "chain":
+    if placement == "chain":
         units.append(("beta", X, np.zeros(N, np.int64), 1, (BETA,)))
     K = len(units)
     for k in dense_m:
         add(k)
-    if beta_block == "dense":
+    if placement == "dense":
         units.append(("beta", X, np.zeros(N, np.int64), 1, (BETA,)))
     dims = tuple(u[1].shape[1] for u in units)
     groups = tuple(u[3] for u in units)
@@ -881,7 +880,7 @@ def build_plan(
         marginalized=marg,
         chain=tuple(chain),
         dense=tuple(dense),
-        beta_block=beta_block,
+        beta_block=placement,
         class_names=names,
         unit_names=tuple(u[0] for u in units),
         unit_dims=dims,

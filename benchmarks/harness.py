@@ -246,9 +246,10 @@ def benchmark(target: Target, *, seed=0, **kw) -> tuple[dict, dict]:
                     error=f"{type(e).__name__}: {e}"[:300]), {}
 
 
-def time_potential(potential_fn, params, repeats: int) -> tuple[float, float]:
-    """(compile + first call seconds, median seconds per value-and-gradient) of a jitted potential at params."""
-    f = jax.jit(jax.value_and_grad(potential_fn))
+def time_potential(potential_fn, params, repeats: int, jit=jax.jit) -> tuple[float, float]:
+    """(compile + first call seconds, median seconds per value-and-gradient) of a jitted potential at params.
+    jit: jax.jit, or lmmarg.xla.jit (the XLA options lmmarg compiles its own programs with)."""
+    f = jit(jax.value_and_grad(potential_fn))
     t0 = time.perf_counter()
     jax.block_until_ready(f(params))
     first = time.perf_counter() - t0
@@ -260,7 +261,7 @@ def time_potential(potential_fn, params, repeats: int) -> tuple[float, float]:
     return first, float(np.median(ts))
 
 
-def time_potential_loop(potential_fn, params, data=None, iters: int = 200, repeats: int = 5) -> float:
+def time_potential_loop(potential_fn, params, data=None, iters: int = 200, repeats: int = 5, jit=jax.jit) -> float:
     """Median seconds per value-and-gradient inside one compiled loop of `iters` evaluations (what NUTS pays per
     leapfrog step: no Python dispatch, no argument flattening). potential_fn(params) or, with data, (params, data);
     every gradient entry feeds the loop's result, so nothing is dead code."""
@@ -273,7 +274,7 @@ def time_potential_loop(potential_fn, params, data=None, iters: int = 200, repea
             return acc + v + sum(jax.numpy.sum(leaf) for leaf in jax.tree.leaves(g))
         return jax.lax.fori_loop(0, iters, body, 0.0)
 
-    f = jax.jit(loop)
+    f = jit(loop)
     jax.block_until_ready(f(params, data))
     ts = []
     for _ in range(repeats):

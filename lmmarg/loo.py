@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
+from . import xla
 from ._warnings import warn_user
 
 __all__ = ["pointwise_loglik", "group_loglik", "compare", "response_scale", "LooCostError", "MAX_DENSE", "MAX_WORK"]
@@ -181,7 +182,7 @@ def _pieces_fn(st: _Static, dtype, blocks=None):
         Gb, nmax = blocks[0].shape
         per_draw += Gb * nmax * (3 * nmax + d1 + max(q2, 1))
     batch = int(max(1, min(256, _CHUNK_FLOATS // per_draw)))
-    return _batched(jax.jit(jax.vmap(one)), batch)
+    return _batched(xla.jit(jax.vmap(one)), batch)
 
 
 def _batched(f, batch: int):
@@ -288,7 +289,7 @@ def _glmm_pointwise(fit) -> np.ndarray:
     if "glmm" not in cache:
         one = jax.vmap(lambda a: laplace.predictive_pieces(lp, a[0], a[1]))
         batch = max(1, int(_CHUNK_FLOATS // (8 * max(m.n_obs, 1))))
-        cache["glmm"] = _batched(jax.jit(one), batch)
+        cache["glmm"] = _batched(xla.jit(one), batch)
     dt = m.dtype
     eta, h, sc, w = cache["glmm"]((jnp.asarray(beta, dt), tuple(jnp.asarray(L, dt) for L in lams)))
     with np.errstate(divide="ignore", invalid="ignore"):

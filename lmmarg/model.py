@@ -290,7 +290,7 @@ class Model:
         from .marginal import kernels, laplace
         if name not in self._jitted:
             mod = laplace if self.family_spec.is_glmm else kernels
-            self._jitted[name] = jax.jit(getattr(mod, name))
+            self._jitted[name] = jax.jit(getattr(mod, name))   # public: may run inside a user's jit
         return self._jitted[name]
 
     def _beta(self, beta):

@@ -750,3 +750,72 @@ def test_beta_eliminated_last_matches_dense(kind, seed, dims):
     with pytest.raises(ValueError, match="beta_block"):
         build_plan(des["X"], des["y"], des["classes"], marg[:-1], marginalize_beta=True, scalar_sigma=True,
                    beta_block="last")
+
+
+@pytest.mark.parametrize("fill", ["dense", "pairs", "pooled"])
+@pytest.mark.parametrize("kind,seed,dims,marg,mbeta", [("crossed", 51, (2, 2), [0, 1], False),
+                                                       ("crossed", 52, (1, 3), [0, 1], True),
+                                                       ("crossed3", 53, (1, 2, 1), [0, 1, 2], False),
+                                                       ("crossed3", 54, (2, 1, 2), [0, 1, 2], True),
+                                                       ("crossed3", 55, (2, 1, 1), [1, 2], False),
+                                                       ("xcrossed", 56, (1, 2, 1, 1), [0, 1, 2, 3], False)])
+def test_precision_dense_form_matches_scaled_and_dense(kind, seed, dims, marg, mbeta, fill):
+    """The precision form of the one-level dense block (F~ = Sigma_D^-1 + M, log|F| = log|F~| + log|Sigma_D|, the
+    sampler's potential) gives the scaled form's value and gradient and the dense oracle's value: one or several
+    dense units, d = 1 to 3, terms stacked on one grouping factor, an HMC offset, beta integrated out last."""
+    des = make_design(kind, seed, dims, False)
+    scaled = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill, scalar_sigma=True,
+                        marginalize_beta=mbeta)
+    assert scaled.level1 is not None and scaled.dense_form == "scaled"
+    prec = scaled.with_dense_form("precision")
+    assert prec.dense_form == "precision" and "precision form" in prec.describe()
+    others = [i for i in range(len(des["classes"])) if i not in marg]
+    offset = jnp.asarray(_offset(des, others)) if others else None
+    sc = tuple(jnp.asarray(des["lams"][i]) for i in marg)
+    beta, sigma = jnp.asarray(des["beta"]), jnp.asarray(0.8)
+    bp = tuple(jnp.asarray(a) for a in BETA_PRIOR) if mbeta else None
+
+    def f(pl, beta, sigma, sc):
+        return kernels.log_marginal(pl, beta, sigma, sc, offset, bp)
+
+    vg = _jit(jax.value_and_grad(f, argnums=(1, 2, 3)))
+    v1, g1 = vg(prec, beta, sigma, sc)
+    v0, g0 = vg(scaled, beta, sigma, sc)
+    assert _rel(v1, v0) < 1e-12
+    ref = _ref(des, marg, des["beta"], 0.8, [np.asarray(s) for s in sc], offset, BETA_PRIOR if mbeta else None)
+    assert _rel(v1, ref) < 1e-10
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9)
+
+
+def test_precision_dense_form_singular_lambda_is_minus_inf_with_finite_gradient():
+    """A zero SD of a dense class: the scaled form stays exact (lme4's boundary), the precision form (which needs
+    Sigma_D^-1) returns -inf with a finite gradient instead of NaN; an invalid form name is refused."""
+    des = make_design("crossed", 57, (2, 2), False)
+    scaled = build_plan(des["X"], des["y"], des["classes"], [0, 1], scalar_sigma=True)
+    prec = scaled.with_dense_form("precision")
+    dense_term = scaled.unit_src[-1][0]              # the marginalized term that forms the dense block
+    sc = [jnp.asarray(L) for L in des["lams"]]
+    sc[dense_term] = sc[dense_term].at[1, :].set(0.0)   # second SD of the dense term is 0: Lambda singular
+    beta, sigma = jnp.asarray(des["beta"]), jnp.asarray(0.8)
+    f = _jit(jax.value_and_grad(lambda pl, b, s, sc: kernels.log_marginal(pl, b, s, sc), argnums=(1, 2, 3)))
+    v0, _ = f(scaled, beta, sigma, tuple(sc))
+    assert np.isfinite(float(v0))
+    assert _rel(v0, _ref(des, [0, 1], des["beta"], 0.8, [np.asarray(s) for s in sc])) < 1e-10
+    v1, g1 = f(prec, beta, sigma, tuple(sc))
+    assert float(v1) == -np.inf
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(g1))
+    with pytest.raises(ValueError, match="dense_form must be one of"):
+        scaled.with_dense_form("cholesky")
+
+
+@pytest.mark.parametrize("n", [7, 21, 80, 161, 600])
+def test_spd_inverse_blocked_and_lapack_paths(n):
+    """F^-1 from its Cholesky factor: one triangular solve (n <= TRI_INV_BLOCK), the halved inverse and one GEMM
+    (up to BLOCKED_INVERSE_MAX; odd sizes split unevenly), LAPACK's solves above; equal to NumPy's inverse."""
+    rng = np.random.default_rng(n)
+    A = rng.normal(size=(n, n))
+    F = A @ A.T / n + np.eye(n)
+    Finv = np.asarray(_jit(kernels._spd_inverse)(jnp.asarray(np.linalg.cholesky(F))))
+    np.testing.assert_allclose(Finv, np.linalg.inv(F), rtol=1e-9, atol=1e-11)
+    np.testing.assert_allclose(Finv, Finv.T, rtol=0, atol=1e-12)

@@ -176,3 +176,23 @@ def test_recover_matches_exact_conditional_moments():
     flat = u.reshape(-1, 6)
     np.testing.assert_allclose(flat.mean(0), m, atol=5 * np.sqrt(np.diag(C) / 3000).max())
     np.testing.assert_allclose(flat.std(0), np.sqrt(np.diag(C)), rtol=0.08)
+
+
+def test_potential_uses_the_precision_dense_form_unless_an_sd_is_fixed_at_zero():
+    """The sampler's potential forms the dense block in precision form (lmmarg.potential.dense_form) and equals
+    the scaled form's density and gradient; a prior fixing a random-effect SD at 0 (a singular Lambda) keeps the
+    scaled form."""
+    df = sim(seed=3)
+    m = lmmarg.Model("y ~ x + (x | g) + (1 | h)", df)
+    pot = m.potential("all")
+    assert pot.plan.level1 is not None and pot.plan.dense_form == "precision"
+    params = pot.init_params(jax.random.PRNGKey(1), num_chains=None)
+    vg = jax.jit(jax.value_and_grad(pot.density))
+    v1, g1 = vg(params, pot.data)
+    v0, g0 = vg(params, dict(pot.data, plan=pot.plan.with_dense_form("scaled")))
+    assert abs(float(v1 - v0)) < 1e-9 * abs(float(v0))
+    for k in g0:
+        np.testing.assert_allclose(g1[k], g0[k], rtol=1e-7, atol=1e-9)
+    m0 = lmmarg.Model("y ~ x + (x | g) + (1 | h)", df, priors={"sd_g__x": 0.0})
+    assert lmmarg.potential.dense_form(m0) == "scaled"
+    assert m0.potential("all").plan.dense_form == "scaled"

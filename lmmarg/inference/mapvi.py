@@ -18,6 +18,7 @@ import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
 from .._warnings import warn_user
+from .. import xla
 from ._blas import blas_threads
 from .derivatives import hessian_from_gradients
 
@@ -133,7 +134,7 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     ck = ("map", pot.marg, bool(jacobian))
     if ck not in cache:
         obj = _objective(pot, jacobian)
-        cache[ck] = jax.jit(jax.value_and_grad(lambda x: obj(unravel(x))))
+        cache[ck] = xla.jit(jax.value_and_grad(lambda x: obj(unravel(x))))
     vg = cache[ck]
 
     def f(x):

@@ -29,6 +29,7 @@ from numpyro.infer import MCMC, NUTS
 from numpyro.infer.hmc import hmc
 
 from .. import jax_cache
+from .. import xla
 from . import precondition
 from ._blas import blas_threads
 
@@ -212,12 +213,12 @@ class _HostCalls:
 def _start_program(pot, lay, chains: int):
     """Jitted (key, data) -> (chains, D) jittered data-scaled starting points, flat (one program, not dozens of
     eager operations that would each compile)."""
-    return jax.jit(lambda key, data: lay.flatten(pot.start_points(key, chains, data)))
+    return xla.jit(lambda key, data: lay.flatten(pot.start_points(key, chains, data)))
 
 
 def _value_and_grad_program(density, lay):
     """Jitted (x (D,), data) -> (potential, gradient) on the flat layout (the mode search)."""
-    return jax.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)))
+    return xla.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)))
 
 
 class _Driver:
@@ -276,7 +277,7 @@ class _Driver:
             return st, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), b)
 
         if devices == 1:
-            self._init, self._chunk = jax.jit(init), jax.jit(chunk)
+            self._init, self._chunk = xla.jit(init), xla.jit(chunk)
         else:   # the same programs on every device, `per` chains each (XLA host devices on a CPU, or GPUs)
             self._init = jax.pmap(init, in_axes=(0, 0, None, None))
             self._chunk = jax.pmap(chunk, in_axes=(0, None, None, None))

@@ -20,6 +20,7 @@ The result is a JAX pytree: arrays are leaves, sizes/orders are static.
 from __future__ import annotations
 
 import itertools
+import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
@@ -47,6 +48,11 @@ POOLED_ENTRY_COST = 4.0      # a pooled constant is streamed from memory once pe
 POOLED_BLAS_MAX_CLASSES = 1024   # build the pooled constants by one BLAS product per class (a loop) up to this many
 LEVEL1_FILLS = ("auto", "dense", "pairs", "pooled")
 BETA_BLOCKS = ("auto", "unit", "last")   # where a marginalized beta is eliminated (build_plan's beta_block)
+# How the density kernels form the one-level dense Schur block (Plan.dense_form, docs/math.md section 5):
+# "scaled" F = I + Lambda_D^T M Lambda_D (any Lambda, zero variances included: ML, recovery),
+# "precision" F~ = Sigma_D^{-1} + M with log|F| = log|F~| + log|Sigma_D| (nonsingular Lambda_D only: the sampler's
+# potential, whose SDs are exp(.) > 0); it skips scaling the ds x ds block by Lambda_D, forward and reverse.
+DENSE_FORMS = ("scaled", "precision")
 # The default limit on the dense Schur block is set by memory, not by time (slow is allowed when it is said):
 # a value-and-gradient holds about DENSE_WORK_COPIES (n, n) arrays (F, its Cholesky factor, F^-1, cotangents), and
 # they may take DENSE_MEMORY_FRACTION of the machine's memory.
@@ -80,9 +86,10 @@ class PooledFill(NamedTuple):
     """Level-1 groups pooled into U classes of equal A_g = sum Z_0^T Z_0 (so equal R_g): per-call work in U.
 
     cls (G_0,) class of each group, rep (U,) one group of each class, count (U,) groups per class,
-    A (U, d0, d0) the shared A; K (U n_ab, T): for each class and pair a <= b (n_ab = d0 (d0 + 1) / 2) the upper
-    triangle (T = ds (ds + 1) / 2 entries) of the symmetric S_uab = sum_{g in u} (B_g[:, a] B_g[:, b]^T + its
-    transpose if a < b), so that K = sum_u sum_{a<=b} R_u[a, b] S_uab; tri (ds, ds) int32: position in that upper
+    A (U, d0, d0) the shared A; K (U n_ab + 1, T): for each class and pair a <= b (n_ab = d0 (d0 + 1) / 2) the
+    upper triangle (T = ds (ds + 1) / 2 entries) of the symmetric S_uab = sum_{g in u} (B_g[:, a] B_g[:, b]^T + its
+    transpose if a < b), so that K = sum_u sum_{a<=b} R_u[a, b] S_uab, and last the upper triangle of S_DD (so that
+    M = S_DD / s2 - K / s2^2 is one matrix-vector product); tri (ds, ds) int32: position in that upper
     triangle of every entry (i, j) of the full matrix (a gather rebuilds it),
     and for the one-level path (else None) the right-hand-side constants in coefficient form over the k0 = p + 1
     columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: P (U d0 d0, ds k0), row (u, a, b) =
@@ -214,10 +221,21 @@ class Plan:
     dense_limit: int = 4000
     dtype_name: str = "float64"
     n_targets: int = 0
+    dense_form: str = "scaled"
 
     @property
     def marginalize_beta(self) -> bool:
         return self.beta_block is not None
+
+    def with_dense_form(self, form: str) -> "Plan":
+        """This plan (the same device arrays) with the density kernels' dense form set (``DENSE_FORMS``).
+
+        "precision" needs a nonsingular Lambda for every dense class: log_marginal then returns -inf where one is
+        singular (a zero SD), so ML fits, which may stop on that boundary, keep "scaled". Recovery and
+        conditional means always use the scaled form."""
+        if form not in DENSE_FORMS:
+            raise ValueError(f"dense_form must be one of {DENSE_FORMS}, got {form!r}")
+        return self if form == self.dense_form else dataclasses.replace(self, dense_form=form)
 
     @property
     def dtype(self):
@@ -264,7 +282,8 @@ class Plan:
                 f"{self.unit_names[u]!r} ({self.unit_groups[u]} x {self.unit_dims[u]})"
                 for u in range(K, len(self.unit_dims))
             ]
-            lines.append(f"  dense block: size {self.dense_size} = " + " + ".join(parts))
+            lines.append(f"  dense block: size {self.dense_size} = " + " + ".join(parts)
+                         + (", precision form" if self.dense_form == "precision" and self.level1 is not None else ""))
         else:
             lines.append("  dense block: none")
         return "\n".join(lines)
@@ -277,7 +296,7 @@ _DATA_FIELDS = [
 _META_FIELDS = [
     "marginalized", "chain", "dense", "beta_block", "class_names", "unit_names",
     "unit_dims", "unit_groups", "unit_src", "term_dims", "n_chain_units", "dense_offsets",
-    "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name", "n_targets",
+    "dense_size", "n_cells", "n_obs", "n_fixed", "fills", "dense_limit", "dtype_name", "n_targets", "dense_form",
 ]
 jax.tree_util.register_dataclass(Plan, data_fields=_DATA_FIELDS, meta_fields=_META_FIELDS)
 
@@ -596,8 +615,9 @@ def _class_grams(B, Bcols, Bblk, cls, count, d0: int, G0: int, ds: int,
     return K
 
 
-def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C) -> PooledFill:
-    """Constants of PooledFill; C (G_0, d0, k0) group right-hand-side columns or None (no one-level path)."""
+def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C, S_DD) -> PooledFill:
+    """Constants of PooledFill; C (G_0, d0, k0) group right-hand-side columns or None (no one-level path);
+    S_DD (ds, ds) the dense block's own statistics (the last row of K)."""
     U = rep.size
     Ind = sp.csr_matrix((np.ones(G0), (cls, np.arange(G0))), shape=(U, G0))
     Bcols = [B[:, np.arange(G0) * d0 + a].tocoo() for a in range(d0)]            # (ds, G_0) per column a
@@ -618,13 +638,14 @@ def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C) -> Pooled
     ab = [(a, b) for a in range(d0) for b in range(a, d0)]
     Ktri = np.stack([(K[:, a, b] + (np.swapaxes(K[:, a, b], 1, 2) if a != b else 0.0))[:, iu, ju]
                      for a, b in ab], axis=1).reshape(U * len(ab), iu.size)
+    Ktri = np.concatenate([Ktri, S_DD[iu, ju][None, :]], axis=0)
     tri = np.empty((ds, ds), np.int64)
     tri[iu, ju] = np.arange(iu.size)
     tri[ju, iu] = np.arange(iu.size)
     return PooledFill(cls, rep, count.astype(np.float64), A0[rep], Ktri, flat(P), flat(M), tri)
 
 
-def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None):
+def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None, S_DD=None):
     """The level-1 fill strategy for scalar sigma, chosen here and only here (docs/math.md, section 5).
 
     With H_k = S_k / sigma^2 the fill is  Lambda_D^T K Lambda_D / sigma^4  where K = B blockdiag(R_g) B^T and
@@ -635,7 +656,8 @@ def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None)
       pooled classes   POOLED_ENTRY_COST x U d0^2 ds (ds + k0)  for U distinct A_g  (<= POOLED_MAX_ENTRIES)
     The pooled strategy is the one whose cost is set by the groups alone (never by N or the number of cells).
     choice: "auto" (cheapest), or force "dense" / "pairs" / "pooled". C: (G_0, d0, k0) one-level right-hand-side
-    columns (pooled only). Returns None if no strategy fits in memory.
+    columns (pooled only). S_DD (ds, ds): the dense block's own statistics (pooled only: part of its K).
+    Returns None if no strategy fits in memory.
     """
     if choice not in LEVEL1_FILLS:
         raise ValueError(f"level1_fill must be one of {LEVEL1_FILLS}, got {choice!r}")
@@ -658,7 +680,7 @@ def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None)
         return DenseProductFill(np.ascontiguousarray(B.toarray().reshape(ds, G0, d0).transpose(0, 2, 1)))
     if choice == "pairs":
         return _pair_list_fill(B, d0, G0, ds)
-    return _pooled_fill(B, A0, cls, rep, count, d0, G0, ds, C)
+    return _pooled_fill(B, A0, cls, rep, count, d0, G0, ds, C, S_DD)
 
 
 def _level1_stats(S_zz, S_zr, S_zX, node, dense_idx, d0: int, G0: int, ds: int, Bmat):
@@ -853,7 +875,7 @@ def build_plan(
             C = np.concatenate([level1_rhs[1], level1_rhs[0][:, :, None]], axis=2)
         else:
             A0 = _aggregate(cell_node[0], G0, S_zz[:, :d0, :d0].reshape(n_cells, -1)).reshape(G0, d0, d0)
-        bil = _level1_fill(Bcsc, A0, d0, G0, ds, level1_fill, C)
+        bil = _level1_fill(Bcsc, A0, d0, G0, ds, level1_fill, C, S_DD)
         if bil is None:
             level1 = level1_rhs = None
     for j in range(K):  # level 1 with the constant-structure fill needs the pair table for a vector sigma only

@@ -237,9 +237,13 @@ def test_float32(kind, seed, dims):
         val = log_marginal(plan, np.float32(des["beta"]), sigma, sc, offset)
         assert val.dtype == jnp.float32
         assert _rel(val, _ref(des, marg, des["beta"], sigma, sc, offset)) < 1e-3
+    ref = _ref(des, marg, des["beta"], 0.7, sc)   # the precision form (the sampler's) in float32 too
+    assert _rel(log_marginal(plan.with_dense_form("precision"), np.float32(des["beta"]), 0.7, sc), ref) < 1e-3
     planb = build_plan(des["X"], des["y"], des["classes"], marg, marginalize_beta=True, dtype=jnp.float32)
-    val = log_marginal(planb, None, 0.7, sc, beta_prior=BETA_PRIOR)
-    assert _rel(val, _ref(des, marg, None, 0.7, sc, None, BETA_PRIOR)) < 1e-3
+    ref = _ref(des, marg, None, 0.7, sc, None, BETA_PRIOR)
+    for form in ("scaled", "precision"):
+        val = log_marginal(planb.with_dense_form(form), None, 0.7, sc, beta_prior=BETA_PRIOR)
+        assert val.dtype == jnp.float32 and _rel(val, ref) < 1e-3
     mean = conditional_mean(planb, None, 0.7, sc, beta_prior=BETA_PRIOR)
     assert all(m.dtype == jnp.float32 for m in mean)
 
@@ -819,3 +823,24 @@ def test_spd_inverse_blocked_and_lapack_paths(n):
     Finv = np.asarray(_jit(kernels._spd_inverse)(jnp.asarray(np.linalg.cholesky(F))))
     np.testing.assert_allclose(Finv, np.linalg.inv(F), rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(Finv, Finv.T, rtol=0, atol=1e-12)
+
+
+def test_gather_only_reverse_passes_match_autodiff():
+    """The custom reverse passes of the symmetric unpacking and of I_G kron P equal autodiff of the plain forms."""
+    rng = np.random.default_rng(5)
+    n, G, d = 6, 4, 3
+    iu, ju = np.triu_indices(n)
+    tri = np.empty((n, n), np.int32)
+    tri[iu, ju] = np.arange(iu.size)
+    tri[ju, iu] = np.arange(iu.size)
+    t = jnp.asarray(rng.normal(size=iu.size))
+    W = jnp.asarray(rng.normal(size=(n, n)))
+    g1 = jax.grad(lambda t: jnp.sum(W * kernels._unpack_symmetric(t, jnp.asarray(tri)) ** 2))(t)
+    g0 = jax.grad(lambda t: jnp.sum(W * t[tri] ** 2))(t)
+    np.testing.assert_allclose(g1, g0, rtol=1e-12)
+    P = jnp.asarray(rng.normal(size=(d, d)))
+    W2 = jnp.asarray(rng.normal(size=(G * d, G * d)))
+    v1, h1 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(kernels._eye_kron(P, G))))(P)
+    v0, h0 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(jnp.kron(jnp.eye(G), P))))(P)
+    assert abs(float(v1 - v0)) < 1e-12
+    np.testing.assert_allclose(h1, h0, rtol=1e-12)

@@ -30,7 +30,9 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from jax.scipy.special import gammaln, multigammaln
 from numpyro.distributions.transforms import CorrCholeskyTransform, biject_to
+from numpyro.distributions.util import validate_sample
 from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
 from .design import column_standardizer
@@ -239,13 +241,58 @@ def _likelihood(plan, beta, sigma, scales, offset, beta_prior=None):
     return _log_marginal_jit(plan, beta, sigma, scales, offset, beta_prior)
 
 
+UNROLLED_CORR_MAX = 8   # correlation Cholesky factors up to this size: elementwise, unrolled (see below)
+
+
+def _corr_dim(n_free: int) -> int:
+    """d of a (d, d) correlation Cholesky factor with n_free = d (d - 1) / 2 unconstrained values."""
+    return int(round((1 + math.sqrt(1 + 8 * n_free)) / 2))
+
+
+def _signed_stick_breaking(t, d: int):
+    """NumPyro's signed stick-breaking (``signed_stick_breaking_tril``) for t (..., d (d - 1) / 2) in (-1, 1), in
+    the row-major order of the strictly lower triangle, unrolled: y_ij = t_ij prod_{k<j} (1 - t_ik^2)^(1/2),
+    y_ii = prod_{k<i} (1 - t_ik^2)^(1/2). Elementwise only: NumPyro's form (a scatter into the triangle, a
+    cumulative product, a padded shift) compiles to scatter loops and window reductions, forward and reverse, in
+    every potential with a correlation."""
+    eps = jnp.finfo(t.dtype).eps
+    t = jnp.clip(t, -1 + eps, 1 - eps)
+    zero, one = jnp.zeros_like(t[..., 0]), jnp.ones_like(t[..., 0])
+    rows, k = [[one] + [zero] * (d - 1)], 0
+    for i in range(1, d):
+        row, rest = [], one                       # rest = prod_{k<j} (1 - t_ik^2)^(1/2)
+        for _ in range(i):
+            row.append(t[..., k] * rest)
+            rest = rest * jnp.sqrt(1 - t[..., k] ** 2)
+            k += 1
+        rows.append(row + [rest] + [zero] * (d - 1 - i))
+    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
+
+
 class _CorrCholeskyTransform(CorrCholeskyTransform):
-    """NumPyro's transform fills a buffer of JAX's default float dtype (float64 under x64), which fails for a
-    float32 model in a process where x64 is on: work in the wider dtype, return the input's dtype."""
+    """NumPyro's CorrCholeskyTransform, computed elementwise for d <= UNROLLED_CORR_MAX (the same values), in the
+    wider of the input's dtype and float64: NumPyro's transform fills a buffer of JAX's default float dtype (float64
+    under x64), which fails for a float32 model in a process where x64 is on; the result has the input's dtype."""
 
     def __call__(self, x):
         wide = jnp.promote_types(x.dtype, jax.dtypes.canonicalize_dtype(np.float64))
-        return super().__call__(x.astype(wide)).astype(x.dtype)
+        d = _corr_dim(x.shape[-1])
+        if d > UNROLLED_CORR_MAX:
+            return super().__call__(x.astype(wide)).astype(x.dtype)
+        return _signed_stick_breaking(jnp.tanh(x.astype(wide)), d).astype(x.dtype)
+
+    def log_abs_det_jacobian(self, x, y, intermediates=None):
+        """NumPyro's value: the tanh part plus 1/2 sum_i sum_{j <= i - 2} log(1 - sum_{k <= j} y_ik^2)."""
+        d = y.shape[-1]
+        if d > UNROLLED_CORR_MAX:
+            return super().log_abs_det_jacobian(x, y, intermediates)
+        stick = jnp.zeros_like(x[..., 0])
+        for i in range(2, d):
+            left = 1.0
+            for j in range(i - 1):
+                left = left - y[..., i, j] ** 2
+                stick = stick + 0.5 * jnp.log(left)
+        return stick - 2.0 * jnp.sum(x + jax.nn.softplus(-2.0 * x) - math.log(2.0), axis=-1)
 
 
 class _CorrCholeskyConstraint(type(constraints.corr_cholesky)):
@@ -257,7 +304,23 @@ biject_to.register(_CorrCholeskyConstraint, lambda c: _CorrCholeskyTransform())
 
 
 class _LKJCholesky(dist.LKJCholesky):
+    """NumPyro's LKJCholesky; for d <= UNROLLED_CORR_MAX the unnormalized log density reads the diagonal by
+    static slices (NumPyro's gather becomes a scatter loop in the reverse pass). Same values, same validation."""
+
     support = _corr_cholesky
+
+    @validate_sample
+    def log_prob(self, value):
+        d = self.dimension
+        if d > UNROLLED_CORR_MAX:
+            return super().log_prob(value)
+        eta = jnp.asarray(self.concentration)
+        # NumPyro's unnormalized density: sum_{i=1}^{d-1} (2 eta - (3 - d) - i) log L_ii (0-based i)
+        unnormalized = sum((2.0 * eta - (3 - d) - i) * jnp.log(value[..., i, i]) for i in range(1, d))
+        dm1 = d - 1
+        alpha = eta + 0.5 * dm1
+        normalizer = 0.5 * dm1 * math.log(math.pi) + multigammaln(alpha - 0.5, dm1) - gammaln(alpha) * dm1
+        return unnormalized - normalizer
 
 
 def _lkj(d: int, eta: float, dtype):

@@ -844,3 +844,17 @@ def test_gather_only_reverse_passes_match_autodiff():
     v0, h0 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(jnp.kron(jnp.eye(G), P))))(P)
     assert abs(float(v1 - v0)) < 1e-12
     np.testing.assert_allclose(h1, h0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shapes", [((2, 2), (2, 2)), ((5, 3, 2), (2, 4)), ((3, 2), (4, 2, 3)), ((2, 7), (7, 3))])
+def test_small_mm_equals_matmul(shapes):
+    """The broadcast product of short contractions (and matmul above _UNROLL_MAX) equals A @ B, values and
+    gradients."""
+    rng = np.random.default_rng(len(shapes[0]))
+    A, B = (jnp.asarray(rng.normal(size=s)) for s in shapes)
+    np.testing.assert_allclose(kernels._small_mm(A, B), jnp.matmul(A, B), rtol=1e-13, atol=1e-14)
+    W = jnp.asarray(rng.normal(size=jnp.matmul(A, B).shape))
+    g1 = jax.grad(lambda A, B: jnp.sum(W * kernels._small_mm(A, B)), argnums=(0, 1))(A, B)
+    g0 = jax.grad(lambda A, B: jnp.sum(W * jnp.matmul(A, B)), argnums=(0, 1))(A, B)
+    for a, b in zip(g1, g0):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)

@@ -196,3 +196,28 @@ def test_potential_uses_the_precision_dense_form_unless_an_sd_is_fixed_at_zero()
     m0 = lmmarg.Model("y ~ x + (x | g) + (1 | h)", df, priors={"sd_g__x": 0.0})
     assert lmmarg.potential.dense_form(m0) == "scaled"
     assert m0.potential("all").plan.dense_form == "scaled"
+
+
+@pytest.mark.parametrize("d", [2, 3, 4, 6, 9])
+def test_unrolled_corr_cholesky_and_lkj_equal_numpyro(d):
+    """lmmarg's correlation-Cholesky transform and LKJ density (elementwise for d <= UNROLLED_CORR_MAX, NumPyro's
+    code above) equal NumPyro's: factor, log|J|, log density and the gradient of their sum; float32 in stays
+    float32."""
+    import numpyro.distributions as dist
+    from numpyro.distributions.transforms import CorrCholeskyTransform
+
+    from lmmarg.potential import _CorrCholeskyTransform, _LKJCholesky
+
+    x = jnp.asarray(np.random.default_rng(d).normal(size=(4, d * (d - 1) // 2)))
+    ref, ours = CorrCholeskyTransform(), _CorrCholeskyTransform()
+    y0, y1 = ref(x), ours(x)
+    np.testing.assert_allclose(y1, y0, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(ours.log_abs_det_jacobian(x, y1), ref.log_abs_det_jacobian(x, y0), rtol=1e-11)
+    np.testing.assert_allclose(_LKJCholesky(d, 1.7).log_prob(y0), dist.LKJCholesky(d, 1.7).log_prob(y0), rtol=1e-12)
+
+    def total(tr, lkj):
+        return lambda x: jnp.sum(lkj.log_prob(tr(x)) + tr.log_abs_det_jacobian(x, tr(x)))
+    np.testing.assert_allclose(jax.grad(total(ours, _LKJCholesky(d, 1.7)))(x),
+                               jax.grad(total(ref, dist.LKJCholesky(d, 1.7)))(x), rtol=1e-9, atol=1e-11)
+    assert ours(x.astype(jnp.float32)).dtype == jnp.float32
+    assert not np.isfinite(float(_LKJCholesky(d, 1.7).log_prob(2.0 * jnp.eye(d))))   # NumPyro's validation kept

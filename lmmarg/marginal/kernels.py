@@ -123,6 +123,15 @@ def _bmm(A, B):
     return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
 
 
+def _small_mm(A, B):
+    """A @ B with broadcasting over leading dims; for a short contraction (<= _UNROLL_MAX) as a sum of broadcast
+    products. XLA:CPU emits each small dot as its own kernel (one LLVM module, ~10 ms of compile time each, forward
+    and reverse); the broadcast form fuses with its neighbours."""
+    if A.shape[-1] > _UNROLL_MAX:
+        return jnp.matmul(A, B)
+    return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
+
+
 def _small_left_product(A, B):
     """A @ B_g for one small A (a, d) and a batch B (G, d, k) -> (G, a, k).
 
@@ -303,7 +312,7 @@ def _cell_stats(plan: Plan, beta, sigma, lams, offset):
         if offset is None:
             delta = beta - plan.beta0
             hk = plan.S_zr - matvec(plan.S_zX, delta)
-            rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
+            rr = plan.rr - 2.0 * jnp.sum(delta * plan.Xtr) + jnp.sum(delta[:, None] * plan.XtX * delta[None, :])
         else:
             hk, rr = _offset_residual_sums(plan, beta, offset)
         hk, rWr = hk / s2, rr / s2
@@ -375,29 +384,29 @@ def _dense_scale(plan: Plan, lams, M):
 
 def _level1_R(lams, Linv):
     """R_g = Lambda_0 A_g^{-1} Lambda_0^T (G_0, d_0, d_0) from Linv = chol(I + A_g)^{-1}."""
-    Ainv = jnp.einsum("gki,gkj->gij", Linv, Linv)
-    return jnp.einsum("ai,gij,bj->gab", lams[0], Ainv, lams[0])
+    Q = _level1_Q(lams, Linv)
+    return _small_mm(Q, jnp.swapaxes(Q, -1, -2))
 
 
 def _level1_Q(lams, Linv):
     """Q_g = Lambda_0 L_g^{-T} (G_0, d0, d0), so that R_g = Q_g Q_g^T."""
-    return jnp.einsum("ai,gji->gaj", lams[0], Linv)
+    return _small_mm(lams[0], jnp.swapaxes(Linv, -1, -2))
 
 
-def _level1_M(plan: Plan, lams, s2, Linv):
+def _level1_M(plan: Plan, lams, s2, Linv, R=None):
     """M = S_DD / s2 - K / s2^2 (ds, ds): the dense block's statistics after the level-1 fill (scalar sigma), before
     Lambda_D (scaled form) or Sigma_D^{-1} (precision form). A PooledFill holds S_DD as the last row of its
     constants: one matrix-vector product gives M's upper triangle (value and reverse pass).
 
     Linv: chol(I + Lambda_0^T A_g Lambda_0)^{-1} (G_0, d0, d0) per group, or (U, d0, d0) per pooled class for a
-    PooledFill (``_group_leaves``)."""
+    PooledFill (``_group_leaves``); R: _level1_R(lams, Linv) where the caller has it (one reverse pass for both)."""
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
-        R = _level1_R(lams, Linv)
+        R = _level1_R(lams, Linv) if R is None else R
         iu, ju = np.triu_indices(R.shape[-1])
         coef = jnp.concatenate([R[:, iu, ju].reshape(-1) * (-1.0 / s2**2), (1.0 / s2)[None]])
         return _unpack_symmetric(coef @ fill.K, fill.tri)
-    return plan.S_DD / s2 - _level1_K(plan, lams, Linv) / s2**2
+    return plan.S_DD / s2 - _level1_K(plan, lams, Linv, R) / s2**2
 
 
 @jax.custom_vjp
@@ -446,11 +455,13 @@ def _eye_kron_bwd(G, _, g):
 _eye_kron.defvjp(_eye_kron_fwd, _eye_kron_bwd)
 
 
-def _level1_K(plan: Plan, lams, Linv):
+def _level1_K(plan: Plan, lams, Linv, R=None):
     """K = sum_g B_g R_g B_g^T (ds, ds), the level-1 fill for scalar sigma, for the dense-product and coefficient-list
-    fills (a PooledFill forms M directly: ``_level1_M``). Linv: chol(I + Lambda_0^T A_g Lambda_0)^{-1} (G_0, d0, d0)."""
+    fills (a PooledFill forms M directly: ``_level1_M``). Linv: chol(I + Lambda_0^T A_g Lambda_0)^{-1} (G_0, d0, d0);
+    R: _level1_R(lams, Linv) if the caller has it."""
     fill, ds = plan.bilinear, plan.dense_size
-    R = None if isinstance(fill, DenseProductFill) else _level1_R(lams, Linv)
+    if R is None and not isinstance(fill, DenseProductFill):
+        R = _level1_R(lams, Linv)
     if isinstance(fill, DenseProductFill):  # K = W W^T, W_g = B_g Q_g (R_g = Q_g Q_g^T): one dense product
         Q = _level1_Q(lams, Linv)
         Bc, d0 = fill.Bc, Q.shape[-1]
@@ -460,12 +471,12 @@ def _level1_K(plan: Plan, lams, Linv):
     return _bilinear_K(R.reshape(-1), tuple(fill), ds * ds, plan.n_targets).reshape(ds, ds)
 
 
-def _structured_dense(plan: Plan, lams, s2, Linv):
+def _structured_dense(plan: Plan, lams, s2, Linv, R=None):
     """F_DD after the level-1 fill, for scalar sigma, from constant statistics (no per-pair gathers of V).
 
-    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D from _level1_M (Linv as it takes it).
+    F = I + Lambda_D^T (S_DD / s2 - K / s2^2) Lambda_D from _level1_M (Linv, R as it takes them).
     """
-    return _add_identity(_dense_scale(plan, lams, _level1_M(plan, lams, s2, Linv)))
+    return _add_identity(_dense_scale(plan, lams, _level1_M(plan, lams, s2, Linv, R)))
 
 
 def _add_identity(M):
@@ -521,7 +532,7 @@ def _one_level_leaves(plan: Plan, lams, s2):
     log-determinants), per group (G_0, ...) or per class of equal A_g for a PooledFill (U, ...)."""
     pooled = isinstance(plan.bilinear, PooledFill)
     A0 = plan.bilinear.A if pooled else plan.level1[0]
-    A = jnp.einsum("ai,gab,bj->gij", lams[0], A0, lams[0]) / s2
+    A = _small_mm(_small_mm(lams[0].T, A0), lams[0]) / s2
     diag, Linv = chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
     return Linv, 2.0 * jnp.sum(jnp.log(diag), axis=-1)
 
@@ -538,9 +549,9 @@ def _one_level_matrix(plan: Plan, lams, s2):
     pooled = isinstance(plan.bilinear, PooledFill)
     logdet = jnp.sum(plan.bilinear.count * logdets) if pooled else jnp.sum(logdets)
     if plan.dense_form == "precision":
-        F, shift = _precision_dense(plan, lams, s2, Linv)
+        F, shift = _precision_dense(plan, lams, s2, Linv, R)
         return R, F, logdet + shift
-    return R, _structured_dense(plan, lams, s2, Linv), logdet
+    return R, _structured_dense(plan, lams, s2, Linv, R), logdet
 
 
 def _dense_rhs(plan: Plan, lams, xt):
@@ -549,7 +560,7 @@ def _dense_rhs(plan: Plan, lams, xt):
     return xt if plan.dense_form == "precision" else _dense_scale_rows(plan, lams, xt)
 
 
-def _precision_dense(plan: Plan, lams, s2, Linv):
+def _precision_dense(plan: Plan, lams, s2, Linv, R=None):
     """Precision form of the one-level dense block (scalar sigma): F~ = Sigma_D^{-1} + S_DD / s2 - K / s2^2.
 
     F_DD = I + Lambda_D^T M Lambda_D = Lambda_D^T F~ Lambda_D with M = S_DD / s2 - K / s2^2 and Sigma_D =
@@ -561,18 +572,18 @@ def _precision_dense(plan: Plan, lams, s2, Linv):
     blocks, shift, ok = [], jnp.zeros((), s2.dtype), jnp.ones((), bool)
     for u in range(K, len(plan.unit_dims)):
         lam, G, d = lams[u], plan.unit_groups[u], plan.unit_dims[u]
-        S = lam @ lam.T
+        S = _small_mm(lam, lam.T)
         # decide on a gradient-free pass, then factor a safe substitute: a NaN branch under jnp.where would still
         # poison the gradient (0 * inf)
         diag, Ci = chol_inv(lax.stop_gradient(S))
         good = jnp.all(diag > 0) & jnp.all(jnp.isfinite(Ci))
         ok = ok & good
         diag, Ci = chol_inv(jnp.where(good, S, jnp.eye(d, dtype=S.dtype)))   # Sigma_u = C C^T, Ci = C^{-1}
-        P = Ci.T @ Ci                                                        # Sigma_u^{-1}
+        P = _small_mm(Ci.T, Ci)                                              # Sigma_u^{-1}
         blocks.append(_eye_kron(P, G))   # no scatter: elementwise, fused with the addition below
         shift = shift + G * 2.0 * jnp.sum(jnp.log(diag))
     Sinv = blocks[0] if len(blocks) == 1 else block_diag(*blocks)
-    return _level1_M(plan, lams, s2, Linv) + Sinv, jnp.where(ok, shift, jnp.nan)
+    return _level1_M(plan, lams, s2, Linv, R) + Sinv, jnp.where(ok, shift, jnp.nan)
 
 
 def _one_level_rhs(plan: Plan, lams, s2, R, a_raw, x_raw):
@@ -603,13 +614,13 @@ def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
     group sums are formed first. Returns (chain Gram (k, k), x~ (ds, k)) as _one_level_rhs.
     """
     a_r, a_X, x_r, x_X = plan.level1_rhs
-    x_raw = jnp.concatenate([x_X, x_r[:, None]], axis=1) @ c
+    x_raw = _small_mm(jnp.concatenate([x_X, x_r[:, None]], axis=1), c)
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
         k0, ds = c.shape[0], plan.dense_size
         r = R.reshape(-1)
-        Bw = (r @ fill.P).reshape(ds, k0) @ c
-        gram = c.T @ (r @ fill.M).reshape(k0, k0) @ c / s2**2
+        Bw = _small_mm((r @ fill.P).reshape(ds, k0), c)
+        gram = _small_mm(_small_mm(c.T, (r @ fill.M).reshape(k0, k0)), c) / s2**2
         return gram, (x_raw - Bw / s2) / s2
     a_raw = jnp.einsum("gak,kl->gal", jnp.concatenate([a_X, a_r[:, :, None]], axis=2), c)
     return _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
@@ -723,7 +734,8 @@ def _chol(F):
     return lax.linalg.cholesky(F, symmetrize_input=False)
 
 
-TRI_INV_BLOCK = 20        # triangular inverses up to this size are one triangular solve; larger ones are halved
+TRI_INV_BLOCK = 40        # triangular inverses up to this size are one triangular solve; larger ones are halved
+                          # (20 ran no faster and compiled twice the kernels: n = 80, 0.23 vs 0.12 s)
 TRI_INV_MAX_LEAVES = 8    # ... into at most this many solves (larger leaves for large n: a bounded program size)
 BLOCKED_INVERSE_MAX = 512  # above this, LAPACK's triangular solves beat the halving (n = 400: 3.1 vs 5.7 ms,
                            # n = 1500: 207 vs 143 ms on one core)
@@ -875,7 +887,7 @@ def log_marginal(plan: Plan, beta, sigma, scales, offset=None, beta_prior=None):
         if offset is None:
             # scalar sigma, no offset: sufficient statistics only, through the engine primitive
             delta = beta - plan.beta0
-            rr = plan.rr - 2.0 * delta @ plan.Xtr + delta @ plan.XtX @ delta
+            rr = plan.rr - 2.0 * jnp.sum(delta * plan.Xtr) + jnp.sum(delta[:, None] * plan.XtX * delta[None, :])
             c = jnp.concatenate([-delta, jnp.ones((1,), delta.dtype)])[:, None]
             logdet, gram = logdet_gram(plan, lams, sigma, c)
             return _log_density(Factor((), None, None, lams, mu, logdet, gram[0, 0], rr / s2, log2pi, ok))

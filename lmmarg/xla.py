@@ -1,6 +1,6 @@
 """How lmmarg compiles its programs: ``jit`` is ``jax.jit`` with XLA options chosen for the marginal engine.
 
-A potential's value-and-gradient is ~200 small fusions (the engine's blocks are small: 2 x 2 leaves, an 80 x 80
+A potential's value-and-gradient is ~120 small fusions (the engine's blocks are small: 2 x 2 leaves, an 80 x 80
 dense block on dillonE1). XLA:CPU's MLIR fusion emitters spend most of the compile time on them; its LLVM IR
 emitters compile the same program in ~60 % of the time and run it at the same speed (dillonE1, every term
 marginalized, one core: compile 2.59 -> 1.51 s, 146 vs 150 us per value-and-gradient in a compiled loop;

@@ -858,3 +858,40 @@ def test_small_mm_equals_matmul(shapes):
     g0 = jax.grad(lambda A, B: jnp.sum(W * jnp.matmul(A, B)), argnums=(0, 1))(A, B)
     for a, b in zip(g1, g0):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_small_spd_inverse_and_precision(d):
+    """Closed forms (d <= 2) and the unrolled Cholesky (d = 3): A^{-1} and log|A| of a batch of SPD blocks, NaN for
+    an indefinite one; Sigma^{-1}, log|Sigma| for Sigma = lam lam^T (lam triangular or not), and for a singular
+    lam ok = False with finite values and gradients."""
+    rng = np.random.default_rng(d)
+    B = rng.normal(size=(5, d, d))
+    A = B @ np.swapaxes(B, 1, 2) + 0.5 * np.eye(d)
+    inv, logdet = kernels._spd_inv_logdet(jnp.asarray(A))
+    np.testing.assert_allclose(inv, np.linalg.inv(A), rtol=1e-11)
+    np.testing.assert_allclose(logdet, np.linalg.slogdet(A)[1], rtol=1e-12)
+    bad = -np.eye(d)[None] if d == 1 else np.diag([1.0, -1.0] + [1.0] * (d - 2))[None]
+    assert np.isnan(np.asarray(kernels._spd_inv_logdet(jnp.asarray(bad))[1])).all()
+    for lam in (np.tril(rng.normal(size=(d, d))) + 2 * np.eye(d), rng.normal(size=(d, d)) + 2 * np.eye(d)):
+        P, ld, ok = kernels._small_precision(jnp.asarray(lam))
+        S = lam @ lam.T
+        np.testing.assert_allclose(P, np.linalg.inv(S), rtol=1e-10)
+        np.testing.assert_allclose(ld, np.linalg.slogdet(S)[1], rtol=1e-12)
+        assert bool(ok)
+    sing = np.zeros((d, d))
+    sing[0, 0] = 1.0
+    P, ld, ok = kernels._small_precision(jnp.asarray(sing))
+    assert not bool(ok) and np.isfinite(np.asarray(P)).all() and np.isfinite(float(ld))
+    g = jax.grad(lambda m: jnp.sum(kernels._small_precision(m)[0]) + kernels._small_precision(m)[1])(jnp.asarray(sing))
+    assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("G", [4, 300_000])
+def test_small_sandwich_both_paths(G):
+    """A X_g B in one broadcast reduction (small batches) and as two products (above SANDWICH_MAX) equal einsum."""
+    rng = np.random.default_rng(G)
+    A, B = jnp.asarray(rng.normal(size=(2, 2))), jnp.asarray(rng.normal(size=(2, 2)))
+    X = jnp.asarray(rng.normal(size=(G, 2, 2)))
+    np.testing.assert_allclose(kernels._small_sandwich(A, X, B), jnp.einsum("ia,gab,bj->gij", A, X, B),
+                               rtol=1e-12, atol=1e-13)

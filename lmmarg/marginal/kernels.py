@@ -112,6 +112,47 @@ def chol_inv(A):
     return jnp.stack([L[i][i] for i in range(d)], axis=-1), Linv
 
 
+def _spd_inv_logdet(A):
+    """(A^{-1}, log|A|) for a batch of SPD (..., d, d): closed forms for d <= 2 (intercept-and-slope blocks: a few
+    elementwise operations, one fused kernel), the unrolled Cholesky above. NaN where A is not positive definite."""
+    d = A.shape[-1]
+    if d == 1:
+        return 1.0 / A, jnp.log(A[..., 0, 0])
+    if d == 2:
+        a, b, c = A[..., 0, 0], A[..., 1, 0], A[..., 1, 1]
+        det = a * c - b * b
+        det = jnp.where((a > 0) & (det > 0), det, jnp.nan)
+        adj = jnp.stack([jnp.stack([c, -b], axis=-1), jnp.stack([-b, a], axis=-1)], axis=-2)
+        return adj / det[..., None, None], jnp.log(det)
+    diag, Linv = chol_inv(A)
+    return _small_mm(jnp.swapaxes(Linv, -1, -2), Linv), 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+
+
+def _small_precision(lam):
+    """(Sigma^{-1}, log|Sigma|, ok) for Sigma = lam lam^T, lam (d, d). ok is False where Sigma is singular; the
+    values then come from a finite substitute, so that gradients stay finite (a NaN branch under jnp.where would
+    still poison them: 0 * inf). d <= 2 from lam's determinant and adjugate (exact for triangular lam, no
+    cancellation in Sigma's determinant); above, an unrolled Cholesky of Sigma after a gradient-free check."""
+    d = lam.shape[0]
+    eye = jnp.eye(d, dtype=lam.dtype)
+    if d <= 2:
+        det = lam[0, 0] if d == 1 else lam[0, 0] * lam[1, 1] - lam[0, 1] * lam[1, 0]
+        good = (det != 0) & jnp.isfinite(det)
+        lam = jnp.where(good, lam, eye)
+        det = jnp.where(good, det, 1.0)
+        if d == 1:
+            return (1.0 / det**2).reshape(1, 1), 2.0 * jnp.log(jnp.abs(det)), good
+        (a, b), (c, e) = lam[0], lam[1]
+        off = -(a * c + b * e)            # lam^{-T} lam^{-1} = adj(lam)^T adj(lam) / det^2, written out
+        P = jnp.stack([e * e + c * c, off, off, a * a + b * b]).reshape(2, 2) / det**2
+        return P, 2.0 * jnp.log(jnp.abs(det)), good
+    S = _small_mm(lam, lam.T)
+    diag, Ci = chol_inv(lax.stop_gradient(S))
+    good = jnp.all(diag > 0) & jnp.all(jnp.isfinite(Ci))
+    diag, Ci = chol_inv(jnp.where(good, S, eye))                           # Sigma = C C^T, Ci = C^{-1}
+    return _small_mm(Ci.T, Ci), 2.0 * jnp.sum(jnp.log(diag)), good
+
+
 def matvec(A, x):
     """Batched matrix-vector product (..., a, b) x (..., b) -> (..., a)."""
     return jnp.sum(A * x[..., None, :], axis=-1)
@@ -130,6 +171,18 @@ def _small_mm(A, B):
     if A.shape[-1] > _UNROLL_MAX:
         return jnp.matmul(A, B)
     return jnp.sum(A[..., :, :, None] * B[..., None, :, :], axis=-2)
+
+
+SANDWICH_MAX = 2**20   # elements of the broadcast product in _small_sandwich (one reduction instead of two)
+
+
+def _small_sandwich(A, X, B):
+    """A X_g B for one small A (i, a), B (b, j) and a batch X (G, a, b) -> (G, i, j): one broadcast product
+    reduced once (one kernel forward, fewer in reverse) while it stays below SANDWICH_MAX elements, else two
+    _small_mm products."""
+    if max(A.shape[1], B.shape[0]) > _UNROLL_MAX or X.size * A.shape[0] * B.shape[1] > SANDWICH_MAX:
+        return _small_mm(_small_mm(A, X), B)
+    return jnp.sum(A[None, :, :, None, None] * X[:, None, :, :, None] * B[None, None, None, :, :], axis=(2, 3))
 
 
 def _small_left_product(A, B):
@@ -384,8 +437,7 @@ def _dense_scale(plan: Plan, lams, M):
 
 def _level1_R(lams, Linv):
     """R_g = Lambda_0 A_g^{-1} Lambda_0^T (G_0, d_0, d_0) from Linv = chol(I + A_g)^{-1}."""
-    Q = _level1_Q(lams, Linv)
-    return _small_mm(Q, jnp.swapaxes(Q, -1, -2))
+    return _small_sandwich(lams[0], _small_mm(jnp.swapaxes(Linv, -1, -2), Linv), lams[0].T)
 
 
 def _level1_Q(lams, Linv):
@@ -404,7 +456,8 @@ def _level1_M(plan: Plan, lams, s2, Linv, R=None):
     if isinstance(fill, PooledFill):
         R = _level1_R(lams, Linv) if R is None else R
         iu, ju = np.triu_indices(R.shape[-1])
-        coef = jnp.concatenate([R[:, iu, ju].reshape(-1) * (-1.0 / s2**2), (1.0 / s2)[None]])
+        upper = jnp.stack([R[:, i, j] for i, j in zip(iu, ju)], axis=-1)   # static slices: no scatter in reverse
+        coef = jnp.concatenate([upper.reshape(-1) * (-1.0 / s2**2), (1.0 / s2)[None]])
         return _unpack_symmetric(coef @ fill.K, fill.tri)
     return plan.S_DD / s2 - _level1_K(plan, lams, Linv, R) / s2**2
 
@@ -532,9 +585,18 @@ def _one_level_leaves(plan: Plan, lams, s2):
     log-determinants), per group (G_0, ...) or per class of equal A_g for a PooledFill (U, ...)."""
     pooled = isinstance(plan.bilinear, PooledFill)
     A0 = plan.bilinear.A if pooled else plan.level1[0]
-    A = _small_mm(_small_mm(lams[0].T, A0), lams[0]) / s2
+    A = _small_sandwich(lams[0].T, A0, lams[0]) / s2
     diag, Linv = chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
     return Linv, 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+
+
+def _one_level_R(plan: Plan, lams, s2):
+    """(R = Lambda_0 (I + Lambda_0^T A_g Lambda_0 / s2)^{-1} Lambda_0^T, log|I + Lambda_0^T A_g Lambda_0 / s2|) per
+    group (G_0, ...) or per pooled class (U, ...), without the leaf factors (``_spd_inv_logdet``)."""
+    A0 = plan.bilinear.A if isinstance(plan.bilinear, PooledFill) else plan.level1[0]
+    A = _small_sandwich(lams[0].T, A0, lams[0]) / s2
+    Ainv, logdets = _spd_inv_logdet(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    return _small_sandwich(lams[0], Ainv, lams[0].T), logdets
 
 
 def _one_level_matrix(plan: Plan, lams, s2):
@@ -544,8 +606,11 @@ def _one_level_matrix(plan: Plan, lams, s2):
 
     R is (G_0, d_0, d_0) per group, or (U, d_0, d_0) per class of equal A_g for a PooledFill (whose per-call work
     then never touches the G_0 groups)."""
-    Linv, logdets = _one_level_leaves(plan, lams, s2)
-    R = _level1_R(lams, Linv)
+    if isinstance(plan.bilinear, DenseProductFill):   # its fill uses the leaf factors themselves
+        Linv, logdets = _one_level_leaves(plan, lams, s2)
+        R = _level1_R(lams, Linv)
+    else:
+        Linv, (R, logdets) = None, _one_level_R(plan, lams, s2)
     pooled = isinstance(plan.bilinear, PooledFill)
     logdet = jnp.sum(plan.bilinear.count * logdets) if pooled else jnp.sum(logdets)
     if plan.dense_form == "precision":
@@ -571,17 +636,10 @@ def _precision_dense(plan: Plan, lams, s2, Linv, R=None):
     K = plan.n_chain_units
     blocks, shift, ok = [], jnp.zeros((), s2.dtype), jnp.ones((), bool)
     for u in range(K, len(plan.unit_dims)):
-        lam, G, d = lams[u], plan.unit_groups[u], plan.unit_dims[u]
-        S = _small_mm(lam, lam.T)
-        # decide on a gradient-free pass, then factor a safe substitute: a NaN branch under jnp.where would still
-        # poison the gradient (0 * inf)
-        diag, Ci = chol_inv(lax.stop_gradient(S))
-        good = jnp.all(diag > 0) & jnp.all(jnp.isfinite(Ci))
+        P, logdet, good = _small_precision(lams[u])                        # Sigma_u^{-1}, log|Sigma_u|
         ok = ok & good
-        diag, Ci = chol_inv(jnp.where(good, S, jnp.eye(d, dtype=S.dtype)))   # Sigma_u = C C^T, Ci = C^{-1}
-        P = _small_mm(Ci.T, Ci)                                              # Sigma_u^{-1}
-        blocks.append(_eye_kron(P, G))   # no scatter: elementwise, fused with the addition below
-        shift = shift + G * 2.0 * jnp.sum(jnp.log(diag))
+        blocks.append(_eye_kron(P, plan.unit_groups[u]))   # no scatter: elementwise, fused with the addition below
+        shift = shift + plan.unit_groups[u] * logdet
     Sinv = blocks[0] if len(blocks) == 1 else block_diag(*blocks)
     return _level1_M(plan, lams, s2, Linv, R) + Sinv, jnp.where(ok, shift, jnp.nan)
 
@@ -614,14 +672,15 @@ def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
     group sums are formed first. Returns (chain Gram (k, k), x~ (ds, k)) as _one_level_rhs.
     """
     a_r, a_X, x_r, x_X = plan.level1_rhs
-    x_raw = _small_mm(jnp.concatenate([x_X, x_r[:, None]], axis=1), c)
+    x_cols = jnp.concatenate([x_X, x_r[:, None]], axis=1)          # (ds, p + 1)
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
         k0, ds = c.shape[0], plan.dense_size
         r = R.reshape(-1)
-        Bw = _small_mm((r @ fill.P).reshape(ds, k0), c)
+        Bw_cols = (r @ fill.P).reshape(ds, k0)
         gram = _small_mm(_small_mm(c.T, (r @ fill.M).reshape(k0, k0)), c) / s2**2
-        return gram, (x_raw - Bw / s2) / s2
+        return gram, _small_mm(x_cols - Bw_cols / s2, c) / s2
+    x_raw = _small_mm(x_cols, c)
     a_raw = jnp.einsum("gak,kl->gal", jnp.concatenate([a_X, a_r[:, :, None]], axis=2), c)
     return _one_level_rhs(plan, lams, s2, R, a_raw, x_raw)
 

@@ -112,17 +112,26 @@ def chol_inv(A):
     return jnp.stack([L[i][i] for i in range(d)], axis=-1), Linv
 
 
+_SIGNS_2X2 = np.array([[1.0, -1.0], [-1.0, 1.0]])
+
+
+def _adjugate_det_2x2(A):
+    """(adj A, det A) of (..., 2, 2) without reading single entries (the reverse pass of each read would be one
+    padded kernel): with rot(A) = A rotated by 180 degrees and S the checkerboard of signs, adj = S * rot(A)^T and
+    det = 1/2 sum S * A * rot(A)."""
+    rot, signs = jnp.flip(A, axis=(-2, -1)), jnp.asarray(_SIGNS_2X2, A.dtype)
+    return signs * jnp.swapaxes(rot, -1, -2), 0.5 * jnp.sum(signs * A * rot, axis=(-2, -1))
+
+
 def _spd_inv_logdet(A):
     """(A^{-1}, log|A|) for a batch of SPD (..., d, d): closed forms for d <= 2 (intercept-and-slope blocks: a few
-    elementwise operations, one fused kernel), the unrolled Cholesky above. NaN where A is not positive definite."""
+    elementwise operations, fused), the unrolled Cholesky above. NaN where A is not positive definite."""
     d = A.shape[-1]
     if d == 1:
-        return 1.0 / A, jnp.log(A[..., 0, 0])
+        return 1.0 / A, jnp.log(A.reshape(A.shape[:-2]))
     if d == 2:
-        a, b, c = A[..., 0, 0], A[..., 1, 0], A[..., 1, 1]
-        det = a * c - b * b
-        det = jnp.where((a > 0) & (det > 0), det, jnp.nan)
-        adj = jnp.stack([jnp.stack([c, -b], axis=-1), jnp.stack([-b, a], axis=-1)], axis=-2)
+        adj, det = _adjugate_det_2x2(A)
+        det = jnp.where((A[..., 0, 0] > 0) & (det > 0), det, jnp.nan)   # (the condition is not differentiated)
         return adj / det[..., None, None], jnp.log(det)
     diag, Linv = chol_inv(A)
     return _small_mm(jnp.swapaxes(Linv, -1, -2), Linv), 2.0 * jnp.sum(jnp.log(diag), axis=-1)
@@ -132,20 +141,18 @@ def _small_precision(lam):
     """(Sigma^{-1}, log|Sigma|, ok) for Sigma = lam lam^T, lam (d, d). ok is False where Sigma is singular; the
     values then come from a finite substitute, so that gradients stay finite (a NaN branch under jnp.where would
     still poison them: 0 * inf). d <= 2 from lam's determinant and adjugate (exact for triangular lam, no
-    cancellation in Sigma's determinant); above, an unrolled Cholesky of Sigma after a gradient-free check."""
+    cancellation in Sigma's determinant; both are polynomials in lam, finite for any finite lam); above, an
+    unrolled Cholesky of Sigma after a gradient-free check."""
     d = lam.shape[0]
     eye = jnp.eye(d, dtype=lam.dtype)
     if d <= 2:
-        det = lam[0, 0] if d == 1 else lam[0, 0] * lam[1, 1] - lam[0, 1] * lam[1, 0]
+        def adjugate_det(m):
+            return (jnp.ones_like(m), m.reshape(())) if d == 1 else _adjugate_det_2x2(m)
+        det = adjugate_det(lam)[1]
         good = (det != 0) & jnp.isfinite(det)
-        lam = jnp.where(good, lam, eye)
-        det = jnp.where(good, det, 1.0)
-        if d == 1:
-            return (1.0 / det**2).reshape(1, 1), 2.0 * jnp.log(jnp.abs(det)), good
-        (a, b), (c, e) = lam[0], lam[1]
-        off = -(a * c + b * e)            # lam^{-T} lam^{-1} = adj(lam)^T adj(lam) / det^2, written out
-        P = jnp.stack([e * e + c * c, off, off, a * a + b * b]).reshape(2, 2) / det**2
-        return P, 2.0 * jnp.log(jnp.abs(det)), good
+        adj, det = adjugate_det(jnp.where(good, lam, eye))   # substitute Sigma = I: the dense block stays SPD
+        inv = adj / det                                      # lam^{-1}
+        return _small_mm(inv.T, inv), 2.0 * jnp.log(jnp.abs(det)), good
     S = _small_mm(lam, lam.T)
     diag, Ci = chol_inv(lax.stop_gradient(S))
     good = jnp.all(diag > 0) & jnp.all(jnp.isfinite(Ci))
@@ -455,8 +462,13 @@ def _level1_M(plan: Plan, lams, s2, Linv, R=None):
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
         R = _level1_R(lams, Linv) if R is None else R
-        iu, ju = np.triu_indices(R.shape[-1])
-        upper = jnp.stack([R[:, i, j] for i, j in zip(iu, ju)], axis=-1)   # static slices: no scatter in reverse
+        d = R.shape[-1]
+        iu, ju = np.triu_indices(d)
+        select = np.zeros((d * d, iu.size))
+        select[iu * d + ju, np.arange(iu.size)] = 1.0
+        # the upper entries by a one-hot contraction: reading entries would cost a padded kernel each in reverse,
+        # a gather a scatter loop
+        upper = jnp.sum(R.reshape(-1, d * d, 1) * jnp.asarray(select, R.dtype), axis=1)
         coef = jnp.concatenate([upper.reshape(-1) * (-1.0 / s2**2), (1.0 / s2)[None]])
         return _unpack_symmetric(coef @ fill.K, fill.tri)
     return plan.S_DD / s2 - _level1_K(plan, lams, Linv, R) / s2**2
@@ -676,9 +688,9 @@ def one_level_rhs_coef(plan: Plan, lams, s2, R, c):
     fill = plan.bilinear
     if isinstance(fill, PooledFill):
         k0, ds = c.shape[0], plan.dense_size
-        r = R.reshape(-1)
-        Bw_cols = (r @ fill.P).reshape(ds, k0)
-        gram = _small_mm(_small_mm(c.T, (r @ fill.M).reshape(k0, k0)), c) / s2**2
+        rPM = R.reshape(-1) @ fill.PM                                 # one matrix-vector product for both
+        Bw_cols, Mc = rPM[:ds * k0].reshape(ds, k0), rPM[ds * k0:].reshape(k0, k0)
+        gram = _small_mm(_small_mm(c.T, Mc), c) / s2**2
         return gram, _small_mm(x_cols - Bw_cols / s2, c) / s2
     x_raw = _small_mm(x_cols, c)
     a_raw = jnp.einsum("gak,kl->gal", jnp.concatenate([a_X, a_r[:, :, None]], axis=2), c)
@@ -853,7 +865,8 @@ def _gram_bwd(res, g):
     Y = Finv @ B
     Gs = 0.5 * (gG + gG.T)
     YG = Y @ Gs
-    return gl * Finv - YG @ Y.T, 2.0 * YG
+    outer = YG * Y.T if Y.shape[1] == 1 else YG @ Y.T     # k = 1 (the density): elementwise, fused, no GEMM
+    return gl * Finv - outer, 2.0 * YG
 
 
 dense_logdet_gram.defvjp(_gram_fwd, _gram_bwd)

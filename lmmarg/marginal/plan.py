@@ -92,17 +92,16 @@ class PooledFill(NamedTuple):
     M = S_DD / s2 - K / s2^2 is one matrix-vector product); tri (ds, ds) int32: position in that upper
     triangle of every entry (i, j) of the full matrix (a gather rebuilds it),
     and for the one-level path (else None) the right-hand-side constants in coefficient form over the k0 = p + 1
-    columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: P (U d0 d0, ds k0), row (u, a, b) =
-    sum_{g in u} B_g[:, a] C_g[b]; M (U d0 d0, k0 k0), row (u, a, b) = sum_{g in u} C_g[a]^T C_g[b].
-    Flattened so that each contraction with R (U, d0, d0) is one matrix-vector product."""
+    columns C_g = [sum Z_0^T X, sum Z_0^T r0] of each group: PM (U d0 d0, ds k0 + k0 k0) = [P | M], with row
+    (u, a, b) of P (ds k0) = sum_{g in u} B_g[:, a] C_g[b] and of M (k0 k0) = sum_{g in u} C_g[a]^T C_g[b].
+    Flattened so that their contraction with R (U, d0, d0) is one matrix-vector product."""
 
     cls: jax.Array
     rep: jax.Array
     count: jax.Array
     A: jax.Array
     K: jax.Array
-    P: Optional[jax.Array]
-    M: Optional[jax.Array]
+    PM: Optional[jax.Array]
     tri: Optional[jax.Array] = None
 
 
@@ -632,7 +631,7 @@ def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C, S_DD) -> 
             for b in range(d0):
                 P[:, a, b] = np.asarray(Bblk[a] @ C[:, b, :]).reshape(U, ds, k0)
                 M[:, a, b] = (Ind @ (C[:, a, :, None] * C[:, b, None, :]).reshape(G0, k0 * k0)).reshape(U, k0, k0)
-    flat = (lambda a: None if a is None else a.reshape(U * d0 * d0, -1))  # noqa: E731
+    PM = None if C is None else np.concatenate([P.reshape(U * d0 * d0, -1), M.reshape(U * d0 * d0, -1)], axis=1)
     # symmetric storage of K: pairs a <= b, upper triangles only (half to a quarter of the constants to stream)
     iu, ju = np.triu_indices(ds)
     ab = [(a, b) for a in range(d0) for b in range(a, d0)]
@@ -642,7 +641,7 @@ def _pooled_fill(B, A0, cls, rep, count, d0: int, G0: int, ds: int, C, S_DD) -> 
     tri = np.empty((ds, ds), np.int64)
     tri[iu, ju] = np.arange(iu.size)
     tri[ju, iu] = np.arange(iu.size)
-    return PooledFill(cls, rep, count.astype(np.float64), A0[rep], Ktri, flat(P), flat(M), tri)
+    return PooledFill(cls, rep, count.astype(np.float64), A0[rep], Ktri, PM, tri)
 
 
 def _level1_fill(B, A0, d0: int, G0: int, ds: int, choice: str = "auto", C=None, S_DD=None):
@@ -712,7 +711,7 @@ def _put_fill(fill, f, i32):
     if isinstance(fill, PairListFill):
         return PairListFill(f(fill.coef), *(i32(a) for a in fill[1:]))
     return PooledFill(i32(fill.cls), i32(fill.rep), f(fill.count), f(fill.A), f(fill.K),
-                      None if fill.P is None else f(fill.P), None if fill.M is None else f(fill.M), i32(fill.tri))
+                      None if fill.PM is None else f(fill.PM), i32(fill.tri))
 
 
 # --------------------------------------------------------------------------- build

@@ -595,19 +595,21 @@ def _group_leaves(plan: Plan, Linv):
 def _one_level_leaves(plan: Plan, lams, s2):
     """Leaf factors of the one-level path: (Linv = chol(I + Lambda_0^T A_g Lambda_0 / s2)^{-1}, its diagonal's
     log-determinants), per group (G_0, ...) or per class of equal A_g for a PooledFill (U, ...)."""
-    pooled = isinstance(plan.bilinear, PooledFill)
-    A0 = plan.bilinear.A if pooled else plan.level1[0]
-    A = _small_sandwich(lams[0].T, A0, lams[0]) / s2
-    diag, Linv = chol_inv(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    diag, Linv = chol_inv(_leaf_matrices(plan, lams, s2))
     return Linv, 2.0 * jnp.sum(jnp.log(diag), axis=-1)
+
+
+def _leaf_matrices(plan: Plan, lams, s2):
+    """I + Lambda_0^T A_g Lambda_0 / s2 per group (G_0, d0, d0), or per pooled class (U, d0, d0)."""
+    A0 = plan.bilinear.A if isinstance(plan.bilinear, PooledFill) else plan.level1[0]
+    A = _small_sandwich(lams[0].T, A0, lams[0]) / s2
+    return A + jnp.eye(A.shape[-1], dtype=A.dtype)
 
 
 def _one_level_R(plan: Plan, lams, s2):
     """(R = Lambda_0 (I + Lambda_0^T A_g Lambda_0 / s2)^{-1} Lambda_0^T, log|I + Lambda_0^T A_g Lambda_0 / s2|) per
     group (G_0, ...) or per pooled class (U, ...), without the leaf factors (``_spd_inv_logdet``)."""
-    A0 = plan.bilinear.A if isinstance(plan.bilinear, PooledFill) else plan.level1[0]
-    A = _small_sandwich(lams[0].T, A0, lams[0]) / s2
-    Ainv, logdets = _spd_inv_logdet(A + jnp.eye(A.shape[-1], dtype=A.dtype))
+    Ainv, logdets = _spd_inv_logdet(_leaf_matrices(plan, lams, s2))
     return _small_sandwich(lams[0], Ainv, lams[0].T), logdets
 
 

@@ -257,16 +257,28 @@ def _signed_stick_breaking(t, d: int):
     every potential with a correlation."""
     eps = jnp.finfo(t.dtype).eps
     t = jnp.clip(t, -1 + eps, 1 - eps)
-    zero, one = jnp.zeros_like(t[..., 0]), jnp.ones_like(t[..., 0])
-    rows, k = [[one] + [zero] * (d - 1)], 0
+    one = jnp.ones_like(t[..., 0])
+    entries, k = {(0, 0): one}, 0
     for i in range(1, d):
-        row, rest = [], one                       # rest = prod_{k<j} (1 - t_ik^2)^(1/2)
-        for _ in range(i):
-            row.append(t[..., k] * rest)
+        rest = one                                # rest = prod_{k<j} (1 - t_ik^2)^(1/2)
+        for j in range(i):
+            entries[i, j] = t[..., k] * rest
             rest = rest * jnp.sqrt(1 - t[..., k] ** 2)
             k += 1
-        rows.append(row + [rest] + [zero] * (d - 1 - i))
-    return jnp.stack([jnp.stack(r, axis=-1) for r in rows], axis=-2)
+        entries[i, i] = rest
+    return _from_entries(entries, d, t.dtype)
+
+
+def _from_entries(entries: dict, d: int, dtype):
+    """The (..., d, d) matrix with the given entries {(i, j): (...,) array} (zeros elsewhere), as a sum of entries
+    times constant one-hot matrices: elementwise, so it fuses into its consumers (a stack is a compiled kernel of
+    its own, and so is each padded cotangent of its reverse pass)."""
+    out = 0.0
+    for (i, j), v in entries.items():
+        onehot = np.zeros((d, d))
+        onehot[i, j] = 1.0
+        out = out + v[..., None, None] * jnp.asarray(onehot, dtype)
+    return out
 
 
 class _CorrCholeskyTransform(CorrCholeskyTransform):
@@ -304,8 +316,9 @@ biject_to.register(_CorrCholeskyConstraint, lambda c: _CorrCholeskyTransform())
 
 
 class _LKJCholesky(dist.LKJCholesky):
-    """NumPyro's LKJCholesky; for d <= UNROLLED_CORR_MAX the unnormalized log density reads the diagonal by
-    static slices (NumPyro's gather becomes a scatter loop in the reverse pass). Same values, same validation."""
+    """NumPyro's LKJCholesky; for d <= UNROLLED_CORR_MAX the unnormalized log density is a weighted sum of the
+    log-diagonal over the whole matrix (NumPyro's gather becomes a scatter loop in the reverse pass, and a read of
+    single entries a padded cotangent, a compiled kernel each). Same values, same validation."""
 
     support = _corr_cholesky
 
@@ -316,7 +329,11 @@ class _LKJCholesky(dist.LKJCholesky):
             return super().log_prob(value)
         eta = jnp.asarray(self.concentration)
         # NumPyro's unnormalized density: sum_{i=1}^{d-1} (2 eta - (3 - d) - i) log L_ii (0-based i)
-        unnormalized = sum((2.0 * eta - (3 - d) - i) * jnp.log(value[..., i, i]) for i in range(1, d))
+        on_diag = np.eye(d, dtype=bool)
+        ones_after_first = jnp.asarray(np.diag((np.arange(d) > 0).astype(np.float64)), value.dtype)
+        index = jnp.asarray(np.diag(np.arange(d, dtype=np.float64)), value.dtype)
+        weight = jnp.expand_dims(2.0 * eta - (3 - d), (-2, -1)) * ones_after_first - index
+        unnormalized = jnp.sum(weight * jnp.log(jnp.where(on_diag, value, 1.0)), axis=(-2, -1))
         dm1 = d - 1
         alpha = eta + 0.5 * dm1
         normalizer = 0.5 * dm1 * math.log(math.pi) + multigammaln(alpha - 0.5, dm1) - gammaln(alpha) * dm1
@@ -648,7 +665,8 @@ class Potential:
         out = {n: (sh[n] + sc[n] * v if n in sh else v) for n, v in params.items()}
         if self.b_sites and self.b_sites[0] in params:
             x = jnp.stack([jnp.asarray(params[n]) for n in self.b_sites], axis=-1)
-            b = std["b_shift"].astype(x.dtype) + x @ std["b_map"].T.astype(x.dtype)
+            # b_map x as a broadcast product (k is small): an XLA:CPU dot is a compiled kernel of its own, twice
+            b = std["b_shift"].astype(x.dtype) + jnp.sum(x[..., None, :] * std["b_map"].astype(x.dtype), axis=-1)
             out.update({n: b[..., i] for i, n in enumerate(self.b_sites)})
         return out
 
@@ -802,7 +820,7 @@ class Potential:
         n = 1 if num_chains is None else int(num_chains)
         out = self.start_points(key, n, self.data)
         if check and self._pe_jit is None:
-            self._pe_jit = xla.jit(jax.vmap(self.potential_fn))
+            self._pe_jit = xla.jit(jax.vmap(self.potential_fn), data=self.data)
         bad = ~np.isfinite(np.asarray(self._pe_jit(out))) if check else np.zeros(n, bool)
         if bad.any():  # fall back to the un-jittered centre for chains whose start is invalid
             center = self.data["start"]["center"]
@@ -983,7 +1001,7 @@ class Programs:
     def __init__(self, pot: Potential):
         self.template = pot
         self.density = jax.jit(pot.density)   # also called inside the NUTS programs: no compile options here
-        self.constrain = xla.jit(jax.vmap(pot.constrain_one, in_axes=(0, None)))
+        self.constrain = xla.jit(jax.vmap(pot.constrain_one, in_axes=(0, None)), data=pot.data)
         self._recover = {}
         self.drivers = OrderedDict()      # lmmarg.inference.nuts: options -> compiled driver (``driver``)
 
@@ -1004,7 +1022,8 @@ class Programs:
         if bs not in self._recover:
             one = jax.vmap(self.template.recover_one, in_axes=(0, 0, None))
             self._recover[bs] = xla.jit(
-                lambda key, b, c, data: one(jax.random.split(jax.random.fold_in(key, b), bs), c, data))
+                lambda key, b, c, data: one(jax.random.split(jax.random.fold_in(key, b), bs), c, data),
+                data=self.template.data)
         return self._recover[bs]
 
     @classmethod

@@ -1,12 +1,20 @@
 """How lmmarg compiles its programs: ``jit`` is ``jax.jit`` with XLA options chosen for the marginal engine.
 
 A potential's value-and-gradient is ~120 small fusions (the engine's blocks are small: 2 x 2 leaves, an 80 x 80
-dense block on dillonE1). XLA:CPU's MLIR fusion emitters spend most of the compile time on them; its LLVM IR
-emitters compile the same program in ~60 % of the time and run it at the same speed (dillonE1, every term
-marginalized, one core: compile 2.59 -> 1.51 s, 146 vs 150 us per value-and-gradient in a compiled loop;
-``benchmarks/engine_cost.py``). Users pay compilation on every fit, so lmmarg's own programs (NUTS, recovery,
-ML, MAP/VI, LOO) use these options on CPU. Other backends, and a jaxlib that does not know an option, get none.
-``LMMARG_XLA_DEFAULTS=1`` turns them off (for comparisons).
+dense block on dillonE1), and XLA:CPU compiles each fusion into a kernel of its own (~5-20 ms each). Users pay
+compilation on every fit, so lmmarg's own programs (NUTS, recovery, ML, MAP/VI, LOO) use two options on CPU:
+
+- ``xla_cpu_use_fusion_emitters=False``: XLA:CPU's LLVM IR emitters compile the same program in ~60 % of the time
+  of its MLIR fusion emitters and run it at the same speed (dillonE1, every term marginalized, one core: compile
+  2.59 -> 1.51 s, 146 vs 150 us per value-and-gradient in a compiled loop; ``benchmarks/engine_cost.py``).
+- for programs whose data have no long axis (``TREE_REDUCTION_MIN_DIM``; pass ``data=``), XLA's tree-reduction
+  rewrite is off. It turns every reduction over more than 32 entries into a windowed reduction plus a final one:
+  two more kernels, and the producer no longer fuses into the reduction. On dillonE1 it made 11 of the 55 compiled
+  modules and ~20 % of the compile time; the sums it splits there have 36-80 terms. Over long axes (a class left
+  to HMC: sums over the N observations) the rewrite runs ~8 % faster per call (N = 1e5), and is kept.
+
+Other backends, and a jaxlib that does not know an option, get none. ``LMMARG_XLA_DEFAULTS=1`` turns them off (for
+comparisons).
 """
 from __future__ import annotations
 
@@ -15,32 +23,52 @@ import logging
 import os
 
 import jax
+import numpy as np
 
-__all__ = ["jit", "compiler_options", "CPU_COMPILER_OPTIONS"]
+__all__ = ["jit", "compiler_options", "CPU_COMPILER_OPTIONS", "SHORT_REDUCTION_OPTIONS", "TREE_REDUCTION_MIN_DIM"]
 
 logger = logging.getLogger(__name__)
 
 CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+SHORT_REDUCTION_OPTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
+TREE_REDUCTION_MIN_DIM = 16_384   # data with an axis at least this long (observations) keep XLA's tree reductions
+
+
+def _accepted(options: dict) -> bool:
+    """Whether this jaxlib compiles with ``options`` (an unknown option makes compilation fail: probe once)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
+    except Exception as e:  # noqa: BLE001 - any failure means: compile with XLA's defaults
+        logger.debug("XLA options %s not accepted (%s); using XLA's defaults", options, e)
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
-def _options_for(backend: str) -> tuple:
+def _options_for(backend: str, short: bool = False) -> tuple:
     if backend != "cpu" or os.environ.get("LMMARG_XLA_DEFAULTS", "").lower() in ("1", "true", "yes", "on"):
         return ()
-    try:   # an option this jaxlib does not know makes compilation fail: probe once
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(1.0).compile()
-    except Exception as e:  # noqa: BLE001 - any failure means: compile with XLA's defaults
-        logger.debug("XLA options %s not accepted (%s); using XLA's defaults", CPU_COMPILER_OPTIONS, e)
-        return ()
-    return tuple(CPU_COMPILER_OPTIONS.items())
+    if short and _accepted({**CPU_COMPILER_OPTIONS, **SHORT_REDUCTION_OPTIONS}):
+        return tuple({**CPU_COMPILER_OPTIONS, **SHORT_REDUCTION_OPTIONS}.items())
+    return tuple(CPU_COMPILER_OPTIONS.items()) if _accepted(CPU_COMPILER_OPTIONS) else ()
 
 
-def compiler_options() -> dict:
-    """The XLA compiler options lmmarg compiles its programs with on the default backend ({} for XLA's defaults)."""
-    return dict(_options_for(jax.default_backend()))
+def _longest_axis(data) -> int:
+    """The longest axis of any array in the pytree ``data`` (0 for none)."""
+    return max((max(np.shape(leaf), default=1) for leaf in jax.tree.leaves(data)), default=0)
 
 
-def jit(fn, **kwargs):
-    """``jax.jit(fn, **kwargs)`` with ``compiler_options()`` (the backend is read now: call it when building a
-    program, not at import)."""
-    return jax.jit(fn, compiler_options=compiler_options() or None, **kwargs)
+def compiler_options(data=None) -> dict:
+    """The XLA compiler options lmmarg compiles its programs with on the default backend ({} for XLA's defaults).
+
+    data: the pytree of arrays the program computes on (its arguments or what it closes over); only its shapes
+    are read. With data whose longest axis is below TREE_REDUCTION_MIN_DIM, the options include
+    SHORT_REDUCTION_OPTIONS; without data (unknown sizes), they do not."""
+    short = data is not None and _longest_axis(data) < TREE_REDUCTION_MIN_DIM
+    return dict(_options_for(jax.default_backend(), short))
+
+
+def jit(fn, data=None, **kwargs):
+    """``jax.jit(fn, **kwargs)`` with ``compiler_options(data)`` (the backend is read now: call it when building a
+    program, not at import). data: see ``compiler_options``."""
+    return jax.jit(fn, compiler_options=compiler_options(data) or None, **kwargs)

@@ -815,8 +815,9 @@ def test_precision_dense_form_singular_lambda_is_minus_inf_with_finite_gradient(
 
 @pytest.mark.parametrize("n", [7, 21, 80, 161, 600])
 def test_spd_inverse_blocked_and_lapack_paths(n):
-    """F^-1 from its Cholesky factor: one triangular solve (n <= TRI_INV_BLOCK), the halved inverse and one GEMM
-    (up to BLOCKED_INVERSE_MAX; odd sizes split unevenly), LAPACK's solves above; equal to NumPy's inverse."""
+    """F^-1 from its Cholesky factor: one triangular solve and one GEMM (n <= TRI_INV_BLOCK), the halved inverse
+    and two GEMMs that skip its zero block (up to BLOCKED_INVERSE_MAX; odd sizes split unevenly), LAPACK's solves
+    above; equal to NumPy's inverse, and symmetric."""
     rng = np.random.default_rng(n)
     A = rng.normal(size=(n, n))
     F = A @ A.T / n + np.eye(n)

@@ -28,3 +28,29 @@ def test_cpu_programs_compile_with_the_options_and_compute_the_same(monkeypatch)
     finally:
         monkeypatch.delenv("LMMARG_XLA_DEFAULTS")
         xla._options_for.cache_clear()
+
+
+def test_short_reduction_options_follow_the_data_and_compute_the_same():
+    """Programs on data without a long axis compile without XLA's tree-reduction rewrite (fewer kernels); data with
+    an axis of TREE_REDUCTION_MIN_DIM or more, and programs without data, keep it. Values and gradients agree with
+    jax.jit's to round-off, for reductions shorter and longer than the rewrite's window of 32."""
+    xla._options_for.cache_clear()
+    short = {"a": np.zeros((40, 3)), "b": [np.zeros(100)]}
+    long = {"a": np.zeros((40, 3)), "y": np.zeros(xla.TREE_REDUCTION_MIN_DIM)}
+    assert xla.compiler_options(short) == {**xla.CPU_COMPILER_OPTIONS, **xla.SHORT_REDUCTION_OPTIONS}
+    assert xla.compiler_options(long) == xla.CPU_COMPILER_OPTIONS
+    assert xla.compiler_options() == xla.CPU_COMPILER_OPTIONS
+
+    def f(x, data):
+        return jnp.sum(jnp.log1p(x[:, None] * data["b"][0][None, :80] ** 2)) + jnp.sum(data["a"] * x[:40, None])
+
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(size=1000))
+    data = {"a": jnp.asarray(rng.normal(size=(40, 3))), "b": [jnp.asarray(rng.normal(size=100))]}
+    g = jax.value_and_grad(f)
+    hlo = xla.jit(g, data=data).lower(x, data).compile().as_text()
+    assert "reduce-window" not in hlo
+    a, ga = xla.jit(g, data=data)(x, data)
+    b, gb = jax.jit(g)(x, data)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+    np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-14)

@@ -134,7 +134,7 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     ck = ("map", pot.marg, bool(jacobian))
     if ck not in cache:
         obj = _objective(pot, jacobian)
-        cache[ck] = xla.jit(jax.value_and_grad(lambda x: obj(unravel(x))))
+        cache[ck] = xla.jit(jax.value_and_grad(lambda x: obj(unravel(x))), data=pot.data)
     vg = cache[ck]
 
     def f(x):

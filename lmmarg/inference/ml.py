@@ -205,7 +205,7 @@ def _build(model):
         "consts": consts,
         "coords": coords,
         "logdet_SX": logdet_SX,
-        "fn": xla.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)),
+        "fn": xla.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True), data=plan),
         "compile_s": None,
     }
 
@@ -755,7 +755,8 @@ def _build_laplace(model):
 
     return {"plan": lp, "consts": consts, "coords": coords, "beta_glm": beta_glm, "n_theta": n_theta,
             "v0": tuple(put(np.zeros((t.n_groups, t.d))) for t in model.terms),
-            "fn": xla.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True)), "compile_s": None}
+            "fn": xla.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True), data=lp),
+            "compile_s": None}
 
 
 class _WarmObjective(_Objective):

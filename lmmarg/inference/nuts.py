@@ -213,12 +213,13 @@ class _HostCalls:
 def _start_program(pot, lay, chains: int):
     """Jitted (key, data) -> (chains, D) jittered data-scaled starting points, flat (one program, not dozens of
     eager operations that would each compile)."""
-    return xla.jit(lambda key, data: lay.flatten(pot.start_points(key, chains, data)))
+    return xla.jit(lambda key, data: lay.flatten(pot.start_points(key, chains, data)), data=pot.data)
 
 
-def _value_and_grad_program(density, lay):
-    """Jitted (x (D,), data) -> (potential, gradient) on the flat layout (the mode search)."""
-    return xla.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)))
+def _value_and_grad_program(density, lay, data):
+    """Jitted (x (D,), data) -> (potential, gradient) on the flat layout (the mode search); data: the arrays it
+    will be called with (their shapes choose the compiler options)."""
+    return xla.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)), data=data)
 
 
 class _Driver:
@@ -277,11 +278,11 @@ class _Driver:
             return st, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), b)
 
         if devices == 1:
-            self._init, self._chunk = xla.jit(init), xla.jit(chunk)
+            self._init, self._chunk = xla.jit(init, data=pot.data), xla.jit(chunk, data=pot.data)
         else:   # the same programs on every device, `per` chains each (XLA host devices on a CPU, or GPUs)
             self._init = jax.pmap(init, in_axes=(0, 0, None, None))
             self._chunk = jax.pmap(chunk, in_axes=(0, None, None, None))
-        self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pe, lay)
+        self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pe, lay, pot.data)
         self.compiled = None
 
     def bind(self, data) -> _Run:
@@ -453,7 +454,8 @@ class _Eager(_HostCalls):
 
     def __init__(self, pot, lay, chains):
         self.data = pot.data
-        self._programs = (_start_program(pot, lay, chains), _value_and_grad_program(pot.programs.density, lay))
+        self._programs = (_start_program(pot, lay, chains),
+                          _value_and_grad_program(pot.programs.density, lay, pot.data))
 
     def _call(self, i: int, *args):
         return self._programs[i](*args)

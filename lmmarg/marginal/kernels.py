@@ -814,10 +814,14 @@ BLOCKED_INVERSE_MAX = 512  # above this, LAPACK's triangular solves beat the hal
                            # n = 1500: 207 vs 143 ms on one core)
 
 
+def _tri_inv_leaf(n: int) -> int:
+    """The block size ``_upper_inv`` halves an (n, n) factor down to: TRI_INV_BLOCK, or n / TRI_INV_MAX_LEAVES."""
+    return max(TRI_INV_BLOCK, -(-n // TRI_INV_MAX_LEAVES))
+
+
 def _upper_inv_split(n: int, leaf: int | None = None):
     """Where ``_upper_inv`` halves an (n, n) factor (its result's block [h:, :h] is zero), or None if it does not."""
-    leaf = max(TRI_INV_BLOCK, -(-n // TRI_INV_MAX_LEAVES)) if leaf is None else leaf
-    return None if n <= leaf else n // 2
+    return None if n <= (_tri_inv_leaf(n) if leaf is None else leaf) else n // 2
 
 
 def _upper_inv(U, leaf: int | None = None):
@@ -827,7 +831,7 @@ def _upper_inv(U, leaf: int | None = None):
     The off-diagonal blocks become GEMMs; XLA:CPU's triangular solve against an identity runs at a fraction of
     GEMM speed (n = 80: ~21 us against 37 us for one solve; 160: 94 against 127)."""
     n = U.shape[0]
-    leaf = max(TRI_INV_BLOCK, -(-n // TRI_INV_MAX_LEAVES)) if leaf is None else leaf
+    leaf = _tri_inv_leaf(n) if leaf is None else leaf      # fixed by the whole factor's size, down the recursion
     h = _upper_inv_split(n, leaf)
     if h is None:
         return lax.linalg.triangular_solve(U, jnp.eye(n, dtype=U.dtype), left_side=True, lower=False)

@@ -30,14 +30,15 @@ def test_cpu_programs_compile_with_the_options_and_compute_the_same(monkeypatch)
         xla._options_for.cache_clear()
 
 
-def test_short_reduction_options_follow_the_data_and_compute_the_same():
-    """Programs on data without a long axis compile without XLA's tree-reduction rewrite (fewer kernels); data with
-    an axis of TREE_REDUCTION_MIN_DIM or more, and programs without data, keep it. Values and gradients agree with
-    jax.jit's to round-off, for reductions shorter and longer than the rewrite's window of 32."""
+def test_small_data_options_follow_the_data_and_compute_the_same():
+    """Programs on data without a long axis compile without XLA's tree-reduction rewrite (fewer kernels) and with its
+    memory-optimized kernel order (fewer thread handoffs); data with an axis of SMALL_DATA_MAX_DIM or more, and
+    programs without data, keep XLA's defaults. Values and gradients agree with jax.jit's to round-off, for
+    reductions shorter and longer than the rewrite's window of 32."""
     xla._options_for.cache_clear()
     short = {"a": np.zeros((40, 3)), "b": [np.zeros(100)]}
-    long = {"a": np.zeros((40, 3)), "y": np.zeros(xla.TREE_REDUCTION_MIN_DIM)}
-    assert xla.compiler_options(short) == {**xla.CPU_COMPILER_OPTIONS, **xla.SHORT_REDUCTION_OPTIONS}
+    long = {"a": np.zeros((40, 3)), "y": np.zeros(xla.SMALL_DATA_MAX_DIM)}
+    assert xla.compiler_options(short) == {**xla.CPU_COMPILER_OPTIONS, **xla.SMALL_DATA_OPTIONS}
     assert xla.compiler_options(long) == xla.CPU_COMPILER_OPTIONS
     assert xla.compiler_options() == xla.CPU_COMPILER_OPTIONS
 

@@ -264,7 +264,8 @@ def time_potential(potential_fn, params, repeats: int, jit=jax.jit) -> tuple[flo
 def evaluation_loop(potential_fn, iters: int, with_data: bool = False):
     """loop(params, data) -> scalar: `iters` value-and-gradients of potential_fn in one lax.fori_loop (not jitted).
     potential_fn(params), or potential_fn(params, data) with with_data; each evaluation's parameters are shifted
-    by 1e-12 * i and every gradient entry feeds the loop's result, so XLA can neither hoist nor drop any of them."""
+    by 1e-12 * i and every gradient entry feeds the loop's result, so XLA can neither hoist the parameters' work out
+    of the loop nor drop any of it (work on the data alone is hoisted, as in the sampler's compiled chunks)."""
     vg = jax.value_and_grad(potential_fn)
 
     def loop(x, d):
@@ -274,19 +275,6 @@ def evaluation_loop(potential_fn, iters: int, with_data: bool = False):
             return acc + v + sum(jax.numpy.sum(leaf) for leaf in jax.tree.leaves(g))
         return jax.lax.fori_loop(0, iters, body, 0.0)
     return loop
-
-
-def time_potential_loop(potential_fn, params, data=None, iters: int = 200, repeats: int = 5, jit=jax.jit) -> float:
-    """Median seconds per value-and-gradient inside one compiled loop of `iters` evaluations (what NUTS pays per
-    leapfrog step: no Python dispatch, no argument flattening). potential_fn(params) or, with data, (params, data)."""
-    f = jit(evaluation_loop(potential_fn, iters, with_data=data is not None))
-    jax.block_until_ready(f(params, data))
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(params, data))
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) / iters
 
 
 def to_markdown(df, cols, floatfmt=".3g") -> str:

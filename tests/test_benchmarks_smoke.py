@@ -147,3 +147,18 @@ def test_sbc_quick_runs_end_to_end(tmp_path):
     assert csv["hit90"].astype(bool).ge(csv["hit50"].astype(bool)).all()   # the 50 % interval lies in the 90 %
     assert set(par["model"]) == set(sbc.MODELS) and (runs["S"] == 1).all()
     assert "| slopes | cor_g__Intercept__x |" in (tmp_path / "sbc_quick.md").read_text()
+
+
+def test_engine_cost_runs_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/engine_cost.py with one round of one block: every row compiles in a fresh process and runs in the
+    shared one, and the table and its paired ratios are written. Timings are not asserted."""
+    import pandas as pd
+    import engine_cost
+    monkeypatch.setattr(engine_cost, "RESULTS", tmp_path)
+    assert engine_cost.main(["--rounds", "1", "--blocks", "1"]) == 0
+    tab = pd.read_csv(tmp_path / "engine_cost.csv")
+    assert list(tab["method"]) == list(engine_cost.ROWS)
+    assert (tab[["compile_s", "ms_per_value_and_grad", "ms_in_loop"]] > 0).all().all()
+    assert list(tab["n_params"])[engine_cost.LMMARG_ROW] == 9 and list(tab["n_params"])[engine_cost.NUMPYRO_ROW] > 100
+    md = (tmp_path / "engine_cost.md").read_text()
+    assert "Ratios lmmarg / NumPyro: compile" in md and "paired over 1 × 1 blocks" in md

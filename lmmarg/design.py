@@ -501,8 +501,9 @@ def _check_levels(column: str, order: list) -> None:
         seen[label] = v
 
 
-def _grouping(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray, list[str], list[tuple]]:
-    """Integer codes (N,) and labels of the interaction of `factors`, levels in lexicographic factor order."""
+def grouping_codes(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.ndarray, list[str], list[tuple]]:
+    """(codes (N,) int64, labels, level keys) of the interaction of the grouping columns `factors`, levels in
+    lexicographic order of the factors' sorted levels (the random-effect terms' and the priors' group order)."""
     per_factor = []
     for f in factors:
         ranks, order = _level_codes(data[f])
@@ -558,7 +559,7 @@ def _random_terms(spec: FormulaSpec, data: pd.DataFrame) -> list[RandomTerm]:
         Z, cols, mspec = _model_matrix(bar.expr, data, where)
         if Z.shape[1] == 0:
             raise DesignError(f"{where} has no columns")
-        codes, levels, keys = _grouping(data, bar.factors)
+        codes, levels, keys = grouping_codes(data, bar.factors)
         pieces = [(bar.expr, Z, cols, mspec)]
         if not bar.correlated:
             # ||: lme4's expandDoubleVerts: (1 | g) if there is an intercept, then (0 + <term> | g) per formula

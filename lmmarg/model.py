@@ -286,7 +286,9 @@ class Model:
             scales.append(L)
         return tuple(scales)
 
-    def _kernel(self, name: str):
+    def kernel(self, name: str):
+        """The jitted engine kernel `name` for this model's family (lmmarg.marginal.kernels for Gaussian models,
+        lmmarg.marginal.laplace for GLMMs, e.g. "log_marginal", "conditional_mean"), compiled once per model."""
         from .marginal import kernels, laplace
         if name not in self._jitted:
             mod = laplace if self.family_spec.is_glmm else kernels
@@ -320,9 +322,9 @@ class Model:
         beta = self._beta(beta)
         lams = tuple(jnp.asarray(L, self.dtype) for L in scales)
         if self.family_spec.is_glmm:
-            return float(self._kernel("log_marginal")(self.laplace_plan(), beta, lams))
+            return float(self.kernel("log_marginal")(self.laplace_plan(), beta, lams))
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
-        val = self._kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
+        val = self.kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
                                            tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
@@ -336,11 +338,11 @@ class Model:
             raise ValueError("cov is not positive semi-definite")
         beta = self._beta(beta)
         if self.family_spec.is_glmm:
-            modes = self._kernel("conditional_modes")(self.laplace_plan(), beta,
+            modes = self.kernel("conditional_modes")(self.laplace_plan(), beta,
                                                       tuple(jnp.asarray(L, self.dtype) for L in scales))
             return {t.name: np.asarray(m) for t, m in zip(self.terms, modes)}
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
-        means = self._kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),
+        means = self.kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),
                                                  tuple(jnp.asarray(L, self.dtype) for L in scales))
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
 

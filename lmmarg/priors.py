@@ -35,7 +35,7 @@ import numpyro.distributions as dist
 import pandas as pd
 from numpyro.distributions import constraints
 
-from .design import DesignError, _grouping, build_design, used_columns
+from .design import DesignError, build_design, grouping_codes, used_columns
 from .formula import parse_formula
 
 __all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec",
@@ -199,7 +199,7 @@ def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise"
         for f in factors:
             if f not in design.data.columns:
                 raise DesignError(f"unknown column {f!r} in sigma_by; columns are {list(design.data.columns)}")
-        codes, labels, keys = _grouping(design.data, factors)
+        codes, labels, keys = grouping_codes(design.data, factors)
         return SigmaSpec(kind="by", by=sigma_by, codes=codes, levels=labels, level_keys=keys)
     if sigma is not None:
         if not isinstance(sigma, str) or "~" not in sigma:

@@ -711,7 +711,7 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
     coords = cache["coords"]
     beta_t = np.asarray(cache["consts"]["beta0"], dtype=float) + np.asarray(s["delta"], dtype=float)
     lams_t = _lambdas(coords.phi_from_theta(theta), layout, dims)
-    means = model._kernel("conditional_mean")(plan, put(beta_t), put(sigma), tuple(put(sigma * L) for L in lams_t))
+    means = model.kernel("conditional_mean")(plan, put(beta_t), put(sigma), tuple(put(sigma * L) for L in lams_t))
     ranef = {t.name: np.asarray(mu, dtype=float) @ S.T for t, mu, S in zip(model.terms, means, coords.S_terms)}
     diag = theta[lower == 0.0]
     is_singular = bool(np.any(diag < _SINGULAR_TOL))

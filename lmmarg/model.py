@@ -292,6 +292,10 @@ class Model:
         from .marginal import kernels, laplace
         if name not in self._jitted:
             mod = laplace if self.family_spec.is_glmm else kernels
+            names = sorted(n for n in mod.__all__                  # functions, not records or constants
+                           if callable(getattr(mod, n)) and not isinstance(getattr(mod, n), type))
+            if name not in names:
+                raise ValueError(f"{mod.__name__} has no kernel {name!r}; its kernels are {names}")
             self._jitted[name] = jax.jit(getattr(mod, name))   # public: may run inside a user's jit
         return self._jitted[name]
 
@@ -325,7 +329,7 @@ class Model:
             return float(self.kernel("log_marginal")(self.laplace_plan(), beta, lams))
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         val = self.kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
-                                           tuple(jnp.asarray(L, self.dtype) for L in scales))
+                                          tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
     def ranef_mean(self, beta, sigma, cov) -> dict:
@@ -339,11 +343,11 @@ class Model:
         beta = self._beta(beta)
         if self.family_spec.is_glmm:
             modes = self.kernel("conditional_modes")(self.laplace_plan(), beta,
-                                                      tuple(jnp.asarray(L, self.dtype) for L in scales))
+                                                     tuple(jnp.asarray(L, self.dtype) for L in scales))
             return {t.name: np.asarray(m) for t, m in zip(self.terms, modes)}
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         means = self.kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),
-                                                 tuple(jnp.asarray(L, self.dtype) for L in scales))
+                                                tuple(jnp.asarray(L, self.dtype) for L in scales))
         return {t.name: np.asarray(m) for t, m in zip(self.terms, means)}
 
     # -- Bayesian inference on the marginal ------------------------------------------------------------------

@@ -90,3 +90,14 @@ def _crossed_frame(n_s, n_d, n, seed=0):
     rng = np.random.default_rng(seed)
     return pd.DataFrame({"y": rng.normal(size=n), "s": rng.integers(n_s, size=n).astype(str),
                          "d": rng.integers(n_d, size=n).astype(str)})
+
+
+def test_kernel_names_the_engine_kernels():
+    """Model.kernel(name): the model's jitted engine kernel; an unknown name raises a ValueError that names it and
+    lists the kernels (not an AttributeError from the module)."""
+    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
+    assert model.kernel("log_marginal") is model.kernel("log_marginal")      # compiled once per model
+    with pytest.raises(ValueError, match=r"no kernel 'log_marginl'.*'conditional_mean'"):
+        model.kernel("log_marginl")
+    with pytest.raises(ValueError, match="no kernel 'Factor'"):             # a record type, not a kernel
+        model.kernel("Factor")

@@ -55,3 +55,17 @@ def test_small_data_options_follow_the_data_and_compute_the_same():
     b, gb = jax.jit(g)(x, data)
     np.testing.assert_allclose(a, b, rtol=1e-12)
     np.testing.assert_allclose(ga, gb, rtol=1e-12, atol=1e-14)
+
+
+def test_an_option_this_jaxlib_rejects_is_dropped_alone(monkeypatch):
+    """Each option is probed with those kept before it: a jaxlib that does not know the scheduler option still
+    gets the others."""
+    real = xla._accepted
+    monkeypatch.setattr(xla, "_accepted", lambda options: "xla_cpu_scheduler_type" not in options and real(options))
+    xla._options_for.cache_clear()
+    try:
+        opts = xla.compiler_options({"a": np.zeros(10)})
+        assert "xla_cpu_scheduler_type" not in opts
+        assert opts == {**xla.CPU_COMPILER_OPTIONS, "xla_disable_hlo_passes": "tree_reduction_rewriter"}
+    finally:
+        xla._options_for.cache_clear()

@@ -219,7 +219,7 @@ def _start_program(pot, lay, chains: int):
 def _value_and_grad_program(density, lay, data):
     """Jitted (x (D,), data) -> (potential, gradient) on the flat layout (the mode search); data: the arrays it
     will be called with (their shapes choose the compiler options)."""
-    return xla.jit(jax.value_and_grad(lambda x, data: density(lay.unflatten(x), data)), data=data)
+    return xla.jit(jax.value_and_grad(lambda x, d: density(lay.unflatten(x), d)), data=data)
 
 
 class _Driver:

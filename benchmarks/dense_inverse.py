@@ -4,7 +4,7 @@ side by side in one run, each timed inside a compiled loop with lmmarg's XLA opt
 
 Writes benchmarks/results/dense_inverse.md.
 
-    OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/dense_inverse.py [--sizes 80 160 400]
+    OPENBLAS_NUM_THREADS=1 taskset -c 0 python -m benchmarks.dense_inverse [--sizes 80 160 400]
 """
 from __future__ import annotations
 

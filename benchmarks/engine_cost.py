@@ -21,7 +21,7 @@ paired: lmmarg's block over NumPyro's neighbouring block, median over all blocks
 Compile times are the medians over --rounds alternating rounds of fresh processes.
 Writes benchmarks/results/engine_cost.{csv,md}.
 
-    OPENBLAS_NUM_THREADS=1 taskset -c 0 python benchmarks/engine_cost.py [--rounds 5] [--blocks 40]
+    OPENBLAS_NUM_THREADS=1 taskset -c 0 python -m benchmarks.engine_cost [--rounds 5] [--blocks 40]
 """
 from __future__ import annotations
 
@@ -31,23 +31,20 @@ import json
 import pathlib
 import platform
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
 import pandas as pd
 
+from lmmarg import xla
+
+from .experiments import EXPERIMENTS, build_model
+from .harness import ROOT, evaluation_loop, module_command
+from .peers_numpyro import lmm_numpyro, numpyro_target
+
 jax.config.update("jax_enable_x64", True)
 HERE = pathlib.Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from experiments import EXPERIMENTS, build_model  # noqa: E402
-from harness import evaluation_loop  # noqa: E402
-from peers_numpyro import lmm_numpyro, numpyro_target  # noqa: E402
-
-from lmmarg import xla  # noqa: E402
-
 RESULTS = HERE / "results"
 
 ROWS = ("lmmarg all marginalized",
@@ -118,7 +115,8 @@ def measure_run_time(experiment: str, blocks: int) -> dict:
 
 
 def _in_fresh_process(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(module_command(__spec__.name, *args), check=True, capture_output=True, text=True,
+                         cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

@@ -14,7 +14,6 @@ Two experiments are not plain LMMs with one residual SD (`custom` is set; their 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -23,13 +22,13 @@ import pandas as pd
 
 import numpyro.distributions as dist
 
-from harness import DATA
+from .harness import read_data
 
 
 @dataclass
 class Experiment:
     name: str
-    file: str
+    file: str                          # benchmarks/data/<file>, or lmmarg's bundled data set of that name
     formula: str
     family: str
     priors: dict
@@ -41,7 +40,7 @@ class Experiment:
     extra: dict = field(default_factory=dict)
 
     def data(self, quick: bool = False) -> pd.DataFrame:
-        df = pd.read_csv(os.path.join(DATA, self.file))
+        df = read_data(self.file)
         if self.prep is not None:
             df = self.prep(df)
         if quick and len(df) > 3000:

@@ -1,6 +1,6 @@
 """GLMM speed: Laplace ML vs glmer, and NUTS efficiency (min bulk ESS per second) vs hand-written NumPyro and Bambi.
 
-    python benchmarks/glmm_speed.py [--quick] [--parts ml,sampling] [--no-bambi] [--no-r]
+    python -m benchmarks.glmm_speed [--quick] [--parts ml,sampling] [--no-bambi] [--no-r]
 
 (i) ML, VerbAgg `r2num ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)` (bernoulli, 7584 rows):
     lmmarg `Model(...)` + `fit_ml()` timed in fresh Python processes (imports and data loading excluded):
@@ -30,17 +30,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
+import numpy as np
+import pandas as pd
+
+from .harness import RESULTS, ROOT, module_command, to_markdown
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness import RESULTS, to_markdown  # noqa: E402
 
 BAMBI_PYTHON = os.environ.get("LMMARG_BAMBI_PYTHON", os.path.expanduser("~/bambi-venv/bin/python"))
 VERBAGG = "r2num ~ Anger + Gender + btype + situ + (1 | id) + (1 | item)"
@@ -76,8 +74,7 @@ def source_commit() -> str:
     """The lmmarg commit benchmarked: `git describe --always --dirty` of this checkout ("-dirty": uncommitted
     changes to tracked files)."""
     try:
-        root = os.path.dirname(HERE)
-        return subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=10"],
+        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=10"],
                               capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -100,7 +97,7 @@ def read_data(path: str, factors) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------------- workers
 def worker(cfg: dict) -> dict:
-    """Runs in a fresh process (python glmm_speed.py --worker cfg.json): one ML fit or one sampling run."""
+    """Runs in a fresh process (python -m benchmarks.glmm_speed --worker cfg.json): one ML fit or one sampling run."""
     import jax
     jax.config.update("jax_enable_x64", True)
     import lmmarg
@@ -114,7 +111,7 @@ def worker(cfg: dict) -> dict:
         return dict(total_s=total, compile_s=fit.time_compile_s, optimize_s=fit.time_optimize_s, n_eval=fit.n_eval,
                     logLik=fit.loglik, converged=bool(fit.converged),
                     sd={k: float(np.ravel(v)[0]) for k, v in fit.sd.items()})
-    from harness import ess
+    from .harness import ess
     method = cfg["method"]
     if method.startswith("lmmarg"):
         import warnings
@@ -129,9 +126,9 @@ def worker(cfg: dict) -> dict:
         s, d = fit.samples, fit.diagnostics
         info = dict(compile_s=d["time_compile"], divergences=d["divergences"], leapfrog_per_draw=d["mean_n_steps"])
     else:
-        from glmm_validation import reference_model, reference_priors
-        from harness import run_nuts
-        from peers_numpyro import numpyro_target
+        from .glmm_validation import reference_model, reference_priors
+        from .harness import run_nuts
+        from .peers_numpyro import numpyro_target
         model = lmmarg.Model(spec["formula"], data, family=spec["family"])  # the design only, not timed
         t = time.perf_counter()
         tgt = numpyro_target(cfg["design"], method, reference_model(model, reference_priors(model)),
@@ -154,8 +151,8 @@ def spawn(cfg: dict, env_extra: dict | None = None, timeout=900) -> dict:
         json.dump(cfg, f)
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "LMMARG_JAX_CACHE": "0", **(env_extra or {})}
     try:
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", f.name], capture_output=True,
-                           text=True, env=env, timeout=timeout)
+        p = subprocess.run(module_command(__spec__.name, "--worker", f.name), capture_output=True, text=True,
+                           env=env, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return dict(error=f"timeout after {timeout}s")
     finally:

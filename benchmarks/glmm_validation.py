@@ -1,6 +1,6 @@
 """Posterior validation of lmmarg's GLMM sampling against an exact reference (same model, same priors).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/glmm_validation.py [--quick] [--designs cbpp,verbagg40,grouseticks]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.glmm_validation [--quick] [--designs cbpp,verbagg40,grouseticks]
 
 Reference: a hand-written NumPyro model of the unmarginalized GLMM (every random effect sampled, non-centered,
 u = sd · z with z ~ N(0, 1)), NUTS (the harness's driver) with long chains (4 × 4000 draws after 1000 warmup,
@@ -28,22 +28,18 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import time
 import warnings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pandas as pd
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import numpyro  # noqa: E402
-import numpyro.distributions as dist  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness import RESULTS, run_nuts, to_markdown, versions  # noqa: E402
-from peers_numpyro import numpyro_target  # noqa: E402
+from .harness import RESULTS, ROOT, run_nuts, to_markdown, versions
+from .peers_numpyro import numpyro_target
 
 jax.config.update("jax_enable_x64", True)
 
@@ -52,8 +48,7 @@ def source_commit() -> str:
     """The lmmarg commit benchmarked: `git describe --always --dirty` of this checkout ("-dirty": uncommitted
     changes to tracked files)."""
     try:
-        root = os.path.dirname(HERE)
-        return subprocess.run(["git", "-C", root, "describe", "--always", "--dirty", "--abbrev=10"],
+        return subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty", "--abbrev=10"],
                               capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"

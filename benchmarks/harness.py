@@ -18,15 +18,34 @@ from typing import Callable, Optional
 
 import jax
 import numpy as np
+import pandas as pd
+
+import lmmarg
+from lmmarg import datasets
 
 jax.config.update("jax_enable_x64", True)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:  # run from a checkout: `python benchmarks/<name>.py` must import this lmmarg
-    sys.path.insert(0, ROOT)
+ROOT = os.path.dirname(HERE)   # the repository root: fresh worker processes run `python -m benchmarks.<name>` here
 DATA = os.path.join(HERE, "data")
 RESULTS = os.path.join(HERE, "results")
+
+
+def read_data(file: str) -> pd.DataFrame:
+    """A benchmark data set by file name ("dillonE1.csv"): lmmarg's bundled copy when lmmarg ships one of that name
+    (``lmmarg.datasets.load``; grouping factors as strings), else ``benchmarks/data/<file>``, so the repository holds
+    one copy of each file."""
+    stem = os.path.splitext(file)[0]
+    if stem in datasets.available():
+        return datasets.load(stem)
+    return pd.read_csv(os.path.join(DATA, file))
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """The command line that runs a benchmark module in a fresh process: ``python -m <module> args...``; run it with
+    ``cwd=ROOT`` so that the package ``benchmarks`` is importable. module: ``__spec__.name`` of the caller
+    ("benchmarks.sampler"), the same whether that module was imported or run with ``python -m``."""
+    return [sys.executable, "-m", module, *args]
 
 
 @dataclass
@@ -326,9 +345,5 @@ def versions() -> dict:
     out = dict(python=platform.python_version(), jax=jax.__version__, numpyro=numpyro.__version__,
                numpy=np.__version__, cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                backend=jax.default_backend())
-    try:
-        import lmmarg
-        out["lmmarg"] = lmmarg.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    out["lmmarg"] = lmmarg.__version__
     return out

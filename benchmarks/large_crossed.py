@@ -1,13 +1,13 @@
 """Large crossed designs: two crossed factors of A and B levels (default 5,000 x 5,000), N rows, fitted by ML with
 every term integrated out (one dense Schur block of size B), and lme4 on the same data when R is available.
 
-    python benchmarks/large_crossed.py [--n 1e6] [--a 5000] [--b 5000] [--no-r] [--r-timeout 3600]
+    python -m benchmarks.large_crossed [--n 1e6] [--a 5000] [--b 5000] [--no-r] [--r-timeout 3600]
 
 Model: y ~ x + (1 | a) + (1 | b), simulated (SDs 0.7, 0.5, residual 1). Reports the warning lmmarg gives for the
 block (its measured cost per evaluation), the wall time of Model() and of fit_ml(), the number of evaluations,
 the estimates and logLik, and lme4's time and logLik. Writes benchmarks/results/large_crossed.{csv,md}.
 
-    python benchmarks/large_crossed.py --sample [--n 1e6] [--a 5000] [--b 5000] [--warmup 300] [--draws 300]
+    python -m benchmarks.large_crossed --sample [--n 1e6] [--a 5000] [--b 5000] [--warmup 300] [--draws 300]
            [--chains 1] [--nc-warmup 100] [--nc-draws 50] [--nc-minutes 10] [--skip-conditional]
 
 NUTS on the same design with b integrated out and a left to HMC (integrating both out needs the 5,000-column
@@ -31,9 +31,10 @@ import warnings
 
 import numpy as np
 import pandas as pd
-from harness import to_markdown
 
-ROOT = pathlib.Path(__file__).resolve().parent
+from .harness import to_markdown
+
+HERE = pathlib.Path(__file__).resolve().parent
 
 R_SCRIPT = r"""
 suppressMessages(library(lme4))
@@ -76,7 +77,7 @@ def main():
     ap.add_argument("--skip-conditional", action="store_true", help="only the noncentered comparison")
     args = ap.parse_args()
     if args.out is None:
-        args.out = str(ROOT / "results" / ("large_crossed_sample" if args.sample else "large_crossed"))
+        args.out = str(HERE / "results" / ("large_crossed_sample" if args.sample else "large_crossed"))
     if args.sample:
         sample_main(args)
         return
@@ -133,7 +134,7 @@ def _write(rows, args, notes):
     df.to_csv(out.with_suffix(".csv"), index=False)
     text = ["# Large crossed design: ML with every term integrated out", "",
             f"`y ~ x + (1 | a) + (1 | b)`, N = {int(args.n):,}, a: {args.a:,} levels, b: {args.b:,} levels "
-            f"(simulated), 2-core CPU, float64. Command: `python benchmarks/large_crossed.py --n {args.n:g} "
+            f"(simulated), 2-core CPU, float64. Command: `python -m benchmarks.large_crossed --n {args.n:g} "
             f"--a {args.a} --b {args.b}`.", "", to_markdown(df, list(df.columns), ".6g"), "",
             "Notes (lmmarg's warnings for this design, and lme4's run):", ""] + [f"- {n}" for n in notes]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
@@ -146,7 +147,7 @@ GLOBALS = ["beta[0]", "beta[1]", "sd_a[0]", "sd_b[0]", "sigma"]
 
 def _grad_ms(pot, key, repeats: int = 5) -> tuple[float, float]:
     """(compile + first call s, median ms) of one jitted value-and-gradient of the potential at a start."""
-    from harness import time_potential
+    from .harness import time_potential
     first, sec = time_potential(pot.potential_fn, pot.init_params(key, num_chains=None), repeats)
     return first, 1e3 * sec
 
@@ -191,7 +192,7 @@ def _fit_row(m, label, parameterization, args):
 def _harness_row(m, label, parameterization, warmup, draws, args, minutes):
     """The benchmark harness's NUTS (unit metric, data-scaled start), capped at `minutes`."""
     import jax
-    from harness import Target, TimeBudgetExceeded, metrics, run_nuts
+    from .harness import Target, TimeBudgetExceeded, metrics, run_nuts
     t0 = time.perf_counter()
     pot = m.potential(["b"], parameterization)
     first_s, grad_ms = _grad_ms(pot, jax.random.PRNGKey(args.seed))
@@ -248,7 +249,7 @@ def _write_sample(rows, args, notes):
                         "min_ess_tail", "max_rhat", "compile_s", "init_s", "mcmc_s", "wall_s",
                         "min_ess_bulk_per_min", "iterations_done", "error"] if c in df.columns]
     est = [c for c in df.columns if c.endswith(("_mean", "_sd"))]
-    cmd = (f"python benchmarks/large_crossed.py --sample --n {args.n:g} --a {args.a} --b {args.b} --warmup "
+    cmd = (f"python -m benchmarks.large_crossed --sample --n {args.n:g} --a {args.a} --b {args.b} --warmup "
            f"{args.warmup} --draws {args.draws} --chains {args.chains} --nc-warmup {args.nc_warmup} "
            f"--nc-draws {args.nc_draws} --nc-minutes {args.nc_minutes:g}")
     text = ["# Large crossed design: NUTS with one class integrated out, the other in the conditional "

@@ -1,9 +1,11 @@
 """ML fits of typical models: wall time (Model + fit_ml, cold; and a refit), criterion evaluations, deviance and
 convergence, optionally side by side with another lmmarg checkout (e.g. a git worktree of an older commit).
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/ml_models.py [--ref /path/to/other/checkout] [--repeats 2]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.ml_models [--ref /path/to/other/checkout] [--repeats 2]
 
-Each (checkout, repeat) runs in its own process, alternating, so that both see the same machine load.
+Each (checkout, repeat) runs in its own process, alternating, so that both see the same machine load. A process
+imports the lmmarg of its checkout because it runs `python -c` there (the working directory comes first on
+sys.path, before the installed lmmarg); it checks that it did.
 Writes benchmarks/results/ml_models.md.
 """
 from __future__ import annotations
@@ -26,10 +28,11 @@ CASES = [
 ]
 
 WORKER = r"""
-import json, sys, time, warnings
-sys.path.insert(0, sys.argv[1])
+import json, os, sys, time, warnings
 import pandas as pd
 import lmmarg
+if not os.path.realpath(lmmarg.__file__).startswith(os.path.join(os.path.realpath(sys.argv[1]), "")):
+    sys.exit(f"imported lmmarg from {lmmarg.__file__}, not from the checkout {sys.argv[1]}")
 warnings.simplefilter("ignore")
 out = {}
 for name, formula, src in json.loads(sys.argv[2]):
@@ -46,8 +49,11 @@ print(json.dumps(out))
 
 
 def run(checkout: str) -> dict:
+    """One worker process in `checkout` (a repository root): {model: dict of cold_s, refit_s, n_eval, ...}."""
     p = subprocess.run([sys.executable, "-c", WORKER, checkout, json.dumps(CASES), str(HERE / "data")],
-                       capture_output=True, text=True, check=True)
+                       capture_output=True, text=True, cwd=checkout)
+    if p.returncode:
+        raise RuntimeError(f"ml_models worker in {checkout} failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 

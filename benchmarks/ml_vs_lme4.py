@@ -1,6 +1,6 @@
 """ML fit of InstEval with lmmarg vs lme4 (same model, same machine, one run).
 
-    python benchmarks/ml_vs_lme4.py [--no-r] [--profile]
+    python -m benchmarks.ml_vs_lme4 [--no-r] [--profile]
 
 Model: y ~ service + lectage + studage + (1|s) + (1|d) + (1|dept:service), every factor categorical.
 lmmarg: wall time of `Model(formula, data)` + `fit_ml()` (design, plan, compilation, optimization, conditional modes),
@@ -16,12 +16,13 @@ import json
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 import pandas as pd
+
+import lmmarg
 
 ROOT = pathlib.Path(__file__).resolve().parent
 DATA = ROOT / "data" / "InstEval.csv"
@@ -104,9 +105,6 @@ def main(argv=None) -> int:
     ap.add_argument("--no-r", action="store_true", help="skip the lme4 run")
     ap.add_argument("--profile", action="store_true", help="time the engine pieces too")
     a = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT.parent))
-    import lmmarg
-
     df = load_data()
     t0 = time.perf_counter()
     model = lmmarg.Model(FORMULA, df)

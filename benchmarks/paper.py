@@ -1,6 +1,6 @@
 """Reproduce the 13 experiments of Lai, Domke & Sheldon (NeurIPS 2024) and run the peers side by side.
 
-    python benchmarks/paper.py [--quick] [--seeds N] [--draws N] [--warmup N] [--chains N]
+    python -m benchmarks.paper [--quick] [--seeds N] [--draws N] [--warmup N] [--chains N]
                                [--experiments dillonE1,InstEval] [--methods all,none,marg:subj,numpyro-nc] [--tag T]
 
 Methods (same model, same priors, same NUTS implementation and settings):
@@ -16,17 +16,14 @@ grouseticks{tag}_pairs.png).
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from experiments import EXPERIMENTS, build_model  # noqa: E402
-from harness import RESULTS, benchmark, parse_args, to_markdown, versions  # noqa: E402
-from peers_numpyro import lmm_numpyro, lmmarg_target, numpyro_target  # noqa: E402
+from .experiments import EXPERIMENTS, build_model
+from .harness import RESULTS, benchmark, parse_args, to_markdown, versions
+from .peers_numpyro import lmm_numpyro, lmmarg_target, numpyro_target
 
 
 def method_names(exp, model) -> list[str]:
@@ -77,7 +74,7 @@ def main(argv=None):
         methods = select(a.methods, method_names(exp, model))
         for method in methods:
             if method.startswith("bambi"):
-                from peers_bambi import run_bambi
+                from .peers_bambi import run_bambi
                 for seed in range(a.seeds):
                     r = run_bambi(exp, method.split("-")[1], seed=seed, warmup=a.warmup, draws=a.draws,
                                   chains=a.chains, quick=a.quick,
@@ -115,7 +112,7 @@ def main(argv=None):
                             **{f"{m}|{k}": v for m, s in pairs.items() for k, v in s.items()
                                if not k.startswith("u_") or k == "_diverging"})
     if not a.no_plots:
-        from plots import paper_plots
+        from .plots import paper_plots
         paper_plots(df, tag, pairs)
     return df
 

@@ -41,7 +41,7 @@ def _prior_spec(d):
 
 def bambi_spec(exp, model) -> dict:
     """Formula, Gaussian-scale response and priors of an experiment in Bambi's terms."""
-    from experiments import resolve_prior
+    from .experiments import resolve_prior
     resp = exp.formula.split("~")[0].strip()
     rhs = exp.formula.split("~", 1)[1]
     formula = (f"log({resp}) ~{rhs}" if exp.family == "lognormal" else exp.formula).replace("||", "|")
@@ -69,7 +69,7 @@ def run_bambi(exp, backend: str, *, seed=0, warmup=1000, draws=2000, chains=1, q
         return {**row, "error": "skipped: bambi virtualenv absent"}
     if exp.custom:
         return {**row, "error": "skipped: distributional residual scale not set up for Bambi"}
-    from experiments import build_model
+    from .experiments import build_model
     model = build_model(exp, quick=quick)
     spec = bambi_spec(exp, model)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """lme4 point estimates (ML) for the plain-LMM experiments, next to lmmarg's posterior means.
 
-    python benchmarks/peers_lme4.py [--experiments dillonE1,dutch]
+    python -m benchmarks.peers_lme4 [--experiments dillonE1,dutch]
 
 Needs Rscript with lme4 (skipped with a message otherwise). Lognormal models are fitted to log(y). Writes
 benchmarks/results/lme4.csv and lme4.md (fixed effects, SDs, residual SD, logLik, fit time inside R).
@@ -14,12 +14,10 @@ import subprocess
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from experiments import EXPERIMENTS  # noqa: E402
-from harness import RESULTS, to_markdown  # noqa: E402
+from .experiments import EXPERIMENTS, build_model
+from .harness import RESULTS, to_markdown
 
 R_SCRIPT = r"""
 suppressMessages(library(lme4))
@@ -66,7 +64,6 @@ def main(argv=None):
             formula = exp.formula
             if exp.family == "lognormal":
                 formula = f"log({resp}) ~" + exp.formula.split("~", 1)[1]
-            from experiments import build_model
             factors = sorted({f for t in build_model(exp).terms for f in t.factors})
             data = os.path.join(tmp, f"{name}.csv")
             df.to_csv(data, index=False)

@@ -17,8 +17,8 @@ import numpyro.distributions as dist
 from numpyro.distributions.transforms import biject_to
 from numpyro.infer.util import constrain_fn, potential_energy
 
-from experiments import resolve_prior
-from harness import Target
+from .experiments import resolve_prior
+from .harness import Target
 
 
 def _sample_or_fix(name, prior, shape=()):

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from harness import RESULTS, to_markdown  # noqa: E402
+from .harness import RESULTS, to_markdown  # noqa: E402
 
 
 ORDER = ["none", "best single class", "all", "numpyro-c", "numpyro-nc", "bambi-numpyro", "bambi-pymc"]

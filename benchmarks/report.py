@@ -3,37 +3,39 @@
   dillonE1: min ESS/s (global parameters) of "all"  vs  best of {marg:<one class>, bambi-numpyro}   (target ≥ 10×)
   InstEval: min ESS/s of "all"                      vs  best of {marg:<one class>}                 (target ≥ 10×)
 
-    python benchmarks/report.py                                   # merge results/paper_sweep*.csv (default)
-    python benchmarks/report.py --sources paper_sweepA.csv,paper_sweepB.csv,paper_sweepC.csv --tag _sweep
+    python -m benchmarks.report                 # new results/paper_sweep?*.csv partials over results/paper_sweep.csv
+    python -m benchmarks.report --sources paper_sweepA.csv,paper_sweepB.csv,paper_sweepC.csv --tag _sweep
 
 Later sources override earlier ones row by row (same experiment, method, seed), so a re-run of some methods can be
-layered over a sweep. Writes results/paper<tag>.{csv,md}, the bar plots paper<tag>_{iter,ess,ess_per_s}.png, the
-grouseticks pair plot (from the saved draws, if present) and results/summary.md.
+layered over a sweep; every row keeps the name of the file it came from in the column `source`. By default the
+sources are the merged table results/paper<tag>.csv itself (its rows keep their `source`), then the partial runs
+results/paper<tag>?*.csv in name order (`python -m benchmarks.paper ... --tag _sweepM` writes paper_sweepM.csv):
+once merged, the partials can be deleted, and merging again changes nothing. Writes results/paper<tag>.{csv,md},
+the bar plots paper<tag>_{iter,ess,ess_per_s}.png, the grouseticks pair plot (from the saved draws
+grouseticks<tag>?*_draws.npz, if present) and results/summary.md.
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness import RESULTS, to_markdown, versions  # noqa: E402
-from paper import COLS, summarize  # noqa: E402
+from .harness import RESULTS, to_markdown, versions
+from .paper import COLS, summarize
 
 KEY = ["experiment", "method", "seed"]
 
 
 def merge(sources: list[str]) -> pd.DataFrame:
-    """Rows of all sources; a later source replaces earlier rows with the same experiment, method and seed."""
+    """Rows of all sources (CSV names in RESULTS); a later source replaces earlier rows with the same experiment,
+    method and seed. `source`: the file a row came from; rows of an earlier merge keep theirs."""
     out = pd.DataFrame()
     for src in sources:
         df = pd.read_csv(os.path.join(RESULTS, src))
-        df["source"] = src
+        df["source"] = df["source"].fillna(src) if "source" in df else src
         if len(out):
             keys = set(map(tuple, df[KEY].astype(str).values))
             out = out[[tuple(r) not in keys for r in out[KEY].astype(str).values]]
@@ -84,15 +86,22 @@ def best_per_experiment(s: pd.DataFrame) -> pd.DataFrame:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sources", default=None, help="comma-separated CSV names in results/ (default paper_sweep?*.csv)")
+    ap.add_argument("--sources", default=None,
+                    help="comma-separated CSV names in results/, merged in this order (default: paper<tag>.csv, "
+                         "then the partials paper<tag>?*.csv)")
     ap.add_argument("--tag", default="_sweep")
     a = ap.parse_args(argv)
-    sources = (a.sources.split(",") if a.sources else
-               sorted(os.path.basename(f) for f in glob.glob(os.path.join(RESULTS, "paper_sweep?*.csv"))))
+    if a.sources:
+        sources = a.sources.split(",")
+    else:
+        merged = f"paper{a.tag}.csv"
+        sources = (([merged] if os.path.exists(os.path.join(RESULTS, merged)) else [])
+                   + sorted(os.path.basename(f) for f in glob.glob(os.path.join(RESULTS, f"paper{a.tag}?*.csv"))))
     if not sources:
         print("no results yet")
         return
     df = merge(sources)
+    sources = list(dict.fromkeys(df["source"]))   # the files the rows came from, in merge order
     df.to_csv(os.path.join(RESULTS, f"paper{a.tag}.csv"), index=False)
     s = summarize(df)
     cols = [c for c in COLS if c in s] + (["error"] if "error" in s else [])
@@ -105,13 +114,13 @@ def main(argv=None):
     t = pd.DataFrame([target(s, "dillonE1", ("bambi-numpyro",)), target(s, "InstEval")])
     b = best_per_experiment(s)
     with open(os.path.join(RESULTS, "summary.md"), "w") as f:
-        f.write(f"# Benchmark summary (`python benchmarks/report.py`, sources: {', '.join(sources)})\n\n"
+        f.write(f"# Benchmark summary (`python -m benchmarks.report`, sources: {', '.join(sources)})\n\n"
                 "## Targets (min ESS/s over global parameters)\n\n" + to_markdown(t, list(t.columns)) +
                 "\n\n## Per experiment: `all` vs the best single-class variant and the best peer (min ESS/s)\n\n"
                 + to_markdown(b, list(b.columns)) + "\n")
-    from plots import grouse_pairs, paper_plots
+    from .plots import grouse_pairs, paper_plots
     paper_plots(df, a.tag)
-    draws = sorted(glob.glob(os.path.join(RESULTS, "grouseticks_sweep?*_draws.npz")))
+    draws = sorted(glob.glob(os.path.join(RESULTS, f"grouseticks{a.tag}?*_draws.npz")))
     if draws:
         z = np.load(draws[-1])
         pairs = {}

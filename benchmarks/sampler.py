@@ -24,7 +24,7 @@ Parts (``--parts``, default all):
              "parallel" (spread over the CPU cores as XLA host devices) in one process with as many host devices
              as cores: sleepstudy, dillonE1, eeg; the second call of each (compiled) is timed.
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/sampler.py [--parts geometry,dillon,...] [--quick]
+    OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampler [--parts geometry,dillon,...] [--quick]
 
 Writes results/sampler.md and results/sampler.csv (rows of every part; --quick writes to results/sampler_quick.*).
 """
@@ -43,9 +43,8 @@ import numpy as np
 import pandas as pd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(HERE)   # the repository root: worker processes run `python -m benchmarks.sampler` here
 RESULTS = os.path.join(HERE, "results")
-sys.path.insert(0, HERE)
 
 CROSSED = dict(n=500_000, a=10_000, b=100, seed=1)
 DILLON_FORMULA = "rt ~ intc + (intc || subj) + (intc || item)"   # intc = ±1 for int = high / low
@@ -60,7 +59,8 @@ def _crossed_data(n, a, b, seed):
     return pd.DataFrame({"y": y, "x": x, "a": ga.astype(str), "b": gb.astype(str)})
 
 
-def _build(case: dict):
+def build_case(case: dict):
+    """The lmmarg.Model of a case: data "crossed" (simulated, CROSSED), "sleepstudy" or a benchmark experiment."""
     import lmmarg
     if case["data"] == "crossed":
         priors = None
@@ -70,13 +70,13 @@ def _build(case: dict):
         return lmmarg.Model("y ~ x + (1 | a) + (1 | b)", _crossed_data(**CROSSED), priors=priors)
     if case["data"] == "sleepstudy":
         return lmmarg.Model("Reaction ~ Days + (Days | Subject)", lmmarg.datasets.load("sleepstudy"))
-    from experiments import build_model
+    from .experiments import build_model
     return build_model(_experiment(case["data"], case.get("formula")))
 
 
 def _experiment(name: str, formula=None):
     """The benchmark experiment (benchmarks/experiments.py), dillonE1 with the ±1 contrast column intc."""
-    from experiments import EXPERIMENTS
+    from .experiments import EXPERIMENTS
     exp = EXPERIMENTS[name]
     if name == "dillonE1":
         prep = exp.prep
@@ -113,7 +113,7 @@ def worker(case: dict) -> dict:
     jax.config.update("jax_enable_x64", True)
     warnings.simplefilter("ignore")
     t0 = time.perf_counter()
-    model = _build(case)
+    model = build_case(case)
     t_model = time.perf_counter() - t0
     if case["kind"] == "fit_ml":
         t1 = time.perf_counter()
@@ -133,7 +133,7 @@ def worker(case: dict) -> dict:
 def run_case(case: dict, cache_dir: str) -> dict:
     env = dict(os.environ, LMMARG_JAX_CACHE=cache_dir, OPENBLAS_NUM_THREADS="1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(case)],
+    p = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", json.dumps(case)],
                        capture_output=True, text=True, env=env, cwd=ROOT)
     out = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     if p.returncode or not out:
@@ -204,7 +204,7 @@ def part_dillon(quick: bool, cache: str) -> list:
     with tempfile.TemporaryDirectory() as fresh:
         rows.append(dict(part="dillon", label="lmmarg cold", **run_case(case, fresh)))
         rows.append(dict(part="dillon", label="lmmarg warm", **run_case(case, fresh)))
-    from peers_bambi import run_bambi
+    from .peers_bambi import run_bambi
     exp = _experiment("dillonE1", DILLON_FORMULA)
     b = run_bambi(exp, "numpyro", warmup=n[0], draws=n[1], chains=1)
     if "error" not in b:
@@ -258,13 +258,12 @@ import json, os, sys, time, warnings
 import numpyro
 numpyro.set_host_device_count(os.cpu_count())
 import jax
-sys.path.insert(0, {here!r})
 jax.config.update("jax_enable_x64", True)
 warnings.simplefilter("ignore")
-from sampler import _build
+from benchmarks.sampler import build_case
 case = json.loads(sys.argv[1])
-model = _build(case)
-out = {{"cores": os.cpu_count(), "devices": jax.local_device_count()}}
+model = build_case(case)
+out = {"cores": os.cpu_count(), "devices": jax.local_device_count()}
 for cm in ("vectorized", "parallel", "vectorized", "parallel"):
     t = time.perf_counter()
     fit = model.sample(chains=4, warmup=case["warmup"], draws=case["draws"], chain_method=cm, progress_bar=False)
@@ -282,7 +281,7 @@ def part_cores(quick: bool, cache: str) -> list:
                dict(data="eeg", warmup=300, draws=300)]):
         c = {"warmup": n[0], "draws": n[1], **c}
         env = dict(os.environ, LMMARG_JAX_CACHE=cache, OPENBLAS_NUM_THREADS="1")
-        p = subprocess.run([sys.executable, "-c", _CORES.format(here=HERE), json.dumps(c)], capture_output=True,
+        p = subprocess.run([sys.executable, "-c", _CORES, json.dumps(c)], capture_output=True,
                            text=True, env=env, cwd=ROOT)
         out = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode or not out:
@@ -302,7 +301,7 @@ PARTS = {"geometry": part_geometry, "beta": part_beta, "dillon": part_dillon, "d
 
 
 def report(df: pd.DataFrame) -> str:
-    from harness import to_markdown
+    from .harness import to_markdown
     out = ["# Sampler benchmarks (`benchmarks/sampler.py`)", "",
            "Every row is a fresh process with one BLAS thread; wall = the `sample()` call (compilation, mode search, "
            "warmup, sampling, recovery), ESS = min rank-normalized bulk ESS over the global parameters.", ""]

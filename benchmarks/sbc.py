@@ -1,6 +1,6 @@
 """Simulation-based calibration (SBC; Talts et al. 2018) of lmmarg's default sampler, ``model.sample()``.
 
-    OPENBLAS_NUM_THREADS=1 taskset -c 1 python benchmarks/sbc.py [--sims 200] [--models slopes,crossed]
+    OPENBLAS_NUM_THREADS=1 taskset -c 1 python -m benchmarks.sbc [--sims 200] [--models slopes,crossed]
         [--max-minutes 25] [--resume] [--quick] [--out DIR]
 
 For each model a fixed design (covariate and grouping factors, drawn once from ``--seed``) and explicit, proper,
@@ -47,13 +47,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness import RESULTS, ess, to_markdown  # noqa: E402  (harness puts this checkout's lmmarg first)
+from .harness import RESULTS, ess, to_markdown
 
 SETTINGS = ("warmup", "ranks", "thin", "chains", "seed")
 
@@ -430,7 +427,7 @@ def main(argv=None):
     csv = os.path.join(a.out, f"sbc{tag}.csv")
     meta_path = os.path.join(a.out, f"sbc{tag}_meta.json")
     meta = dict(date=time.strftime("%Y-%m-%d"), commit=source_commit(),
-                command="python benchmarks/sbc.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                command="python -m benchmarks.sbc " + " ".join(argv if argv is not None else sys.argv[1:]))
     if a.report_only:  # the table keeps the run's own date, commit and command
         df = pd.read_csv(csv)
         if os.path.exists(meta_path):

@@ -10,7 +10,7 @@ time against one pandas groupby-sum pass, peak memory, per-call time; and, on In
 (`y ~ service + (1|s) + (1|d) + (1|dept:service)`), the time per call for each marginalization choice.
 Writes benchmarks/results/scaling.{csv,md,png}, scaling_crossed.csv and insteval_calls.csv.
 
-    python benchmarks/scaling.py [--quick] [--repeats 20]
+    python -m benchmarks.scaling [--quick] [--repeats 20]
 """
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
 """Smoke test of benchmarks/: every experiment's lmmarg model builds and its potential evaluates; lmmarg's
 marginal likelihood matches the hand-written NumPyro peer's joint density (same model, same priors); and the
-paper driver runs end to end in --quick mode on one small experiment (lmmarg + peer). Timings never asserted."""
-import os
-import sys
+paper driver runs end to end in --quick mode on one small experiment (lmmarg + peer). Timings never asserted.
 
+The package ``benchmarks`` is imported from the repository root (pyproject.toml: pytest's ``pythonpath = ["."]``)."""
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 
+from benchmarks import engine_cost, experiments, glmm_speed, glmm_validation, harness, paper, plots, report, sbc
+from benchmarks.peers_numpyro import lmm_numpyro
+
 jax.config.update("jax_enable_x64", True)
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
-
-experiments = pytest.importorskip("experiments")
 
 
 @pytest.mark.parametrize("name", list(experiments.EXPERIMENTS))
@@ -34,7 +32,6 @@ def test_marginal_and_peer_agree_on_log_density():
     checked through the identity p(y|θ) = p(y, u|θ) / p(u|y, θ) at the conditional mean of u."""
     import jax.numpy as jnp
     from numpyro.infer.util import log_density
-    from peers_numpyro import lmm_numpyro
 
     exp = experiments.EXPERIMENTS["dutch"]
     model = experiments.build_model(exp, quick=True)
@@ -72,9 +69,6 @@ def test_marginal_and_peer_agree_on_log_density():
 
 
 def test_paper_quick_runs_end_to_end(tmp_path, monkeypatch):
-    import harness
-    import paper
-    import plots
     monkeypatch.setattr(harness, "RESULTS", str(tmp_path))
     monkeypatch.setattr(paper, "RESULTS", str(tmp_path))
     monkeypatch.setattr(plots, "RESULTS", str(tmp_path))
@@ -89,11 +83,8 @@ def test_paper_quick_runs_end_to_end(tmp_path, monkeypatch):
 
 def test_time_budget_gives_a_timeout_row_and_report_merges(tmp_path, monkeypatch):
     """--max-minutes: a run past its budget becomes a row with the partial leapfrog count; report.py merges sources
-    with later rows replacing earlier ones."""
-    import harness
-    import paper
-    import plots
-    import report
+    with later rows replacing earlier ones, and by default layers new partial runs over the merged table (whose rows
+    keep their source)."""
     for mod in (harness, paper, plots, report):
         monkeypatch.setattr(mod, "RESULTS", str(tmp_path))
     df = paper.main(["--quick", "--experiments", "dutch", "--methods", "none", "--draws", "10", "--warmup", "10",
@@ -103,13 +94,28 @@ def test_time_budget_gives_a_timeout_row_and_report_merges(tmp_path, monkeypatch
     paper.main(["--quick", "--experiments", "dutch", "--methods", "none", "--draws", "10", "--warmup", "10",
                 "--tag", "_sweepB", "--no-plots"])
     report.main(["--sources", "paper_sweepA.csv,paper_sweepB.csv", "--tag", "_sweep"])
-    merged = __import__("pandas").read_csv(tmp_path / "paper_sweep.csv")
+    merged = pd.read_csv(tmp_path / "paper_sweep.csv")
     assert len(merged) == 1 and merged["source"].iloc[0] == "paper_sweepB.csv"
     assert (tmp_path / "summary.md").exists() and (tmp_path / "paper_sweep_iter.png").exists()
 
+    # the partials are deleted once merged; new partials are layered over the merged table by default
+    timeout_row, ok_row = row.to_frame().T, merged.drop(columns="source")
+    (tmp_path / "paper_sweepA.csv").unlink()
+    (tmp_path / "paper_sweepB.csv").unlink()
+    timeout_row.assign(seed=1).to_csv(tmp_path / "paper_sweepC.csv", index=False)   # a new seed: added
+    report.main([])
+    merged = pd.read_csv(tmp_path / "paper_sweep.csv").set_index("seed")
+    assert merged["source"].to_dict() == {0: "paper_sweepB.csv", 1: "paper_sweepC.csv"}
+    assert merged.loc[1, "error"].startswith("timeout") and pd.isna(merged.loc[0, "error"])
+    ok_row.assign(seed=1).to_csv(tmp_path / "paper_sweepD.csv", index=False)   # a later partial replaces seed 1
+    report.main([])
+    merged = pd.read_csv(tmp_path / "paper_sweep.csv").set_index("seed")
+    assert merged["source"].to_dict() == {0: "paper_sweepB.csv", 1: "paper_sweepD.csv"}
+    assert pd.isna(merged.loc[1, "error"]) and merged.loc[1, "iter_per_s"] == merged.loc[0, "iter_per_s"]
+    assert "sources: paper_sweepB.csv, paper_sweepD.csv" in (tmp_path / "summary.md").read_text()
+
 
 def test_glmm_validation_quick_runs_end_to_end(tmp_path, monkeypatch):
-    import glmm_validation
     monkeypatch.setattr(glmm_validation, "RESULTS", str(tmp_path))
     df = glmm_validation.main(["--quick"])
     assert set(df["method"]) == {"laplace", "exact"} and set(df["design"]) == {"cbpp"}
@@ -120,7 +126,6 @@ def test_glmm_validation_quick_runs_end_to_end(tmp_path, monkeypatch):
 
 
 def test_glmm_speed_quick_runs_end_to_end(tmp_path, monkeypatch):
-    import glmm_speed
     monkeypatch.setattr(glmm_speed, "RESULTS", str(tmp_path))
     ml, samp = glmm_speed.main(["--quick", "--no-r"])
     assert "error" not in ml or ml["error"].isna().all(), ml.get("error")
@@ -134,8 +139,6 @@ def test_sbc_quick_runs_end_to_end(tmp_path):
     """benchmarks/sbc.py --quick: a simulated data set of each model fitted by model.sample() (one fit compiles for
     ~15 s on a CPU core, so one simulation per model); the CSV has one row per simulation and parameter with ranks in
     0..L, and the table and plot are written. Coverage and timings are not asserted."""
-    import pandas as pd
-    import sbc
     df, par, runs = sbc.main(["--quick", "--sims", "1", "--out", str(tmp_path)])
     for f in ("sbc_quick.csv", "sbc_quick.md", "sbc_quick.png"):
         assert (tmp_path / f).exists(), f
@@ -152,8 +155,6 @@ def test_sbc_quick_runs_end_to_end(tmp_path):
 def test_engine_cost_runs_end_to_end(tmp_path, monkeypatch):
     """benchmarks/engine_cost.py with one round of one block: every row compiles in a fresh process and runs in the
     shared one, and the table and its paired ratios are written. Timings are not asserted."""
-    import pandas as pd
-    import engine_cost
     monkeypatch.setattr(engine_cost, "RESULTS", tmp_path)
     assert engine_cost.main(["--rounds", "1", "--blocks", "1"]) == 0
     tab = pd.read_csv(tmp_path / "engine_cost.csv")

@@ -1,16 +1,11 @@
 """Smoke test of benchmarks/sampler.py: its quick geometry part runs two short fits of dillonE1 (init="center" and
 init="mode") in fresh processes and writes its table. Timings are never asserted."""
-import os
-import sys
-
 import pandas as pd
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-sys.path.insert(0, BENCH)
+from benchmarks import sampler
 
 
 def test_sampler_benchmark_quick_geometry(tmp_path):
-    import sampler
     out = str(tmp_path / "sampler_quick")
     sampler.main(["--quick", "--parts", "geometry", "--out", out])
     df = pd.read_csv(out + ".csv")

@@ -1,6 +1,6 @@
 """Check the dense Laplace oracle (tests/glmm_reference.py) against glmer's golden values (glmer.json).
 
-Usage:  .venv/bin/python tests/golden/check_glmer_oracle.py [--tol-ll 1e-6] [--tol-re 1e-5]
+Usage (from the repository root):  .venv/bin/python -m tests.golden.check_glmer_oracle [--tol-ll 1e-6] [--tol-re 1e-5]
 
 For every model in glmer.json this rebuilds X, Z and the group codes from the bundled CSVs, using pandas and
 formulaic for X and hand-built Z columns. It then evaluates the oracle at glmer's estimates and at the two
@@ -17,17 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from formulaic import model_matrix
 
+from tests.glmm_reference import laplace_reference
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
-sys.path.insert(0, str(HERE.parent))
-from glmm_reference import laplace_reference  # noqa: E402
 
 DATA = ROOT / "lmmarg" / "datasets"
 

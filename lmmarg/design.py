@@ -6,6 +6,7 @@ the per-group sufficient statistics. Everything is NumPy; the JAX kernels receiv
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import functools
@@ -20,9 +21,10 @@ import scipy.sparse as sp
 
 from ._warnings import warn_user
 from .codes import nested, unique_rows
-from .formula import FormulaError, FormulaSpec, parse_formula
+from .formula import FormulaError, FormulaSpec, dotted_names, parse_formula, quote_columns, strip_ansi
 
-__all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design"]
+__all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design", "normalize_dtypes", "grouping_codes",
+           "level_label", "used_columns"]
 
 
 def _group_sum(codes: np.ndarray, n_groups: int, w: np.ndarray) -> np.ndarray:
@@ -51,12 +53,13 @@ def column_standardizer(M: np.ndarray) -> np.ndarray:
     for j in range(d):
         if j == c:
             continue
-        z = M[:, j]
+        a = float(np.max(np.abs(M[:, j]), initial=0.0)) or 1.0
+        z = M[:, j] / a        # moments of z / a, then scaled back: x * 1e-160 would square to denormals, 1e-300 to 0
         if c is not None:
-            m, s = float(z.mean()), float(z.std())
+            m, s = a * float(z.mean()), a * float(z.std())
         else:
             nz = z[z != 0]
-            m, s = 0.0, float(np.sqrt(np.mean(nz ** 2))) if nz.size else 1.0
+            m, s = 0.0, a * float(np.sqrt(np.mean(nz ** 2))) if nz.size else 1.0
         if not np.isfinite(s) or s <= 0:
             m, s = 0.0, 1.0
         S[j, j] = 1.0 / s
@@ -181,10 +184,11 @@ class Design:
             }
         return out
 
-    def summary(self) -> str:
-        """Compact lme4-like description: N, fixed columns, each term with d and groups, structure."""
+    def summary(self, title: str = "Linear mixed model") -> str:
+        """Compact lme4-like description: N, fixed columns, each term with d and groups, structure; ``title`` names
+        the kind of model (the Model passes its family)."""
         lines = [
-            f"Linear mixed model: {self.spec.formula}",
+            f"{title}: {self.spec.formula}",
             f"  observations: {self.n_obs}",
             f"  fixed effects ({len(self.fixed_names)}): {', '.join(self.fixed_names)}",
             "  random effects:",
@@ -212,17 +216,30 @@ def _unknown_column(name: str, data: pd.DataFrame, where: str) -> DesignError:
 
 
 _QUOTED = re.compile(r"`([^`]+)`")
+_TOKEN = re.compile(r"(?<![\w.`])(?:[^\W\d]|\.)[\w.]*")
+
+
+def _formulaic_error(exc: Exception) -> str:
+    """formulaic's error text without terminal colour codes, with a hint for Python operators it cannot parse."""
+    text = strip_ansi(exc)
+    if "Unknown operator" in text:
+        text += ("\n(formula operators are + - : * / ** ^ |; wrap a Python expression in I(...), e.g. "
+                 "I(use == 'Y') ~ x)")
+    return text
 
 
 def _variables(expr: str, where: str) -> set[str]:
     try:
         found = set(formulaic.Formula(expr).required_variables)
     except Exception as exc:  # formulaic's own parser errors
-        raise FormulaError(f"cannot parse {where} {expr!r}: {exc}") from None
-    # formulaic reports a quoted `my.x` as the variable 'my' (attribute access); the quoted name is the column
+        raise FormulaError(f"cannot parse {where} {expr!r}: {_formulaic_error(exc)}") from None
+    # formulaic reports a quoted `my.x` or a bare dotted y.val as the variable 'my' / 'y' (attribute access); the
+    # dotted name is the column (build_design quotes those the data has; the others are reported as unknown)
     quoted = set(_QUOTED.findall(expr))
-    spurious = {v for v in found if v not in quoted and any(q.startswith(v + ".") for q in quoted)}
-    return (found - spurious) | quoted
+    dotted = {n for n in dotted_names(expr) if n.split(".")[0] in found}  # not np.pi, contr.sum (formulaic's own)
+    plain = set(_TOKEN.findall(re.sub(r"`[^`]*`", " ", expr)))
+    spurious = {v for v in found if v not in plain and any(q.startswith(v + ".") for q in quoted | dotted)}
+    return (found - spurious) | quoted | dotted
 
 
 def used_columns(spec: FormulaSpec) -> dict[str, str]:
@@ -297,7 +314,7 @@ def _check_duplicate_terms(terms: list[RandomTerm], formula: str) -> None:
 def _warn_fixed_grouping(terms: list[RandomTerm], fixed_names: list[str]) -> None:
     """Warn when a grouping factor with random intercepts also enters the fixed part as a factor."""
     for g in dict.fromkeys(t.group for t in terms if len(t.factors) == 1 and "Intercept" in t.columns):
-        quoted = f"`{g}`" if not re.match(r"^[A-Za-z_.][A-Za-z0-9_.]*$", g) else g
+        quoted = f"`{g}`" if not re.match(r"^(?:[^\W\d]|\.)[\w.]*$", g) else g
         prefixes = tuple(f"{pre}[" for pre in (g, quoted, f"C({g})", f"C({quoted})"))
         if any(n.startswith(prefixes) for n in fixed_names):
             warn_user(f"grouping factor {g!r} is also a fixed effect (factor columns {g}[...] in the fixed part): "
@@ -333,7 +350,7 @@ def _model_matrix(expr: str, data: pd.DataFrame, where: str):
         with np.errstate(all="ignore"):
             mm = formulaic.model_matrix(expr, data, na_action="ignore")
     except Exception as exc:
-        raise DesignError(f"cannot build the model matrix of {where} {expr!r}: {exc}") from None
+        raise DesignError(f"cannot build the model matrix of {where} {expr!r}: {_formulaic_error(exc)}") from None
     values = np.asarray(mm, dtype=float)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -344,14 +361,18 @@ def _model_matrix(expr: str, data: pd.DataFrame, where: str):
 
 
 def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
-    raw = data[expr] if expr in data.columns else None
-    if raw is not None and not (pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw)):
-        raise DesignError(f"response {expr!r} must be numeric, got dtype {raw.dtype}")
+    """The response (N,) as floats; a bool column (True/False, pandas boolean) is 0/1."""
+    name = expr[1:-1] if _QUOTED.fullmatch(expr) else expr
+    raw = data[name] if name in data.columns else None
+    if raw is not None and not pd.api.types.is_numeric_dtype(raw) and not pd.api.types.is_bool_dtype(raw):
+        raise DesignError(f"response {expr!r} must be numeric (or bool, taken as 0/1), got dtype {raw.dtype}")
+    if raw is not None and pd.api.types.is_bool_dtype(raw):
+        return np.asarray(raw, dtype=float)  # missing values were handled before (na_action)
     try:
         with np.errstate(all="ignore"):
             mm = formulaic.model_matrix(f"{expr} ~ 1", data, na_action="ignore")
     except Exception as exc:
-        raise DesignError(f"cannot evaluate the response {expr!r}: {exc}") from None
+        raise DesignError(f"cannot evaluate the response {expr!r}: {_formulaic_error(exc)}") from None
     lhs = mm.lhs
     if lhs.shape[1] != 1:
         raise DesignError(f"response {expr!r} must be a single numeric column, got {list(lhs.columns)}")
@@ -422,9 +443,25 @@ def _aliased_columns(X: np.ndarray, names: list[str], tol: float = 1e-9) -> list
     return aliased
 
 
+# Largest |value| of a fixed-effect column: its square (every Gram matrix, sum of squares and variance of the
+# fit) must stay finite in float64 (max 1.8e308).
+_MAX_ABS_VALUE = float(np.sqrt(np.finfo(np.float64).max))
+
+
 def _check_rank(X: np.ndarray, names: list[str]) -> None:
-    """Raise naming the fixed-effect columns that are linear combinations of earlier ones."""
-    aliased = _aliased_columns(X, names)
+    """Raise naming the fixed-effect columns that are linear combinations of earlier ones, or whose values are so
+    large that their squares overflow. The rank test is scale-invariant: each column is divided by its largest
+    |value| first (the test is relative to column norms; unscaled, x * 1e300 overflowed XᵀX and x * 1e-300
+    underflowed it, both reported as rank deficient with numpy warnings)."""
+    big = np.max(np.abs(X), axis=0, initial=0.0)
+    over = np.flatnonzero(big > _MAX_ABS_VALUE)
+    if over.size:
+        j = int(over[0])
+        i = int(np.argmax(np.abs(X[:, j])))
+        raise DesignError(f"fixed-effect column {names[j]!r} has the value {X[i, j]:.3g} (row {i}), whose square "
+                          f"overflows float64 (|values| must stay below {_MAX_ABS_VALUE:.3g}); rescale it (e.g. "
+                          "divide by a power of 10) or transform it (log)")
+    aliased = _aliased_columns(X / np.where(big > 0, big, 1.0), names)
     if not aliased:
         return
     zero = [n for n in aliased if not X[:, names.index(n)].any()]
@@ -512,8 +549,22 @@ def grouping_codes(data: pd.DataFrame, factors: tuple[str, ...]) -> tuple[np.nda
     # the interaction's levels in lexicographic order of the factors' sorted levels
     uniq, codes = unique_rows(np.stack([c for c, _ in per_factor], 1), [len(order) for _, order in per_factor])
     keys = [tuple(per_factor[j][1][k] for j, k in enumerate(row)) for row in uniq]
-    labels = [":".join(str(v) for v in key) for key in keys]
+    labels = [level_label(key) for key in keys]
     return codes.reshape(-1).astype(np.int64), labels, keys
+
+
+def level_label(key: tuple) -> str:
+    """The label of one level of an interaction of grouping factors: the factors' levels joined by ":", a level
+    that itself contains ":" or a backtick put in backticks (backticks doubled), so that distinct levels always
+    get distinct labels ("x:y" of a with "b" of b -> "`x:y`:b", not "x:y:b" as for "x" with "y:b").
+
+    >>> level_label(("x:y", "b")), level_label(("x", "y:b")), level_label((3,)), level_label(("x:y",))
+    ('`x:y`:b', 'x:`y:b`', '3', 'x:y')
+    """
+    parts = [str(v) for v in key]
+    if len(parts) == 1:  # one factor: its levels print distinctly (_check_levels)
+        return parts[0]
+    return ":".join(f"`{p.replace('`', '``')}`" if (":" in p or "`" in p) else p for p in parts)
 
 
 def _structure(terms: list[RandomTerm]) -> Structure:
@@ -611,10 +662,12 @@ def build_design(formula: str | FormulaSpec, data, na_action: str = "raise",
     _check_data_columns(data)
     data = data.rename(columns=str)
     _check_bars(spec)
+    spec = _quote_dotted(spec, data.columns)
     used = _check_columns(spec, data, dict(extra_columns or {}))
     data = _handle_missing(data, used, na_action).reset_index(drop=True)
     if len(data) == 0:
         raise DesignError("no rows left after dropping missing values")
+    data = normalize_dtypes(data, used)
     data = _drop_unused_levels(data, used, spec)
     y = _response(spec.response, data)
     failures = None
@@ -631,6 +684,56 @@ def build_design(formula: str | FormulaSpec, data, na_action: str = "raise",
     return Design(spec=spec, data=data, y=y, X=X, fixed_names=fixed_names, terms=terms,
                   structure=_structure(terms), fixed_spec=fixed_spec, offset=offset, offset_specs=offset_specs,
                   failures=failures)
+
+
+def _quote_dotted(spec: FormulaSpec, columns) -> FormulaSpec:
+    """The spec with R-style dotted column names (y.val, x.1) in backticks wherever they are data columns
+    (``lmmarg.formula.quote_columns``); a response that is exactly a column name is left as written."""
+    cols = set(map(str, columns))
+
+    def q(expr):
+        return expr if expr is None else quote_columns(expr, cols)
+
+    bars = tuple(dataclasses.replace(b, expr=q(b.expr)) for b in spec.bars)
+    response = spec.response if spec.response in cols else q(spec.response)
+    return dataclasses.replace(spec, response=response, fixed=q(spec.fixed), bars=bars,
+                               offsets=tuple(q(e) for e in spec.offsets), failures=q(spec.failures))
+
+
+def normalize_dtypes(data: pd.DataFrame, columns) -> pd.DataFrame:
+    """``data`` with the pandas extension dtypes of ``columns`` turned into their NumPy counterparts, so that every
+    column behaves the same whatever its storage: nullable Int64/Float64/boolean and Arrow-backed
+    ``int64[pyarrow]`` / ``double[pyarrow]`` / ``bool[pyarrow]`` -> int64 / float64 / bool (float64 if values are
+    missing), ``string`` / ``string[pyarrow]`` (and other extension dtypes) -> object. Categoricals are kept (their
+    categories become object if they are of an extension dtype). Missing values (pd.NA) become NaN.
+    Returns ``data`` itself when nothing changes, else a copy (N rows, same columns)."""
+    out = data
+    for col in columns:
+        if col not in data.columns:
+            continue
+        s = data[col]
+        dtype = s.dtype
+        if isinstance(dtype, pd.CategoricalDtype):
+            cats = dtype.categories
+            if not isinstance(cats.dtype, pd.api.extensions.ExtensionDtype):
+                continue
+            new = pd.Series(pd.Categorical.from_codes(s.cat.codes.to_numpy(), categories=pd.Index(cats.astype(object),
+                            dtype=object), ordered=dtype.ordered), index=s.index)
+        elif not isinstance(dtype, pd.api.extensions.ExtensionDtype):
+            continue
+        elif pd.api.types.is_bool_dtype(dtype) or pd.api.types.is_integer_dtype(dtype):
+            missing = s.isna().to_numpy()
+            target = float if missing.any() else (bool if pd.api.types.is_bool_dtype(dtype) else np.int64)
+            new = pd.Series(s.to_numpy(dtype=target, na_value=np.nan) if target is float else s.to_numpy(dtype=target),
+                            index=s.index)
+        elif pd.api.types.is_float_dtype(dtype):
+            new = pd.Series(s.to_numpy(dtype=float, na_value=np.nan), index=s.index)
+        else:
+            new = pd.Series(s.to_numpy(dtype=object, na_value=np.nan), index=s.index, dtype=object)
+        if out is data:
+            out = data.copy()
+        out[col] = new
+    return out
 
 
 def _offsets(spec: FormulaSpec, data: pd.DataFrame) -> tuple[np.ndarray | None, list]:

@@ -23,7 +23,7 @@ import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
 __all__ = ["Family", "resolve_family", "GAUSSIAN_FAMILIES", "GLMM_FAMILIES", "log_lik", "score_weight", "mean",
-           "log_norm", "check_response"]
+           "log_norm", "check_response", "error_value"]
 
 GAUSSIAN_FAMILIES = ("gaussian", "lognormal")
 GLMM_FAMILIES = ("bernoulli", "binomial", "poisson")
@@ -56,7 +56,12 @@ def resolve_family(family, link: str | None = None) -> Family:
     if isinstance(family, Family):
         return family
     if not isinstance(family, str):
-        raise TypeError(f"family must be a string such as 'bernoulli', got {type(family).__name__}")
+        # an R / statsmodels family object or class (binomial(), sm.families.Poisson()): name the string to write
+        name = str(getattr(family, "name", None) or getattr(family, "__name__", None) or type(family).__name__)
+        guess = next((f for f in _LINKS if f in name.lower()), None)
+        hint = f"; write family={guess!r}" if guess else ""
+        raise TypeError(f"family must be a string such as 'bernoulli' (families: {', '.join(_LINKS)}; a link as "
+                        f"link='probit' or 'binomial(probit)'), got {type(family).__name__} {family!r}{hint}")
     name = family.strip().lower()
     if "(" in name and name.endswith(")"):
         name, inner = name[:-1].split("(", 1)
@@ -167,6 +172,13 @@ def _first_bad(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def error_value(v) -> str:
+    """A value shown in an error message, with all its digits (1.000000000001, not 1 as ':g' would print); whole
+    numbers without a trailing .0 (2, -1)."""
+    v = float(v)
+    return str(int(v)) if v.is_integer() and abs(v) < 2**53 else repr(v)
+
+
 def check_response(fam: Family, y: np.ndarray, n: np.ndarray, response: str, trials: str | None) -> None:
     """Raise a DesignError naming the column and the first offending row for a response the family cannot take."""
     from .design import DesignError
@@ -174,28 +186,29 @@ def check_response(fam: Family, y: np.ndarray, n: np.ndarray, response: str, tri
         bad = (y != 0) & (y != 1)
         if bad.any():
             i = _first_bad(bad)
-            raise DesignError(f"family='bernoulli' needs a 0/1 response, but {response!r} is {y[i]:g} at row {i}; "
-                              "for counts of successes out of trials use family='binomial' with "
-                              "cbind(successes, failures) or trials=")
+            raise DesignError(f"family='bernoulli' needs a 0/1 response, but {response!r} is "
+                              f"{error_value(y[i])} at row {i}; for counts of successes out of trials use "
+                              "family='binomial' with cbind(successes, failures) or trials=")
         return
     bad = (y < 0) | (y != np.round(y))
     if bad.any():
         i = _first_bad(bad)
         what = "successes" if fam.name == "binomial" else "counts"
-        raise DesignError(f"family={fam.name!r} needs non-negative integer {what}, but {response!r} is {y[i]:g} "
-                          f"at row {i}")
+        raise DesignError(f"family={fam.name!r} needs non-negative integer {what}, but {response!r} is "
+                          f"{error_value(y[i])} at row {i}")
     if fam.name == "binomial":
         tname = trials or "the trials"
         badn = (n != np.round(n)) | (n <= 0)
         if badn.any():
             i = _first_bad(badn)
-            raise DesignError(f"family='binomial' needs positive integer trials, but {tname!r} is {n[i]:g} at row {i}"
+            raise DesignError(f"family='binomial' needs positive integer trials, but {tname!r} is "
+                              f"{error_value(n[i])} at row {i}"
                               + (" (zero trials carry no information: drop the row)" if n[i] == 0 else ""))
         over = y > n
         if over.any():
             i = _first_bad(over)
-            raise DesignError(f"family='binomial': successes {response!r} = {y[i]:g} exceed the trials "
-                              f"{tname!r} = {n[i]:g} at row {i}")
+            raise DesignError(f"family='binomial': successes {response!r} = {error_value(y[i])} exceed the "
+                              f"trials {tname!r} = {error_value(n[i])} at row {i}")
 
 
 def glm_fit(fam: Family, X: np.ndarray, y: np.ndarray, n: np.ndarray, offset: np.ndarray | None = None,

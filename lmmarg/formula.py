@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["FormulaError", "BarTerm", "FormulaSpec", "parse_formula", "r_habits", "split_top_level"]
+__all__ = ["FormulaError", "BarTerm", "FormulaSpec", "parse_formula", "r_habits", "split_top_level", "quote_columns",
+           "dotted_names", "strip_ansi"]
 
 
 class FormulaError(ValueError):
@@ -50,7 +51,60 @@ class FormulaSpec:
     failures: str | None = None    # lme4's binomial response cbind(successes, failures): the failures expression
 
 
-_NAME = re.compile(r"^[A-Za-z_.][A-Za-z0-9_.]*$|^`[^`]+`$")
+# a bare column name: letters of any script, digits, "_" and "." (R's names, e.g. g.id, 群, sujet_é), not starting
+# with a digit; anything else is quoted with backticks (`my g`, `a|b`)
+_NAME = re.compile(r"^(?:[^\W\d]|\.)[\w.]*$|^`[^`]+`$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def strip_ansi(text) -> str:
+    """``str(text)`` without terminal colour codes (formulaic's parser errors highlight the culprit with them)."""
+    return _ANSI.sub("", str(text))
+
+
+def _unquoted(text: str) -> str:
+    """``text`` with the inside of quotes and backticks blanked out (same length), to look for operators."""
+    out, quote = [], None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+            out.append(ch if quote is None else " ")
+        else:
+            quote = ch if ch in "'\"`" else None
+            out.append(ch)
+    return "".join(out)
+
+
+# a dotted name such as y.val or x.1 (R's habit): formulaic reads y.val in a Python expression as attribute access
+_DOTTED = re.compile(r"(?<![\w.])(?:[^\W\d]|\.)[\w]*(?:\.[\w]*)+")
+
+
+def quote_columns(expr: str, columns) -> str:
+    """``expr`` with every bare dotted name that is a data column (``y.val``, ``x.1``) put in backticks, so that
+    formulaic reads it as the column in every context (``log(y.val)``, ``x.1:x.2``, ``I(x.1^2)``), not as attribute
+    access. Names followed by ``(`` (``np.log(``) and text inside quotes or backticks are left alone.
+
+    >>> quote_columns("log(y.val) + np.exp(x.1) + `x.1`", {"y.val", "x.1"})
+    'log(`y.val`) + np.exp(`x.1`) + `x.1`'
+    """
+    columns = set(columns)
+    blank = _unquoted(expr)
+    out, last = [], 0
+    for m in _DOTTED.finditer(blank):
+        name = m.group(0)
+        rest = blank[m.end():].lstrip()
+        if name not in columns or rest.startswith("(") or (m.start() > 0 and blank[m.start() - 1] == "`"):
+            continue
+        out.append(expr[last:m.start()] + f"`{name}`")
+        last = m.end()
+    return "".join(out) + expr[last:]
+
+
+def dotted_names(expr: str) -> list[str]:
+    """The bare dotted names in ``expr`` (outside quotes, not followed by ``(``): candidates for column names."""
+    blank = _unquoted(expr)
+    return [m.group(0) for m in _DOTTED.finditer(blank)
+            if not blank[m.end():].lstrip().startswith("(") and not (m.start() > 0 and blank[m.start() - 1] == "`")]
 
 
 def split_top_level(text: str, seps: str) -> list[tuple[str, str]]:
@@ -118,17 +172,21 @@ def _parse_group(group: str, bar: str) -> list[tuple[str, ...]]:
 
 def _parse_bar(inner: str) -> list[BarTerm]:
     """Parse the inside of one ``( ... | ... )`` term into expanded BarTerms."""
-    m = re.match(r"^(?P<expr>[^|]*)(?P<bar>\|\|?)(?P<group>[^|]*)$", inner, re.S)
-    if m is None:
-        raise FormulaError(f"malformed random-effect term ({inner})")
-    expr = m.group("expr").strip()
+    parts = [p for _, p in split_top_level(inner, "|")]  # a '|' inside backticks (`a|b`) is part of a name
+    if len(parts) == 2:
+        correlated = True
+    elif len(parts) == 3 and parts[1] == "":
+        correlated = False  # ||
+    else:
+        raise FormulaError(f"malformed random-effect term ({inner}): write (expr | group) or (expr || group); "
+                           "quote a column name containing '|' with backticks, e.g. (1 | `a|b`)")
+    expr, group = parts[0].strip(), parts[-1]
     if not expr:
         raise FormulaError(f"random-effect term ({inner}) has no expression before '|' (write (1 | g) for intercepts)")
-    correlated = m.group("bar") == "|"
     expr = r_habits(expr)
     return [
         BarTerm(expr=expr, group=":".join(factors), factors=factors, correlated=correlated)
-        for factors in _parse_group(m.group("group"), inner)
+        for factors in _parse_group(group, inner)
     ]
 
 
@@ -199,11 +257,11 @@ def parse_formula(formula: str) -> FormulaSpec:
                 continue  # leading sign, as in "y ~ -1 + x"
             raise FormulaError(f"empty term in right-hand side {rhs!r}")
         inner = _strip_outer_parens(term)
-        if inner is not None and "|" in inner:
+        if inner is not None and len(split_top_level(inner, "|")) > 1:
             if sign == "-":
                 raise FormulaError(f"random-effect term ({inner}) cannot be subtracted")
             bars.extend(_parse_bar(inner))
-        elif "|" in term:
+        elif "|" in _unquoted(term):
             raise FormulaError(f"'|' outside a parenthesized random-effect term in {term.strip()!r}")
         elif _offset_arg(term.strip()) is not None:
             if sign == "-":

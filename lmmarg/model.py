@@ -7,11 +7,15 @@
 """
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .compiled import TRACE_LOCK, check_address_space, note_compiled_structure
 from .design import Design, DesignError, build_design
+from .families import error_value
 
 __all__ = ["Model"]
 
@@ -25,8 +29,27 @@ def _ensure_dtype(dtype: str):
     return jnp.float64 if dtype == "float64" else jnp.float32
 
 
+def looks_like_counts(y: np.ndarray) -> bool:
+    """Whether a non-negative integer response y (N,) is plausibly a count (for a Poisson / binomial model) rather
+    than a score on a bounded graded scale (a 0-10 rating, a Likert item) that a Gaussian model fits well.
+
+    The rule: y has zeros, and either small values dominate (median <= 2: most observations are 0, 1 or 2, as for
+    counts of rare events) or it is right-skewed as counts are (sample skewness >= 0.5, median <= 20). A graded
+    score spread around the middle of its scale (skewness near 0, median above 2) does not look like counts.
+    """
+    if y.size < 3 or not np.all(y == np.round(y)) or y.min() < 0 or not (y == 0).any():
+        return False
+    med = float(np.median(y))
+    if med <= 2:
+        return True
+    sd = float(np.std(y))
+    skew = float(np.mean((y - y.mean()) ** 3)) / sd**3 if sd > 0 else 0.0
+    return skew >= 0.5 and med <= 20
+
+
 def _warn_discrete_response(y: np.ndarray, response: str) -> None:
-    """Warn when a 0/1 or count response is about to be fitted as Gaussian."""
+    """Warn when a 0/1 response, or one that looks like counts (``looks_like_counts``), is about to be fitted as
+    Gaussian."""
     if not np.all(y == np.round(y)) or y.min() < 0:
         return
     from ._warnings import warn_user
@@ -34,7 +57,7 @@ def _warn_discrete_response(y: np.ndarray, response: str) -> None:
         warn_user(f"response {response!r} only takes the values 0 and 1 but is fitted as gaussian (a linear "
                   "probability model: predictions are not bounded to [0, 1]); use family='bernoulli' for a "
                   "logistic mixed model")
-    elif (y == 0).any() and np.median(y) <= 20:
+    elif looks_like_counts(y):
         warn_user(f"response {response!r} looks like counts (non-negative integers with zeros) but is fitted as "
                   "gaussian; use family='poisson' (counts) or family='binomial' with cbind(successes, failures)")
 
@@ -56,18 +79,141 @@ def _glmm_response(design: Design, fam, trials: str | None) -> np.ndarray:
         if (design.failures < 0).any():
             row = int(np.flatnonzero(design.failures < 0)[0])
             raise DesignError(f"family='binomial': the failures {design.spec.failures!r} are negative "
-                              f"({design.failures[row]:g}) at row {row}")
+                              f"({error_value(design.failures[row])}) at row {row}")
         n = y + design.failures
     elif trials is not None:
         n = np.asarray(design.data[trials], dtype=float)
+        if _is_proportion(y):
+            raise DesignError(f"family='binomial' with trials={trials!r} needs the number of successes, but "
+                              f"{design.response!r} is a proportion ({error_value(y[y != np.round(y)][0])}); "
+                              f"multiply it by the trials: 'I({_bare(design.response)} * {trials}) ~ ...', "
+                              f"trials={trials!r}")
     elif set(np.unique(y)) <= {0.0, 1.0}:
         n = np.ones_like(y)  # a 0/1 response: bernoulli trials, as glmer's binomial family takes it
+    elif _is_proportion(y):
+        raise DesignError(_proportion_message(design.response))
     else:
         raise DesignError(f"family='binomial' needs the trials: write cbind({design.response}, failures) or pass "
                           f"trials='<column>' (a 0/1 response needs neither: family='bernoulli')")
     check_response(fam, y, n, design.response, trials if trials is not None else
                    (f"{design.response} + {design.spec.failures}" if design.failures is not None else None))
     return n
+
+
+def _is_proportion(y: np.ndarray) -> bool:
+    """y (N,) in [0, 1] with some non-integer value: a proportion of successes, not their number."""
+    return bool(y.size and y.min() >= 0 and y.max() <= 1 and (y != np.round(y)).any())
+
+
+def _bare(expr: str) -> str:
+    """``I(expr)`` -> ``expr`` (the inside of one I() call), else ``expr``."""
+    m = re.fullmatch(r"I\((.*)\)", expr.strip(), re.S)
+    return m.group(1).strip() if m else expr
+
+
+def _proportion_message(response: str) -> str:
+    """What to write for a binomial model of a proportion response (glmer's proportion + weights=trials)."""
+    m = re.fullmatch(r"(?P<s>[^/]+?)\s*/\s*(?P<n>[^/]+)", _bare(response))
+    if m:  # successes / trials: name both
+        s, n = m["s"].strip(), m["n"].strip()
+        how = f"write 'cbind({s}, {n} - {s}) ~ ...', or '{s} ~ ...' with trials={n!r}"
+    else:
+        how = (f"write cbind(successes, failures) ~ ... (e.g. cbind(incidence, size - incidence)), or give the "
+               f"successes with trials=: 'I({_bare(response)} * n) ~ ...', trials='n' for the column n of trials")
+    return (f"family='binomial' models counts of successes out of trials, but the response {response!r} is a "
+            f"proportion; {how} (glmer's proportion with weights=trials is the same model)")
+
+
+_SAMPLER_SETTINGS = ("sampler settings belong to the fit: Model(...).sample(draws=, warmup=, chains=, seed=, "
+                     "adapt_delta=, max_treedepth=)")
+_TO_MODEL_PRIORS = ("priors belong to the model: Model(..., priors={'b': dist.Normal(0, 1), 'sd': ...}); see "
+                    "model.priors")
+# {entry point: {foreign argument name (lme4, brms, statsmodels, PyMC, CmdStan): what to write in lmmarg}}
+_FOREIGN = {
+    "Model()": {
+        "REML": "REML is a way of fitting: Model(...).fit_ml(reml=True)",
+        "reml": "REML is a way of fitting: Model(...).fit_ml(reml=True)",
+        "control": "optimizer settings go to fit_ml(maxiter=, gtol=, ftol=), NUTS settings to "
+                   "sample(adapt_delta=, max_treedepth=)",
+        "subset": "subset the data frame first: Model(formula, data[data['x'] > 0])",
+        "offset": "write the offset in the formula: 'y ~ x + offset(log(t)) + (1 | g)'",
+        "prior": "Model(..., priors={'b': dist.Normal(0, 1), 'sd': ...}) (a dict by brms-like name; see model.priors)",
+        "contrasts": "write the contrast in the formula, e.g. 'y ~ C(x, contr.sum) + (1 | g)'",
+        "start": "starting values go to the fit: fit_ml(theta0=...)",
+        "verbose": "fit_ml(verbose=True)",
+        "nAGQ": "GLMM families use the Laplace approximation (glmer's nAGQ=1) in fit_ml(); sample() can draw the "
+                "random effects exactly (docs/glmm.md)",
+        "groups": "write the grouping in the formula: 'y ~ x + (1 | g)'",
+        "re_formula": "write the random effects in the formula: 'y ~ x + (x | g)'",
+        "vc_formula": "write the random effects in the formula: 'y ~ x + (1 | g) + (1 | g:h)'",
+        **{k: _SAMPLER_SETTINGS for k in ("iter", "warmup", "chains", "cores", "seed", "thin", "backend", "draws",
+                                          "adapt_delta", "max_treedepth", "inits", "refresh", "algorithm")},
+    },
+    "fit_ml()": {
+        "REML": "fit_ml(reml=True)",
+        "control": "fit_ml(maxiter=, gtol=, ftol=)",
+        "start": "fit_ml(theta0=...) (lme4's theta order)",
+        "nAGQ": "GLMM families are fitted by the Laplace approximation (glmer's nAGQ=1)",
+        "method": "fit_ml(reml=True) for REML, fit_ml() for ML",
+    },
+    "sample()": {
+        "iter": "draws= (post-warmup draws per chain) and warmup=; brms's iter is warmup + draws",
+        "cores": "call lmmarg.use_cores(n) right after import lmmarg (brms's cores / mc.cores): chains then run "
+                 "in parallel on n CPU cores (chain_method='parallel', the default)",
+        "control": "give NUTS options directly: sample(adapt_delta=0.95, max_treedepth=12)",
+        "thin": "there is no thinning: draw fewer (draws=) or thin the arrays of fit.samples",
+        "refresh": "progress_bar=True or False",
+        "backend": "NumPyro's NUTS is the only backend",
+        "num_samples": "draws=", "n_samples": "draws=", "samples": "draws=",
+        "num_warmup": "warmup=", "tune": "warmup=", "burn": "warmup=", "burnin": "warmup=",
+        "num_chains": "chains=", "random_seed": "seed=", "rng_seed": "seed=",
+        "inits": "init='mode' or init='center'",
+        "target_accept": "adapt_delta= (or target_accept_prob=)",
+        "prior": _TO_MODEL_PRIORS, "priors": _TO_MODEL_PRIORS,
+    },
+    "fit_map()": {
+        "iter": "maxiter=", "maxit": "maxiter=", "max_iter": "maxiter=", "control": "maxiter=, gtol=",
+        "prior": _TO_MODEL_PRIORS, "priors": _TO_MODEL_PRIORS,
+        "REML": "REML estimates come from fit_ml(reml=True)", "reml": "REML estimates come from fit_ml(reml=True)",
+    },
+    "fit_vi()": {
+        "iter": "steps=", "num_steps": "steps=", "n_iter": "steps=", "max_iter": "steps=",
+        "output_samples": "draws=", "num_samples": "draws=", "n_draws": "draws=",
+        "algorithm": "guide='normal' (brms's meanfield) or guide='lowrank' (close to fullrank)",
+        "learning_rate": "lr=", "eta": "lr=",
+        "prior": _TO_MODEL_PRIORS, "priors": _TO_MODEL_PRIORS,
+    },
+}
+
+
+def _weights_message(family) -> str:
+    fam = str(family).lower()
+    if "binomial" in fam or "bernoulli" in fam:
+        what = ("for a binomial response, glmer's weights are the trials of a proportion: write "
+                "cbind(successes, failures) ~ ..., or give the successes with trials='<column>'")
+    elif "poisson" in fam:
+        what = "for exposures use an offset in the formula: 'y ~ x + offset(log(exposure)) + (1 | g)'"
+    else:
+        what = ("for a residual SD that differs between groups or with predictors use sigma_by='g' or a sigma "
+                "formula sigma='~ x' (estimated, not known weights); for frequency weights repeat the rows: "
+                "data.loc[data.index.repeat(w)]")
+    return f"prior weights are not supported; {what}"
+
+
+def refuse_foreign_arguments(where: str, kwargs: dict, family=None) -> None:
+    """Raise a TypeError for a keyword argument of lme4 / brms / statsmodels / PyMC that ``where`` ("Model()",
+    "fit_ml()", "sample()", "fit_map()", "fit_vi()") does not take, naming lmmarg's spelling. For "Model()" every
+    remaining keyword is refused (listing Model's arguments); for the fits others pass on to the fit function,
+    which reports them."""
+    for k in kwargs:
+        hint = _weights_message(family) if (where == "Model()" and k == "weights") else _FOREIGN[where].get(k)
+        if hint is not None:
+            raise TypeError(f"{where} got an unexpected keyword argument {k!r} (an lme4/brms name?): {hint}")
+    if where == "Model()" and kwargs:
+        import inspect
+        own = [p for p in inspect.signature(Model.__init__).parameters if p not in ("self", "kwargs")]
+        raise TypeError(f"Model() got an unexpected keyword argument {next(iter(kwargs))!r}; its arguments are "
+                        f"{', '.join(own)}")
 
 
 def warn_large_dense(plan) -> None:
@@ -105,12 +251,21 @@ class Model:
     dense_limit: largest dense Schur block (crossed terms) the engine may factorize; default: set by the machine's
     memory (lmmarg.marginal.plan.default_dense_limit, ~11,000 in float64 with 24 GiB). Blocks above
     ``LARGE_DENSE`` are allowed but warn with the measured cost of one evaluation.
+
+    lme4 / brms argument names (``REML=``, ``weights=``, ``control=``, ``iter=``, ``prior=`` ...) raise a TypeError
+    that names lmmarg's way to say the same (``refuse_foreign_arguments``); prior weights are not supported.
     """
 
     def __init__(self, formula: str, data, *, family: str = "gaussian", link: str | None = None,
                  trials: str | None = None, na_action: str = "raise", dtype: str = "float64",
                  priors: dict | None = None, sigma_by: str | None = None, sigma: str | None = None,
-                 dense_limit: int | None = None):
+                 dense_limit: int | None = None, **kwargs):
+        if kwargs:  # lme4 / brms habits: say what to write instead of Python's bare TypeError
+            refuse_foreign_arguments("Model()", kwargs, family=family)
+        if not isinstance(formula, str) and isinstance(data, str):
+            raise TypeError(f"Model(formula, data): the formula comes first, then the data, e.g. "
+                            f"Model({data!r}, df); got a {type(formula).__name__} as the formula")
+        check_address_space("Model()")   # before JAX starts its CPU client (XLA aborts under a low ulimit -v)
         self.dtype = _ensure_dtype(dtype)
         self.dense_limit = None if dense_limit is None else int(dense_limit)
         from .families import resolve_family
@@ -201,7 +356,11 @@ class Model:
         return self._priors
 
     def __repr__(self) -> str:
-        return self.design.summary()
+        fam = self.family_spec
+        title = (f"Generalized linear mixed model ({fam.name}, {fam.link} link)" if fam.is_glmm else
+                 "Linear mixed model (lognormal: Gaussian on log y)" if fam.name == "lognormal" else
+                 "Linear mixed model")
+        return self.design.summary(title=title)
 
     # -- marginal engine --------------------------------------------------------------------------------------
     def resolve_marginalize(self, marginalize="all") -> tuple[int, ...]:
@@ -296,6 +455,7 @@ class Model:
                            if callable(getattr(mod, n)) and not isinstance(getattr(mod, n), type))
             if name not in names:
                 raise ValueError(f"{mod.__name__} has no kernel {name!r}; its kernels are {names}")
+            note_compiled_structure()   # JAX keeps its executables per shape (bounded by lmmarg.compiled)
             self._jitted[name] = jax.jit(getattr(mod, name))   # public: may run inside a user's jit
         return self._jitted[name]
 
@@ -356,10 +516,11 @@ class Model:
         marginalize_beta: integrate the fixed effects out too (normal priors; drawn exactly by ``recover``)."""
         from .potential import Potential
         key = (self.resolve_marginalize(marginalize), repr(parameterization), bool(marginalize_beta))
-        if key not in self._potentials:
-            self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization,
-                                              marginalize_beta=marginalize_beta)
-        return self._potentials[key]
+        with TRACE_LOCK:   # threads sharing this model build one potential (its construction traces the model)
+            if key not in self._potentials:
+                self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization,
+                                                  marginalize_beta=marginalize_beta)
+            return self._potentials[key]
 
     def numpyro_model(self, marginalize="all", parameterization=None):
         """A plain NumPyro model (no arguments; marginal log-likelihood as numpyro.factor) for Predictive/SVI."""
@@ -384,6 +545,7 @@ class Model:
         dense_mass; unknown keywords raise a TypeError listing the valid ones. Diagnostics problems (divergences,
         R-hat, ESS, tree depth) are reported as SamplerWarning after the fit, as brms does.
         """
+        refuse_foreign_arguments("sample()", nuts_kwargs)
         from .inference.nuts import sample
         return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
                       chain_method=chain_method, progress_bar=progress_bar, parameterization=parameterization,
@@ -393,15 +555,18 @@ class Model:
     # -- inference (each lives in its own module) ---------------------------------------------------------------
     def fit_ml(self, reml: bool = False, **kwargs):
         """Maximum likelihood (or REML) estimates with lme4 parity; see lmmarg.inference.ml."""
+        refuse_foreign_arguments("fit_ml()", kwargs)
         from .inference.ml import fit_ml
         return fit_ml(self, reml=reml, **kwargs)
 
     def fit_map(self, **kwargs):
         """Posterior mode of the global parameters on the marginal; see lmmarg.inference.mapvi."""
+        refuse_foreign_arguments("fit_map()", kwargs)
         from .inference.mapvi import fit_map
         return fit_map(self, **kwargs)
 
     def fit_vi(self, guide: str = "normal", **kwargs):
         """Variational fit (NumPyro SVI, AutoGuide) on the marginal; see lmmarg.inference.mapvi."""
+        refuse_foreign_arguments("fit_vi()", kwargs)
         from .inference.mapvi import fit_vi
         return fit_vi(self, guide=guide, **kwargs)

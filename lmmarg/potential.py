@@ -36,7 +36,8 @@ from numpyro.distributions.util import validate_sample
 from numpyro.infer.util import constrain_fn, log_density, potential_energy
 
 from .design import column_standardizer
-from . import xla
+from . import compiled, xla
+from .compiled import TRACE_LOCK
 from .marginal import conditional, kernels, laplace
 
 __all__ = ["Potential", "Programs", "make_model_fn", "model_data", "signature"]
@@ -80,11 +81,11 @@ def _check_beta_marginal(model, centered: dict) -> None:
 
 def default_marginalize_beta(model, marginalize="all", parameterization=None) -> bool:
     """sample()'s default for marginalize_beta: integrate the fixed effects out when every term is integrated out,
-    the family is Gaussian and every fixed effect has a normal prior. Measured (benchmarks/sampler.py --parts beta,
-    docs/benchmarks.md): with every term marginalized it gave 2.2x the ESS per iteration on eeg, 1.0-1.5x on
-    dillonE1 and about the same ESS per gradient on a crossed N = 5e5 model; with terms left to HMC (InstEval,
-    dept integrated out) it lost 15 % (beta then moves with the sampled effects, and each gradient carries its
-    block)."""
+    the family is Gaussian and every fixed effect has a normal prior. Measured (``python -m benchmarks.sampler
+    --parts beta``, docs/benchmarks.md): with every term marginalized it gave 2.2x the ESS per iteration on eeg,
+    1.0-1.5x on dillonE1 and about the same ESS per gradient on a crossed N = 5e5 model; with terms left to HMC
+    (InstEval, dept integrated out) it lost 15 % (beta then moves with the sampled effects, and each gradient
+    carries its block)."""
     if model.family_spec.is_glmm or not model.fixed_names or parameterization not in (None, "noncentered"):
         return False
     if len(model.resolve_marginalize(marginalize)) != len(model.terms):
@@ -554,7 +555,8 @@ class Potential:
                     det.append(n)
             return 0
 
-        jax.eval_shape(_trace, jax.random.PRNGKey(0))
+        with TRACE_LOCK:   # NumPyro's handler stack is process-global (lmmarg.compiled)
+            jax.eval_shape(_trace, jax.random.PRNGKey(0))
         self.transforms = {n: biject_to(s["support"]) for n, s in self.sites.items()}
         self.unc_shapes = {n: tuple(self.transforms[n].inverse_shape(s["shape"])) for n, s in self.sites.items()}
         center, width = self._center()
@@ -601,8 +603,9 @@ class Potential:
         """``potential_fn`` with the data as an argument (``self.data`` or another data set of the same structure
         and shapes): -log p(params, y) on unconstrained space. Pure, jit-friendly."""
         # every site value here is a transform of an unconstrained value, in its support by construction: NumPyro's
-        # support checks (one reduction kernel per site) would be dead weight in every sampler program
-        with numpyro.validation_enabled(False):
+        # support checks (one reduction kernel per site) would be dead weight in every sampler program. The trace
+        # lock: NumPyro's handler stack (and its validation flag) are process-global (lmmarg.compiled)
+        with TRACE_LOCK, numpyro.validation_enabled(False):
             pe = potential_energy(self.model_data_fn, (data,), {},
                                   self._in_model_dtype(self._to_numpyro(params, data["std"])))
         leaves = jax.tree.leaves(params)
@@ -610,7 +613,8 @@ class Potential:
 
     def log_density(self, values: dict):
         """log joint density at constrained site values (no Jacobian): priors + marginal log-likelihood."""
-        return log_density(self.model_data_fn, (self.data,), {}, self._in_model_dtype(values))[0]
+        with TRACE_LOCK:
+            return log_density(self.model_data_fn, (self.data,), {}, self._in_model_dtype(values))[0]
 
     def unconstrain(self, values: dict) -> dict:
         """Constrained site values -> the sampler's standardized unconstrained coordinates."""
@@ -684,8 +688,9 @@ class Potential:
     def constrain_one(self, params: dict, data: dict) -> dict:
         """One draw in the sampler's coordinates -> the public parameters (``constrain``'s keys), data as an
         argument. Pure, jit-friendly."""
-        out = constrain_fn(self.model_data_fn, (data,), {},
-                           self._in_model_dtype(self._to_numpyro(params, data["std"])), return_deterministic=True)
+        with TRACE_LOCK:
+            values = self._in_model_dtype(self._to_numpyro(params, data["std"]))
+            out = constrain_fn(self.model_data_fn, (data,), {}, values, return_deterministic=True)
         return {k: out[k] for k in self.output_keys}
 
     def _batch(self, most: int, per_obs: int) -> int:
@@ -722,8 +727,9 @@ class Potential:
         if pad:
             flat = {k: np.concatenate([v, np.repeat(v[-1:] if S else np.zeros((1,) + v.shape[1:], v.dtype), pad, 0)])
                     for k, v in flat.items()}
-        fn = self.programs.constrain
-        res = [fn({k: v[b * bs:(b + 1) * bs] for k, v in flat.items()}, self.data) for b in range(n_b)]
+        batches = [{k: v[b * bs:(b + 1) * bs] for k, v in flat.items()} for b in range(n_b)]
+        fn = compiled.traced(self.programs.constrain, batches[0], self.data)   # traced under the lock, compiled
+        res = [fn(b, self.data) for b in batches]
         out = {k: np.concatenate([np.asarray(r[k]) for r in res])[:S] for k in res[0]}
         return {k: v.reshape(lead + v.shape[1:]) for k, v in out.items()}
 
@@ -736,12 +742,16 @@ class Potential:
         wide = jax.dtypes.canonicalize_dtype(np.float64)
         bs = self._constrain_batch()
         raw = {n: jax.ShapeDtypeStruct((bs,) + tuple(s), wide) for n, s in self.unc_shapes.items()}
-        self.programs.constrain.lower(raw, self.data).compile()
+        with TRACE_LOCK:
+            lowered = self.programs.constrain.lower(raw, self.data)
+        lowered.compile()
         if not ((recover and self.marg) or self.marginalize_beta):
             return
         rb, out = self._recover_batch(), self._outputs
         c = {k: jax.ShapeDtypeStruct((rb,) + out[k].shape, out[k].dtype) for k in _recovery_inputs(out)}
-        self.programs.recover(rb).lower(jax.random.PRNGKey(0), 0, c, self.data).compile()
+        with TRACE_LOCK:
+            lowered = self.programs.recover(rb).lower(jax.random.PRNGKey(0), 0, c, self.data)
+        lowered.compile()
 
     # -- initial values -----------------------------------------------------------------------------------------
     def _center(self) -> tuple[dict, dict]:
@@ -821,7 +831,7 @@ class Potential:
         out = self.start_points(key, n, self.data)
         if check and self._pe_jit is None:
             self._pe_jit = xla.jit(jax.vmap(self.potential_fn), data=self.data)
-        bad = ~np.isfinite(np.asarray(self._pe_jit(out))) if check else np.zeros(n, bool)
+        bad = ~np.isfinite(np.asarray(compiled.traced_call(self._pe_jit, out))) if check else np.zeros(n, bool)
         if bad.any():  # fall back to the un-jittered centre for chains whose start is invalid
             center = self.data["start"]["center"]
             for name, shape in self.unc_shapes.items():
@@ -934,7 +944,8 @@ class Potential:
         evaluation of one draw's constrain (nothing executes)."""
         wide = jax.dtypes.canonicalize_dtype(np.float64)
         raw = {n: jax.ShapeDtypeStruct(tuple(s), wide) for n, s in self.unc_shapes.items()}
-        return jax.eval_shape(self.constrain_one, raw, self.data)
+        with TRACE_LOCK:
+            return jax.eval_shape(self.constrain_one, raw, self.data)
 
 
 # -- compiled programs, shared between potentials of one structure --------------------------------------------------
@@ -966,7 +977,8 @@ def signature(pot: Potential) -> str:
     other's results when given the other's data."""
     wide = jax.dtypes.canonicalize_dtype(np.float64)
     params = {n: jax.ShapeDtypeStruct(s, wide) for n, s in pot.unc_shapes.items()}
-    closed = jax.make_jaxpr(pot.density)(params, pot.data)
+    with TRACE_LOCK:
+        closed = jax.make_jaxpr(pot.density)(params, pot.data)
     h = hashlib.sha256()
     text = re.sub(r" at 0x[0-9a-f]+", "", str(closed.jaxpr))   # function reprs inside printed parameters
     h.update(text.encode())
@@ -993,7 +1005,10 @@ class Programs:
 
     ``Programs.of(pot)`` returns the programs cached for ``signature(pot)`` (up to PROGRAM_CACHE_SIZE structures,
     for potentials with at most PROGRAM_SHARE_MAX_BYTES of data), so that refitting a model to new data of the same
-    shapes -- simulation-based calibration, bootstrap, cross-validation folds -- compiles nothing again."""
+    shapes -- simulation-based calibration, bootstrap, cross-validation folds -- compiles nothing again.
+
+    Thread-safe: one structure's programs (and its NUTS drivers) may serve fits in several threads; every new
+    structure counts towards ``lmmarg.compiled.MAX_COMPILED_STRUCTURES`` (``lmmarg.compiled.cache_info()``)."""
 
     _cache: OrderedDict = OrderedDict()
     _lock = threading.Lock()
@@ -1004,38 +1019,57 @@ class Programs:
         self.constrain = xla.jit(jax.vmap(pot.constrain_one, in_axes=(0, None)), data=pot.data)
         self._recover = {}
         self.drivers = OrderedDict()      # lmmarg.inference.nuts: options -> compiled driver (``driver``)
+        self._own_lock = threading.Lock()  # guards drivers and _recover (fits in several threads share them)
 
     def driver(self, key, make):
         """The NUTS driver cached under `key` (built by make() when missing); at most DRIVERS_PER_STRUCTURE are kept,
         the least recently used dropped."""
-        if key in self.drivers:
-            self.drivers.move_to_end(key)
-            return self.drivers[key]
-        d = self.drivers[key] = make()
-        while len(self.drivers) > DRIVERS_PER_STRUCTURE:
-            self.drivers.popitem(last=False)
-        return d
+        with self._own_lock:   # make() only builds jit wrappers (nothing is traced or compiled here)
+            if key in self.drivers:
+                self.drivers.move_to_end(key)
+                return self.drivers[key]
+            d = self.drivers[key] = make()
+            while len(self.drivers) > DRIVERS_PER_STRUCTURE:
+                self.drivers.popitem(last=False)
+            return d
 
     def recover(self, bs: int):
         """The compiled recovery of a batch of bs draws: (key, batch index, draws, data) -> {"u_<term>": (bs, G,
         d)}; the per-draw keys are derived inside (fold_in the batch index, split)."""
-        if bs not in self._recover:
-            one = jax.vmap(self.template.recover_one, in_axes=(0, 0, None))
-            self._recover[bs] = xla.jit(
-                lambda key, b, c, data: one(jax.random.split(jax.random.fold_in(key, b), bs), c, data),
-                data=self.template.data)
-        return self._recover[bs]
+        with self._own_lock:
+            if bs not in self._recover:
+                one = jax.vmap(self.template.recover_one, in_axes=(0, 0, None))
+                self._recover[bs] = xla.jit(
+                    lambda key, b, c, data: one(jax.random.split(jax.random.fold_in(key, b), bs), c, data),
+                    data=self.template.data)
+            return self._recover[bs]
 
     @classmethod
     def of(cls, pot: Potential) -> Programs:
         if _data_bytes(pot.data) > PROGRAM_SHARE_MAX_BYTES:
+            compiled.note_compiled_structure(compiled.SAMPLER_WEIGHT)
             return cls(pot)
         sig = signature(pot)
         with cls._lock:
             if sig in cls._cache:
                 cls._cache.move_to_end(sig)
                 return cls._cache[sig]
+        # counted outside _lock: it may release the compiled caches (Programs.clear takes _lock)
+        compiled.note_compiled_structure(compiled.SAMPLER_WEIGHT)
+        with cls._lock:
+            if sig in cls._cache:            # another thread built it meanwhile
+                return cls._cache[sig]
             progs = cls._cache[sig] = cls(pot)
             while len(cls._cache) > PROGRAM_CACHE_SIZE:
                 cls._cache.popitem(last=False)
             return progs
+
+    @classmethod
+    def clear(cls) -> None:
+        """Drop every cached structure's programs (potentials that hold theirs keep them)."""
+        with cls._lock:
+            cls._cache.clear()
+
+
+compiled.register_releaser(Programs.clear)
+compiled.register_size("programs", lambda: len(Programs._cache))

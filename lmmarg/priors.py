@@ -23,11 +23,13 @@ Note the intercept prior is on the raw intercept (brms puts it on the intercept 
 Override by name (``priors={...}``): "Intercept", "b", "b_<name>", "sigma", "sd", "sd_<term>",
 "sd_<term>__<col>", "cor", "cor_<term>", and for a sigma formula "Intercept_sigma", "b_sigma", "b_sigma_<name>",
 "sd_sigma", "sd_sigma_<term>", "sd_sigma_<term>__<col>", "cor_sigma", "cor_sigma_<term>". The most specific name
-wins. A value is a NumPyro distribution (scalar), ``LKJ(eta)`` / a NumPyro LKJ(Cholesky) for correlations, or a
-number (or array, for cor) that fixes the parameter.
+wins. Names are matched ignoring whitespace and backticks, with R's ``^`` read as ``**``: ``"b_I(age^2)"`` names
+the column formulaic writes ``I(age ** 2)``. A value is a NumPyro distribution (scalar), ``LKJ(eta)`` / a NumPyro
+LKJ(Cholesky) for correlations, or a number (or array, for cor) that fixes the parameter.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +41,7 @@ from .design import DesignError, build_design, grouping_codes, used_columns
 from .formula import parse_formula
 
 __all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec",
-           "sigma_columns"]
+           "sigma_columns", "prior_key"]
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,33 @@ def _check_value(v, kind: str, name: str):
     return v, None
 
 
+def prior_key(name: str) -> str:
+    """A prior name reduced to what identifies it: no whitespace or backticks, R's ``^`` as ``**``, so that
+    ``b_I(age^2)`` names formulaic's column ``I(age ** 2)`` and ``b_I(`x.1` ** 2)`` the user's ``b_I(x.1^2)``."""
+    return re.sub(r"[\s`]", "", str(name)).replace("^", "**")
+
+
+def _canonical_names(user: dict, valid: list[str]) -> dict:
+    """``user`` with every key replaced by the valid name it spells (``prior_key``); unknown names raise,
+    listing the valid ones; two keys that spell one name raise."""
+    by_key: dict[str, str] = {}
+    for v in valid:
+        by_key.setdefault(prior_key(v), v)
+    out, given = {}, {}
+    unknown = []
+    for k, v in user.items():
+        name = k if k in valid else by_key.get(prior_key(k)) if isinstance(k, str) else None
+        if name is None:
+            unknown.append(k)
+            continue
+        if name in out:
+            raise ValueError(f"prior names {given[name]!r} and {k!r} both name {name!r}; give one")
+        out[name], given[name] = v, k
+    if unknown:
+        raise ValueError(f"unknown prior name(s) {unknown}; valid names for this model are {valid}")
+    return out
+
+
 def build_priors(model, user: dict | None = None) -> PriorSet:
     """Every global parameter of ``model`` with its prior; ``user`` overrides by brms-like name (see module doc)."""
     user = dict(user or {})
@@ -361,9 +390,7 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
         add_terms(sd_.terms, "sigma_", half_student_t(3.0, 2.5))
 
     valid = sorted({k for _, keys in entries for k in keys})
-    unknown = [k for k in user if k not in valid]
-    if unknown:
-        raise ValueError(f"unknown prior name(s) {unknown}; valid names for this model are {valid}")
+    user = _canonical_names(user, valid)
     out = []
     for p, keys in entries:
         for k in keys:

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import diagnostics
-from .design import DesignError
+from .design import DesignError, normalize_dtypes
 
 __all__ = ["Fit", "load"]
 
@@ -62,6 +62,7 @@ def _matrix(spec, data: pd.DataFrame, where: str) -> pd.DataFrame:
 
     from formulaic.errors import DataMismatchWarning
 
+    data = normalize_dtypes(data, data.columns)  # string / Int64 / Arrow columns as in the fitted design
     _check_levels(spec, data, where)
     try:
         with warnings.catch_warnings():
@@ -108,14 +109,12 @@ class Fit:
         self.__dict__.update(state)
 
     def save(self, path) -> None:
-        """Write the fit (model, design, draws, diagnostics) to ``path`` with pickle; read it with ``lmmarg.load``.
+        """Write the fit (formula, options, priors, data, draws, diagnostics) to ``path``; read it with
+        ``lmmarg.load``. One zip file of .npy arrays and JSON metadata that loads without running code, written
+        atomically (a failed save leaves the earlier file intact) and checksummed (lmmarg.saving)."""
+        from . import saving
 
-        Pickle files run code when loaded: load only files you trust. The file is tied to the lmmarg, NumPy
-        and pandas versions that wrote it."""
-        import pickle
-
-        with open(path, "wb") as fh:
-            pickle.dump(self, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        saving.save_fit(self, path)
 
     @property
     def n_chains(self) -> int:
@@ -415,7 +414,8 @@ class Fit:
         return pd.DataFrame(self._stats(r2, prob), index=["R2"])
 
     # -- model checking and comparison ----------------------------------------------------------------------------
-    def loo(self, group: str | None = None, pointwise: bool = True, integrated: bool = True, **kwargs):
+    def loo(self, group: str | None = None, pointwise: bool = True, integrated: bool = True, reloo=None,
+            progress: bool = True, **kwargs):
         """PSIS-LOO (``arviz.loo``) on the integrated log-likelihood; returns ArviZ's ELPDData.
 
         group=None: leave one observation out, log p(y_i | y_-i, θ) per draw θ, every random effect integrated out
@@ -424,27 +424,93 @@ class Fit:
         integrated=False uses the likelihood conditional on the recovered effects (pointwise only).
         The result's ``attrs["lmmarg_scale"]`` names what the density is of (the response as written), used by
         ``lmmarg.compare`` to flag fits on different scales. kwargs go to ``arviz.loo``.
+
+        reloo (brms's ``reloo``; integrated leave-one-observation-out only): observations whose Pareto k exceeds
+        0.7 (PSIS over the global parameters unreliable) are refitted without them and get their exact
+        elpd_i = log mean_s p(y_i | y_-i, θ_s) over the refit's draws (``lmmarg.loo.reloo_points``); their k is
+        then 0 and ``attrs["lmmarg_reloo"]`` lists them. None (default): automatically when at most
+        ``lmmarg.loo.RELOO_MAX`` = 10 observations are flagged (otherwise a warning says how many); True: always;
+        False: never. Each refit costs about one fit; results are kept on the fit. progress: progress bars for
+        computations longer than a few seconds (the log-likelihood, the refits).
         """
+        import warnings
+
         import arviz as az
 
         from . import loo as _loo
 
+        if reloo not in (None, True, False):
+            raise ValueError(f"reloo must be None (automatic), True or False, got {reloo!r}")
+        if reloo and (group is not None or not integrated):
+            raise ValueError("reloo applies to the integrated leave-one-observation-out (group=None, integrated=True)")
+
         if self.n_chains * self.n_draws < 2:
             raise ValueError(f"loo needs posterior draws; this {self.method} fit has a single draw")
         if group is None:
-            ll = _loo.pointwise_loglik(self) if integrated else self.log_likelihood(kind="conditional")
+            ll = _loo.pointwise_loglik(self, progress) if integrated else self.log_likelihood(kind="conditional")
             dims, coords = ["obs"], {"obs": np.arange(self.model.n_obs)}
         else:
             if not integrated:
                 raise ValueError("loo(group=...) is only available on the integrated likelihood")
-            ll, labels = _loo.group_loglik(self, group)
+            ll, labels = _loo.group_loglik(self, group, progress)
             dims, coords = ["group"], {"group": labels}
         post, pdims, pcoords, _ = self._posterior_vars()
         post = {k: v for k, v in post.items() if v.ndim == 2}  # scalars are enough for the relative ESS
         idata = az.from_dict(posterior=post, log_likelihood={"y": ll}, coords=coords, dims={"y": dims})
-        out = az.loo(idata, pointwise=pointwise, **kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = az.loo(idata, pointwise=True, **kwargs)
+        out.attrs["lmmarg_reloo"] = []
+        if group is None and integrated and reloo is not False:
+            out = self._reloo(out, ll, reloo, progress)
+        for w in caught:  # ArviZ's Pareto-k warning only while unreliable points remain (not after reloo)
+            if out["warning"] or "Pareto" not in str(w.message):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not pointwise:
+            out = out.drop(["loo_i", "pareto_k"], errors="ignore")
         out.attrs["lmmarg_scale"] = _loo.response_scale(self)
         out.attrs["lmmarg_group"] = group
+        return out
+
+    def _reloo(self, out, ll, reloo, progress: bool):
+        """``out`` (arviz ELPDData, pointwise) with the observations of Pareto k > 0.7 replaced by exact refits
+        (see ``loo``); the refits' elpd_i are kept on the fit."""
+        import warnings
+
+        from . import loo as _loo
+        from ._warnings import warn_user
+
+        k = np.asarray(out["pareto_k"])
+        bad = [int(i) for i in np.flatnonzero(k > _loo.RELOO_K)]
+        if not bad:
+            return out
+        if reloo is None and len(bad) > _loo.RELOO_MAX:
+            warn_user(f"loo: {len(bad)} observations have Pareto k > {_loo.RELOO_K} (more than lmmarg.loo.RELOO_MAX = "
+                      f"{_loo.RELOO_MAX} refits): their elpd is unreliable. loo(reloo=True) refits the model "
+                      f"without each of them.")
+            return out
+        done = self.__dict__.setdefault("_loo_cache", {}).setdefault("reloo", {})
+        todo = [i for i in bad if i not in done]
+        if todo:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the refits' sampler warnings are about refits, not this fit
+                done.update(_loo.reloo_points(self, todo, progress=progress))
+        out = out.copy()
+        loo_i = np.asarray(out["loo_i"], float).copy()
+        loo_i[bad] = [done[i] for i in bad]
+        k = k.copy()
+        k[bad] = 0.0
+        S = self.n_chains * self.n_draws
+        flat = np.asarray(ll).reshape(S, -1)
+        lppd = float(np.sum(np.logaddexp.reduce(flat, axis=0) - np.log(S)))
+        n = len(loo_i)
+        out["loo_i"] = out["loo_i"].copy(data=loo_i)
+        out["pareto_k"] = out["pareto_k"].copy(data=k)
+        out["elpd_loo"] = float(loo_i.sum())
+        out["se"] = float(np.sqrt(n * np.var(loo_i)))
+        out["p_loo"] = lppd - float(loo_i.sum())
+        out["warning"] = bool((k > _loo.RELOO_K).any())
+        out.attrs["lmmarg_reloo"] = bad
         return out
 
     def pp_check(self, kind: str = "dens_overlay", ndraws: int | None = None, stat: str = "mean",
@@ -590,19 +656,27 @@ class Fit:
         m = self.model
         cols = set(map(str, m.design.data.columns))
 
-        def variables(expr):
-            return set(formulaic.Formula(expr).required_variables) & cols
+        def variables(expr, spec=None):
+            # a fitted formulaic ModelSpec lists every column its terms read, inside stateful transforms too
+            # (scale(x), poly(x, 2), center(x), bs(x)); Formula(...).required_variables leaves those out
+            found = set(formulaic.Formula(expr).required_variables)
+            found |= set(getattr(spec, "required_variables", None) or ())
+            return found & cols
 
-        fixed = variables(m.design.spec.fixed)
-        offsets = set().union(*[variables(e) for e in m.design.spec.offsets]) if m.design.spec.offsets else set()
+        d = m.design
+        fixed = variables(d.spec.fixed, d.fixed_spec)
+        offsets = set()
+        for i, e in enumerate(d.spec.offsets or []):
+            specs = getattr(d, "offset_specs", None) or []
+            offsets |= variables(e, specs[i] if i < len(specs) else None)
         groups, other = set(), set()
         sspec = m.sigma_spec
         terms = list(m.terms) + (list(sspec.design.terms) if sspec.kind == "formula" else [])
         for t in terms:
             groups |= set(t.factors)
-            other |= variables(t.expr)
+            other |= variables(t.expr, getattr(t, "model_spec", None))
         if sspec.kind == "formula":
-            other |= variables(sspec.design.spec.fixed)
+            other |= variables(sspec.design.spec.fixed, sspec.design.fixed_spec)
         if sspec.kind == "by":
             other |= {f.strip() for f in sspec.by.split(":")}
         return {"fixed": fixed, "groups": groups - fixed, "other": other | offsets | (groups - fixed)}
@@ -768,12 +842,11 @@ def _new_trials(m, new: pd.DataFrame) -> np.ndarray:
     return np.asarray(mm, float)[:, 0]
 
 
-def load(path) -> Fit:
-    """Read a fit written by ``Fit.save(path)`` (pickle: load only files you trust)."""
-    import pickle
+def load(path, allow_pickle: bool = False) -> Fit:
+    """Read a fit written by ``Fit.save(path)``, checking its checksums (lmmarg.saving.load_fit).
 
-    with open(path, "rb") as fh:
-        fit = pickle.load(fh)
-    if not isinstance(fit, Fit):
-        raise TypeError(f"{path!s} holds a {type(fit).__name__}, not an lmmarg fit")
-    return fit
+    allow_pickle=True also reads pickled content (files of lmmarg 0.1, or items ``save`` warned it pickled):
+    unpickling runs code stored in the file, so pass it only for files you trust."""
+    from . import saving
+
+    return saving.load_fit(path, allow_pickle=allow_pickle)

@@ -410,7 +410,7 @@ def test_guide_workflow_section_runs_as_written(tmp_path, monkeypatch):
         warnings.simplefilter("ignore")  # ArviZ's Pareto-k and the documented scale warnings
         for code in blocks:
             exec(compile(code, "docs/guide.md", "exec"), ns)
-    assert (tmp_path / "pp_check.png").exists() and (tmp_path / "sleep_fit.pkl").exists()
+    assert (tmp_path / "pp_check.png").exists() and (tmp_path / "sleep_fit.lmm").exists()
     assert ns["logo"].n_data_points == 18
     plt.close("all")
 

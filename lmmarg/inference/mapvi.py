@@ -19,6 +19,8 @@ from jax.flatten_util import ravel_pytree
 
 from .._warnings import warn_user
 from .. import xla
+from ..compiled import TRACE_LOCK, note_compiled_structure, traced
+from ..degenerate import check_residual, check_sampler_scales
 from ._blas import blas_threads
 from .derivatives import hessian_from_gradients
 
@@ -123,6 +125,8 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
 
     if not isinstance(starts, (int, np.integer)) or starts < 1:
         raise ValueError(f"starts must be an integer >= 1, got {starts!r}")
+    check_residual(model, "fit_map")
+    check_sampler_scales(model, "fit_map")
     pot = _potential(model, marginalize)
     key = jax.random.PRNGKey(seed)
     cands = pot.init_params(key, num_chains=max(starts, 1))
@@ -133,6 +137,7 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     cache = model.__dict__.setdefault("_mapvi_cache", {})
     ck = ("map", pot.marg, bool(jacobian))
     if ck not in cache:
+        note_compiled_structure()
         obj = _objective(pot, jacobian)
         cache[ck] = xla.jit(jax.value_and_grad(lambda x: obj(unravel(x))), data=pot.data)
     vg = cache[ck]
@@ -145,6 +150,7 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
         return v, g
 
     t0 = time.perf_counter()
+    vg = traced(vg, flat0)   # traced under lmmarg's trace lock (NumPyro's handlers are process-global), compiled
     jax.block_until_ready(vg(flat0))
     t_compile = time.perf_counter() - t0
     best, runs = None, []
@@ -203,7 +209,8 @@ def _whitened_model(pot, model):
 
     mode = fit_map(model, marginalize=pot.marginalized_terms, jacobian=True).unconstrained
     m, unravel = ravel_pytree({n: jnp.asarray(mode[n], model.dtype) for n in pot.sites})
-    H = jax.hessian(lambda x: pot.potential_fn(unravel(x)))(m)
+    with TRACE_LOCK:
+        H = jax.hessian(lambda x: pot.potential_fn(unravel(x)))(m)
     try:
         s = np.sqrt(np.clip(np.diag(np.linalg.inv(np.asarray(H))), 1e-8, None))
     except np.linalg.LinAlgError:
@@ -241,6 +248,8 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
 
     if guide not in _GUIDES:
         raise ValueError(f"guide must be one of {_GUIDES}, got {guide!r}")
+    check_residual(model, "fit_vi")
+    check_sampler_scales(model, "fit_vi")
     for name, v in (("steps", steps), ("draws", draws), ("num_particles", num_particles)):
         if not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
@@ -261,12 +270,14 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
     g = _guide(model_fn, guide, init_values, rank, flow_kwargs)
     svi = SVI(model_fn, g, numpyro.optim.Adam(lr), Trace_ELBO(num_particles=num_particles))
     t0 = time.perf_counter()
-    with blas_threads(pot.plan.dense_size):
+    # SVI runs the model and guide under NumPyro's handlers (a process-global stack) as it traces its update:
+    # the trace lock is held for the whole run (lmmarg.compiled), so concurrent fit_vi calls run one at a time
+    with blas_threads(pot.plan.dense_size), TRACE_LOCK:
         res = svi.run(k_svi, steps, progress_bar=progress_bar, stable_update=True)
         jax.block_until_ready(res.losses)  # inside the limit: dispatch is asynchronous
-    t_fit = time.perf_counter() - t0
+        t_fit = time.perf_counter() - t0
+        post = g.sample_posterior(k_draw, res.params, sample_shape=(draws,))
     losses = np.asarray(res.losses)
-    post = g.sample_posterior(k_draw, res.params, sample_shape=(draws,))
     if to_unc is not None:
         unc = jax.vmap(to_unc)(post["eps"])
     else:

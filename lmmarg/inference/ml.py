@@ -34,9 +34,11 @@ import numpy as np
 import scipy.optimize
 
 from .._warnings import warn_user
+from ..degenerate import check_residual, check_separation
 from ..design import column_standardizer
 from .. import jax_cache
 from .. import xla
+from ..compiled import check_address_space, note_compiled_structure
 from ._blas import blas_threads
 from .derivatives import hessian_from_gradients
 
@@ -211,8 +213,12 @@ def _build(model):
 
 
 def _cache(model):
+    """The model's ML objective (built and jitted once per model; its compilation counts towards
+    lmmarg.compiled's bound on compiled structures)."""
     c = getattr(model, "_ml_cache", None)
     if c is None:
+        check_address_space("fit_ml()")
+        note_compiled_structure()
         c = _build(model)
         model._ml_cache = c
     return c
@@ -571,19 +577,6 @@ def _format(fit: MLFit, full: bool) -> str:
 
 
 # --------------------------------------------------------------------------------------------- fit
-def _check_residual(model) -> None:
-    """The likelihood has no maximum when the fixed effects reproduce y exactly (σ̂ -> 0): say so instead of
-    returning σ ≈ 1e-16 and an infinite logLik."""
-    X = np.asarray(model.design.X, dtype=np.float64)
-    y = np.asarray(model.y, dtype=np.float64)
-    r = y - X @ np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else y
-    scale = max(float(np.max(np.abs(y), initial=0.0)), np.finfo(float).tiny)
-    if float(np.max(np.abs(r), initial=0.0)) <= 1e-10 * scale:
-        what = "constant" if np.ptp(y) <= 1e-12 * scale else "fitted exactly by the fixed effects"
-        raise ValueError(f"fit_ml: the response {model.design.response!r} is {what} (residual SD 0), so the "
-                         "likelihood has no maximum; check the data")
-
-
 def profiled_deviance(model, theta, reml: bool = False) -> float:
     """lme4's profiled criterion at θ (its ``devfun``): the ML deviance, or the REML criterion if ``reml``.
 
@@ -623,7 +616,7 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     p = len(model.fixed_names)
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
-    _check_residual(model)
+    check_residual(model, "fit_ml")
     jax_cache.apply(compilation_cache)
     cache = _cache(model)
     coords = cache["coords"]
@@ -666,6 +659,22 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
                      restarts, compile_s, opt_s)
 
 
+def _vcov_se(S: np.ndarray, inner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(vcov (p, p) = S inner Sᵀ, se (p,)) from the standardized covariance inner (p, p) and S (p, p).
+
+    se_j = r_j sqrt((S' inner S'ᵀ)_jj) with S' = S / r_j by rows (r_j = max_k |S_jk|): finite even where vcov
+    overflows (a covariate × 1e-160 has an SE ~1e159, a variance ~1e318: inf in vcov). NaN where the diagonal is
+    negative or NaN (an indefinite Hessian, reported by the convergence checks). No numpy RuntimeWarnings."""
+    r = np.max(np.abs(S), axis=1, initial=0.0)
+    r = np.where(r > 0, r, 1.0)
+    Sn = S / r[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):
+        vcov = S @ inner @ S.T
+        d = np.einsum("ij,jk,ik->i", Sn, inner, Sn)
+        se = np.where(d >= 0, r * np.sqrt(np.where(d >= 0, d, 0.0)), np.nan)
+    return vcov, se
+
+
 def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restarts, compile_s, opt_s) -> MLFit:
     layout, lower = _theta_layout(model)
     dims = [t.d for t in model.terms]
@@ -679,9 +688,8 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
     sigma = float(np.sqrt(sigma2))
     beta = S_X @ (np.asarray(cache["consts"]["beta0"], dtype=float) + np.asarray(s["delta"], dtype=float))
     Cxx = np.asarray(s["Cxx"], dtype=float)
-    Ainv = S_X @ np.linalg.inv(Cxx @ Cxx.T) @ S_X.T if p else np.zeros((0, 0))   # (XᵀV⁻¹X)⁻¹
-    vcov = sigma2 * Ainv
-    se = np.sqrt(np.diag(vcov))
+    # (XᵀV⁻¹X)⁻¹ σ² = S_X (X̃ᵀV⁻¹X̃)⁻¹ S_Xᵀ σ²
+    vcov, se = _vcov_se(S_X, sigma2 * np.linalg.inv(Cxx @ Cxx.T)) if p else (np.zeros((0, 0)), np.zeros(0))
     logdetA = float(s["logdetA"]) - 2.0 * cache["logdet_SX"]
     dev_ml = N * (1.0 + _LOG2PI + np.log(Q / N)) + float(s["logdetV"])   # ML deviance at the ML σ for this θ
     if reml:
@@ -730,7 +738,9 @@ def _assemble(model, reml, theta, s, cache, checks, message, nit, neval, restart
 # --------------------------------------------------------------------------------------------- GLMM (Laplace)
 def _build_laplace(model):
     """Jitted (plan, x, consts, flag) -> ((deviance, aux), gradient) of the Laplace criterion over x = [φ, δ]:
-    φ standardized θ (Λ_l = S_l Λ̃_l), β = β_glm + S_X δ. glmer's nAGQ = 1 optimizes θ and β jointly, as here."""
+    φ standardized θ (Λ_l = S_l Λ̃_l), β = β_glm + S_β δ. glmer's nAGQ = 1 optimizes θ and β jointly, as here.
+
+    S_β = S_X diag(c) is set per fit (``_beta_scales``; consts["S_X"] holds it)."""
     from ..families import glm_fit
     from ..marginal import laplace
 
@@ -759,6 +769,34 @@ def _build_laplace(model):
             "compile_s": None}
 
 
+# The largest curvature, per observation, of the deviance in a standardized β coordinate that the Laplace fit
+# leaves as it is: binary data (Fisher weights ≤ 1/4: curvature ≤ N/2) never reach it.
+BETA_CURVATURE_MAX = 2.0
+
+
+def _beta_scales(obj: _Objective, x0: np.ndarray, n_theta: int, S_X: np.ndarray, n_obs: int, npdt) -> np.ndarray:
+    """S_β (p, p) = S_X diag(c), β = β_glm + S_β δ, put in obj.consts: c_j = sqrt(cap / h_j) where the deviance's
+    curvature h_j in δ_j at the start x0 (δ = 0) exceeds cap = BETA_CURVATURE_MAX·N, else 1 (p forward differences).
+
+    Large counts (y ~ 1e9, Fisher weight ~ 1e9 per observation) leave the β directions 1e9 times stiffer than θ:
+    L-BFGS-B then never moves θ from its start and the Hessian test calls θ "not uniquely determined". The
+    curvature is measured (not taken from the GLM weights) because a random intercept absorbs most of the
+    information on the fixed intercept."""
+    p = S_X.shape[0]
+    v0, grad0 = obj(x0)
+    if p == 0 or not np.isfinite(v0):
+        return S_X
+    h = np.diag(hessian_from_gradients(obj, x0, grad0, n_theta + np.arange(p), FD_STEP))
+    cap = BETA_CURVATURE_MAX * n_obs
+    big = np.isfinite(h) & (h > cap)
+    if not big.any():
+        return S_X
+    c = np.where(big, np.sqrt(cap / np.where(big, h, 1.0)), 1.0)
+    S_beta = S_X * c[None, :]
+    obj.consts = {**obj.consts, "S_X": jax.device_put(np.asarray(S_beta, dtype=npdt))}
+    return S_beta
+
+
 class _WarmObjective(_Objective):
     """The Laplace criterion with the mode search of each evaluation started at the previous finite
     evaluation's mode (``flag`` carries it): the optimizer's steps are small, so Newton needs fewer iterations."""
@@ -774,10 +812,14 @@ class _WarmObjective(_Objective):
 def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = False,
                  compilation_cache=None) -> MLFit:
     """Laplace ML of a GLMM (glmer, nAGQ = 1): L-BFGS-B over (θ, β) in standardized coordinates, boundary probes
-    and restarts, then the convergence checks of the Gaussian fit on the joint Hessian."""
+    and restarts, then the convergence checks of the Gaussian fit on the joint Hessian. Separated data (infinite
+    estimates, lmmarg.degenerate) are refused before any compilation."""
+    check_separation(model, "fit_ml")
     jax_cache.apply(compilation_cache)
     cache = getattr(model, "_laplace_ml_cache", None)
     if cache is None:
+        check_address_space("fit_ml()")
+        note_compiled_structure()
         cache = model._laplace_ml_cache = _build_laplace(model)
     coords, n_theta, plan = cache["coords"], cache["n_theta"], cache["plan"]
     layout, lower_t = _theta_layout(model)
@@ -802,6 +844,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
         else:
             cands = [np.concatenate([s * eye, np.zeros(p)]) for s in START_SCALES]
             x0 = cands[int(np.argmin([obj.value(q) for q in cands]))]
+        S_beta = _beta_scales(obj, x0, n_theta, coords.S_X, model.n_obs, npdt)
         x, fval, grad, res, restarts, boundary_ok = _optimize(obj, x0, lower, _columns(layout), maxiter,
                                                               gtol=1e-9, ftol=1e-15)
         if not np.isfinite(fval):
@@ -817,10 +860,9 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
         try:
             cov_x = np.full((x.size, x.size), np.nan)
             cov_x[np.ix_(free, free)] = 2.0 * np.linalg.inv(Hf)
-            S_X = coords.S_X
-            vcov = S_X @ cov_x[n_theta:, n_theta:] @ S_X.T
+            vcov, se = _vcov_se(S_beta, cov_x[n_theta:, n_theta:])
         except np.linalg.LinAlgError:
-            vcov = np.full((p, p), np.nan)
+            vcov, se = np.full((p, p), np.nan), np.full(p, np.nan)
     opt_s = time.perf_counter() - t1
     (_, (beta, mode)), _ = obj.raw(x)
     beta = np.asarray(beta, dtype=float)
@@ -847,7 +889,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
         warn_user("boundary (singular) fit: see help('isSingular')")
     if not checks.ok:
         warn_user("fit_ml: model failed to converge: " + "; ".join(checks.messages))
-    return MLFit(model=model, reml=False, beta=beta, se=np.sqrt(np.diag(vcov)), sigma=None, cov=cov, sd=sd,
+    return MLFit(model=model, reml=False, beta=beta, se=se, sigma=None, cov=cov, sd=sd,
                  corr=corr, ranef=ranef, theta=theta, theta_names=_theta_names(model), loglik=float(loglik),
                  loglik_ml=float(loglik), deviance=float(fval), reml_criterion=None, is_singular=is_singular,
                  converged=checks.ok, message=str(res.message), n_iter=int(res.nit), n_eval=obj.n_eval,

@@ -30,6 +30,9 @@ from numpyro.infer.hmc import hmc
 
 from .. import jax_cache
 from .. import xla
+from ..compiled import TRACE_LOCK, check_address_space
+from .._warnings import warn_user
+from ..degenerate import check_residual, check_sampler_scales, separation, separation_message
 from . import precondition
 from ._blas import blas_threads
 
@@ -284,6 +287,7 @@ class _Driver:
             self._chunk = jax.pmap(chunk, in_axes=(0, None, None, None))
         self._start, self._vg = _start_program(pot, lay, chains), _value_and_grad_program(pe, lay, pot.data)
         self.compiled = None
+        self._compile_lock = threading.Lock()
 
     def bind(self, data) -> _Run:
         """The host-side calls of this driver for one data set (a ``Potential.data``)."""
@@ -295,21 +299,24 @@ class _Driver:
         compiles without the GIL, so on a multi-core machine a cold start costs about the longest compilation
         instead of their sum. Tracing stays in this thread (NumPyro's handler stack is global; its kernel fixes
         the adaptation schedule when init is traced, before the chunk)."""
-        if self.compiled is not None:
-            return
-        wide = jax.dtypes.canonicalize_dtype(np.float64)
-        D, P = self.layout.size, self.devices
-        spec = lambda *shape: jax.ShapeDtypeStruct(shape, wide)   # noqa: E731
-        g = self.layout.n_dense
-        metric = precondition.Metric(spec(D), spec(g, g), spec(D - g))
-        key = jax.random.PRNGKey(0)
-        keys = key if P == 1 else jax.random.split(key, P)
-        z0 = spec(self.chains, D) if P == 1 else spec(P, self.chains // P, D)
-        lowered = [self._start.lower(key, data), self._vg.lower(spec(D), data)]
-        init = self._init.lower(keys, z0, metric, data)
-        lowered += [init, self._chunk.lower(init.out_info, np.int32(0), metric, data)]
-        with ThreadPoolExecutor(max_workers=len(lowered)) as pool:
-            self.compiled = list(pool.map(lambda lo: lo.compile(), lowered))
+        with self._compile_lock:   # fits in several threads that share this driver compile it once
+            if self.compiled is not None:
+                return
+            wide = jax.dtypes.canonicalize_dtype(np.float64)
+            D, P = self.layout.size, self.devices
+            spec = lambda *shape: jax.ShapeDtypeStruct(shape, wide)   # noqa: E731
+            g = self.layout.n_dense
+            metric = precondition.Metric(spec(D), spec(g, g), spec(D - g))
+            key = jax.random.PRNGKey(0)
+            keys = key if P == 1 else jax.random.split(key, P)
+            z0 = spec(self.chains, D) if P == 1 else spec(P, self.chains // P, D)
+            # traced under lmmarg's trace lock (NumPyro's handler stack is process-global), compiled after
+            with TRACE_LOCK:
+                lowered = [self._start.lower(key, data), self._vg.lower(spec(D), data)]
+                init = self._init.lower(keys, z0, metric, data)
+                lowered += [init, self._chunk.lower(init.out_info, np.int32(0), metric, data)]
+            with ThreadPoolExecutor(max_workers=len(lowered)) as pool:
+                self.compiled = list(pool.map(lambda lo: lo.compile(), lowered))
 
     def _to_devices(self, z0):
         return z0 if self.devices == 1 else z0.reshape((self.devices, -1) + z0.shape[1:])
@@ -443,7 +450,8 @@ def _numpyro_mcmc(pot, lay, metric, key, z0, warmup, draws, chains, chain_method
     kernel = NUTS(potential_fn=lambda z: pe(lay.unflatten(precondition.to_position(m, z)), data), **nuts_kwargs)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                 progress_bar=bool(progress_bar))
-    mcmc.run(key, init_params=z0[0] if chains == 1 else z0, extra_fields=_EXTRA)
+    with TRACE_LOCK:   # NumPyro's driver traces the potential as it goes: held throughout (lmmarg.compiled)
+        mcmc.run(key, init_params=z0[0] if chains == 1 else z0, extra_fields=_EXTRA)
     ex = mcmc.get_extra_fields(group_by_chain=True)
     z = np.asarray(mcmc.get_samples(group_by_chain=True))
     return z, *(np.asarray(ex[k]) for k in _EXTRA)
@@ -458,12 +466,27 @@ class _Eager(_HostCalls):
                           _value_and_grad_program(pot.programs.density, lay, pot.data))
 
     def _call(self, i: int, *args):
-        return self._programs[i](*args)
+        with TRACE_LOCK:   # the first call traces the potential (NumPyro's handler stack is process-global)
+            return self._programs[i](*args)
 
 
-def _starts(programs, pot, lay, init: str, key, seed: int, chains: int):
+def _fixed_effects_at_zero(pot, lay, x: np.ndarray) -> np.ndarray:
+    """Starting points x (chains, D) with every fixed effect moved by minus its data-scaled centre (the GLM
+    estimate, ``Potential.data["start"]``), i.e. jittered around 0, the other sites unchanged. For separated data
+    that estimate runs off to |η| ~ 30 (coefficients ~1e4), where the Laplace mode search fails: the mode search
+    and the chains would start where the potential is infinite."""
+    vals = {k: np.asarray(v) for k, v in pot.to_constrained(lay.unflatten(jnp.asarray(x))).items()}
+    center = pot.data["start"]["center"]
+    for n in vals:
+        if n.startswith("b_") and not n.startswith("b_sigma") and center.get(n) is not None:
+            vals[n] = vals[n] - np.asarray(center[n])
+    return np.asarray(lay.flatten(pot.unconstrain(vals)), np.float64)
+
+
+def _starts(programs, pot, lay, init: str, key, seed: int, chains: int, separated: bool = False):
     """(metric, z0 (chains, D), fallback, info): the whitening and the chains' starting points; fallback() gives
-    (chains, D) valid replacements for starts whose potential is not finite.
+    (chains, D) valid replacements for starts whose potential is not finite. separated: the data are separated
+    (lmmarg.degenerate): the fixed effects start around 0, not at the GLM estimates.
 
     "mode": the Laplace approximation at the posterior mode (lmmarg.inference.precondition); the chains start
     uniformly within ±1 posterior SD of the mode in every whitened direction, and fall back to the mode itself.
@@ -473,6 +496,9 @@ def _starts(programs, pot, lay, init: str, key, seed: int, chains: int):
     wide = jax.dtypes.canonicalize_dtype(np.float64)
     x_start = programs.start_points(key)
     info = {"init": init}
+    if separated:
+        x_start = _fixed_effects_at_zero(pot, lay, x_start)
+        info["start"] = "fixed effects at 0 (separated data: the GLM estimates do not exist)"
     if init == "mode" and lay.n_dense < lay.size:
         # effects left to HMC beyond the dense block: their joint mode with θ does not describe the posterior
         # (noncentered effects of a data-dominated term pin the SD there; seen: sd stuck at 9x its value)
@@ -613,6 +639,14 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
     from ..results import Fit
 
+    check_residual(model, "sample")
+    check_sampler_scales(model, "sample")
+    sep = separation(model)
+    if sep is not None:
+        warn_user(f"sample: {separation_message(model, sep)}. The priors keep the posterior proper, but along that "
+                  "direction it is the prior's tail: check that the priors of those coefficients are what you mean "
+                  "(model.priors)")
+    check_address_space("sample()")
     jax_cache.apply(compilation_cache)
     if marginalize_beta is None:
         from ..potential import default_marginalize_beta
@@ -637,7 +671,8 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                 programs = driver.bind(pot.data)
             t_c = time.perf_counter()
             with _compile_timer() as comp_init:
-                metric, z0, fallback, init_info = _starts(programs, pot, lay, init, k_init, seed, chains)
+                metric, z0, fallback, init_info = _starts(programs, pot, lay, init, k_init, seed, chains,
+                                                          separated=sep is not None)
             t1 = time.perf_counter()
             with _compile_timer() as comp:
                 if chain_method == "sequential":

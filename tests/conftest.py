@@ -6,8 +6,11 @@
   kernels called directly need it set).
 * lmmarg's persistent compilation cache in a fresh temporary directory (``LMMARG_JAX_CACHE``, unless set): the
   suite exercises the default-on cache without reading or filling the user's own.
-* After each test module, lmmarg's shared compiled programs and JAX's executable caches are released (see
-  ``_release_compiled_programs``).
+* Compiled programs are shared across test modules: lmmarg bounds its own compiled structures
+  (``lmmarg.compiled``), and after a module the suite releases everything only when the process holds many memory
+  mappings (``_release_when_large``; tests jit functions of their own that lmmarg does not count).
+* The suite runs in parallel processes (pytest-xdist, ``-n auto --dist loadfile`` in the README's command): a test
+  module's tests stay in one process, so its module-scoped fixtures are built once.
 * ``dense_reference`` (the O(N^3) oracle) is importable as a top-level module: pytest puts this rootdir-relative
   folder first on the import path, so test modules simply ``from dense_reference import ...``.
 """
@@ -30,13 +33,26 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
+# Release compiled programs after a module once the process holds this many memory mappings (a Linux process may
+# have 65,530; one compiled XLA:CPU program holds tens to hundreds, and one process runs hundreds of models).
+RELEASE_AT_MAPPINGS = 20_000
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:      # not Linux: release after every module, as the suite did before sharing programs
+        return RELEASE_AT_MAPPINGS
+
+
 @pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """After each test module: drop lmmarg's shared programs and JAX's caches of compiled executables. The suite
-    compiles hundreds of models in one process, and compiled XLA:CPU programs hold memory mappings of their machine
-    code (a Linux process may have 65,530); what a module's own globals still reference stays alive."""
+def _release_when_large():
+    """After each test module: when the process holds many memory mappings, drop lmmarg's shared programs and JAX's
+    caches of compiled executables (``lmmarg.compiled.release_compiled``); what a module's own globals still
+    reference stays alive."""
     yield
-    from lmmarg.potential import Programs
-    Programs._cache.clear()
-    jax.clear_caches()
-    gc.collect()
+    if _mappings() >= RELEASE_AT_MAPPINGS:
+        from lmmarg.compiled import release_compiled
+        release_compiled()
+        gc.collect()

@@ -574,8 +574,9 @@ def test_one_level_path_matches_generic(kind, seed, dims, marg, fill):
     def f(pl, beta, sigma, sc):
         return kernels.log_marginal(pl, beta, sigma, sc, offset)
 
-    v1, g1 = jax.value_and_grad(f, argnums=(1, 2, 3))(plan, beta, sigma, sc)
-    v0, g0 = jax.value_and_grad(f, argnums=(1, 2, 3))(generic, beta, sigma, sc)
+    vg = _jit(jax.value_and_grad(f, argnums=(1, 2, 3)))
+    v1, g1 = vg(plan, beta, sigma, sc)
+    v0, g0 = vg(generic, beta, sigma, sc)
     assert _rel(v1, v0) < 1e-12
     assert _rel(v1, _ref(des, marg, des["beta"], 0.8, [np.asarray(s) for s in sc], offset)) < 1e-10
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
@@ -631,13 +632,14 @@ def test_pooled_fill_merges_groups_with_equal_statistics():
     beta, sigma = jnp.array([0.8, 0.3]), jnp.asarray(1.1)
     ref = dense_logpdf(X, y, classes, [0, 1], np.asarray(beta), 1.1, [np.asarray(s) for s in sc])
     f = lambda pl, beta, sigma, sc: kernels.log_marginal(pl, beta, sigma, sc)  # noqa: E731
-    v1, g1 = jax.value_and_grad(f, argnums=(1, 2, 3))(pooled, beta, sigma, sc)
-    v0, g0 = jax.value_and_grad(f, argnums=(1, 2, 3))(pairs, beta, sigma, sc)
+    vg = _jit(jax.value_and_grad(f, argnums=(1, 2, 3)))
+    v1, g1 = vg(pooled, beta, sigma, sc)
+    v0, g0 = vg(pairs, beta, sigma, sc)
     assert _rel(v1, ref) < 1e-10
     for x1, x0 in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(x1, x0, rtol=1e-9, atol=1e-10)
-    m1 = kernels.conditional_mean(pooled, beta, sigma, sc)
-    m0 = kernels.conditional_mean(pairs, beta, sigma, sc)
+    m1 = conditional_mean(pooled, beta, sigma, sc)
+    m0 = conditional_mean(pairs, beta, sigma, sc)
     for x1, x0 in zip(m1, m0):
         np.testing.assert_allclose(x1, x0, rtol=1e-9, atol=1e-11)
 
@@ -680,12 +682,13 @@ def test_one_level_recovery_matches_the_general_elimination(form):
     beta, sig = jnp.array([0.3, 0.8]), 0.9
     sc = [jnp.asarray(np.tril(rng.normal(size=(t.d, t.d))) + np.eye(t.d)) for t in m.terms]
     sc = [sc[h] for h in p1.marginalized]
-    for a, b in zip(kernels.conditional_mean(p1, beta, sig, sc),
-                    kernels.conditional_mean(p2, beta, jnp.full(n, sig), sc)):
+    for a, b in zip(conditional_mean(p1, beta, sig, sc),
+                    conditional_mean(p2, beta, jnp.full(n, sig), sc)):
         np.testing.assert_allclose(a, b, atol=1e-12)
     key = jax.random.PRNGKey(3)
-    for a, b in zip(kernels.conditional_sample(p1, key, beta, sig, sc),
-                    kernels.conditional_sample(p2, key, beta, jnp.full(n, sig), sc)):
+    draw = _jit(kernels.conditional_sample)
+    for a, b in zip(draw(p1, key, beta, sig, sc),
+                    draw(p2, key, beta, jnp.full(n, sig), sc)):
         np.testing.assert_allclose(a, b, atol=1e-12)
 
 
@@ -736,8 +739,8 @@ def test_beta_eliminated_last_matches_dense(kind, seed, dims):
     assert len(mean) == len(marg) + 1 and mean[-1].shape == (2,)
     np.testing.assert_allclose(_flat(mean), rm, rtol=1e-8, atol=1e-8 * np.abs(rm).max())
     # gradients through the Schur complement (sigma, the scales, the prior) are finite and match the unit plan's
-    g_last = jax.grad(lambda s, L: kernels.log_marginal(plan, None, s, L, None, BETA_PRIOR), argnums=(0, 1))(0.7, sc)
-    g_unit = jax.grad(lambda s, L: kernels.log_marginal(unit, None, s, L, None, BETA_PRIOR), argnums=(0, 1))(0.7, sc)
+    grad = _jit(jax.grad(lambda p, s, L: kernels.log_marginal(p, None, s, L, None, BETA_PRIOR), argnums=(1, 2)))
+    g_last, g_unit = grad(plan, 0.7, sc), grad(unit, 0.7, sc)
     np.testing.assert_allclose(_flat(jax.tree_util.tree_leaves(g_last)), _flat(jax.tree_util.tree_leaves(g_unit)),
                                rtol=1e-7, atol=1e-9)
     if kind == "crossed":

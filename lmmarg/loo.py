@@ -54,8 +54,6 @@ from jax.scipy.linalg import cho_solve, solve_triangular
 
 from . import xla
 from ._warnings import warn_user
-from .model import Model
-from .results import Fit
 
 __all__ = ["pointwise_loglik", "group_loglik", "compare", "response_scale", "loo_cost", "reloo_points",
            "LooCostError", "MAX_DENSE", "MAX_WORK", "MAX_FLOPS", "RELOO_K", "RELOO_MAX", "PROGRESS_AFTER",
@@ -574,10 +572,11 @@ def _model_without(model, row: int):
         raise ValueError(f"reloo: the model's data has {len(data)} rows for {model.n_obs} observations")
     sspec = model.sigma_spec
     priors = {p.site: (p.fixed if p.is_fixed else p.dist) for p in model.priors}
-    return Model(model.formula, data.drop(index=data.index[row]), family=model.family, link=model.link,
-                 trials=model.trials_column, dtype="float64" if model.dtype == jnp.float64 else "float32",
-                 priors=priors, sigma_by=sspec.by if sspec.kind == "by" else None,
-                 sigma=sspec.formula if sspec.kind == "formula" else None, dense_limit=model.dense_limit)
+    # type(model): the Model class, without importing lmmarg.model here (it would close an import cycle)
+    return type(model)(model.formula, data.drop(index=data.index[row]), family=model.family, link=model.link,
+                       trials=model.trials_column, dtype="float64" if model.dtype == jnp.float64 else "float32",
+                       priors=priors, sigma_by=sspec.by if sspec.kind == "by" else None,
+                       sigma=sspec.formula if sspec.kind == "formula" else None, dense_limit=model.dense_limit)
 
 
 def reloo_points(fit, rows, progress: bool = True, seed: int = 0) -> dict:
@@ -604,7 +603,7 @@ def reloo_points(fit, rows, progress: bool = True, seed: int = 0) -> dict:
         for i in rows:
             refit = _model_without(fit.model, i).sample(**settings)
             # the refit's global draws (and sigma-formula effects) on the full model: its u_ may have fewer levels
-            at = Fit(fit.model, {k: v for k, v in refit.samples.items()
+            at = type(fit)(fit.model, {k: v for k, v in refit.samples.items()
                                  if not k.startswith("u_") or k.startswith("u_sigma_")}, method="reloo")
             at.__dict__["_loo_cache"] = {k: v for k, v in fit.__dict__.get("_loo_cache", {}).items()
                                          if isinstance(k, tuple) and k[0] == "program"}  # the compiled programs

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import diagnostics
+from . import loo as loo_module
 from .design import DesignError, normalize_dtypes
 
 __all__ = ["Fit", "load"]
@@ -270,8 +271,7 @@ class Fit:
         observation moves its own group's effect). For lognormal both are densities of the original y (Jacobian
         −log y_i included)."""
         if kind == "integrated":
-            from .loo import pointwise_loglik
-            return pointwise_loglik(self)
+            return loo_module.pointwise_loglik(self)
         if kind != "conditional":
             raise ValueError(f"kind must be 'integrated' or 'conditional', got {kind!r}")
         m = self.model
@@ -343,10 +343,9 @@ class Fit:
         if log_likelihood is True:
             log_likelihood = "integrated"
         if log_likelihood:
-            from .loo import LooCostError
             try:
                 kw["log_likelihood"] = {"y": self.log_likelihood(kind=log_likelihood)}
-            except LooCostError as exc:
+            except loo_module.LooCostError as exc:
                 from ._warnings import warn_user
                 warn_user(f"to_arviz: log_likelihood holds the likelihood conditional on the sampled random "
                           f"effects, not the integrated one: {exc}")
@@ -437,7 +436,6 @@ class Fit:
 
         import arviz as az
 
-        from . import loo as _loo
 
         if reloo not in (None, True, False):
             raise ValueError(f"reloo must be None (automatic), True or False, got {reloo!r}")
@@ -447,12 +445,12 @@ class Fit:
         if self.n_chains * self.n_draws < 2:
             raise ValueError(f"loo needs posterior draws; this {self.method} fit has a single draw")
         if group is None:
-            ll = _loo.pointwise_loglik(self, progress) if integrated else self.log_likelihood(kind="conditional")
+            ll = loo_module.pointwise_loglik(self, progress) if integrated else self.log_likelihood(kind="conditional")
             dims, coords = ["obs"], {"obs": np.arange(self.model.n_obs)}
         else:
             if not integrated:
                 raise ValueError("loo(group=...) is only available on the integrated likelihood")
-            ll, labels = _loo.group_loglik(self, group, progress)
+            ll, labels = loo_module.group_loglik(self, group, progress)
             dims, coords = ["group"], {"group": labels}
         post, pdims, pcoords, _ = self._posterior_vars()
         post = {k: v for k, v in post.items() if v.ndim == 2}  # scalars are enough for the relative ESS
@@ -468,7 +466,7 @@ class Fit:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         if not pointwise:
             out = out.drop(["loo_i", "pareto_k"], errors="ignore")
-        out.attrs["lmmarg_scale"] = _loo.response_scale(self)
+        out.attrs["lmmarg_scale"] = loo_module.response_scale(self)
         out.attrs["lmmarg_group"] = group
         return out
 
@@ -477,16 +475,16 @@ class Fit:
         (see ``loo``); the refits' elpd_i are kept on the fit."""
         import warnings
 
-        from . import loo as _loo
         from ._warnings import warn_user
 
         k = np.asarray(out["pareto_k"])
-        bad = [int(i) for i in np.flatnonzero(k > _loo.RELOO_K)]
+        bad = [int(i) for i in np.flatnonzero(k > loo_module.RELOO_K)]
         if not bad:
             return out
-        if reloo is None and len(bad) > _loo.RELOO_MAX:
-            warn_user(f"loo: {len(bad)} observations have Pareto k > {_loo.RELOO_K} (more than lmmarg.loo.RELOO_MAX = "
-                      f"{_loo.RELOO_MAX} refits): their elpd is unreliable. loo(reloo=True) refits the model "
+        if reloo is None and len(bad) > loo_module.RELOO_MAX:
+            warn_user(f"loo: {len(bad)} observations have Pareto k > {loo_module.RELOO_K} (more than "
+                      f"lmmarg.loo.RELOO_MAX = {loo_module.RELOO_MAX} refits): their elpd is unreliable. "
+                      "loo(reloo=True) refits the model "
                       f"without each of them.")
             return out
         done = self.__dict__.setdefault("_loo_cache", {}).setdefault("reloo", {})
@@ -494,7 +492,7 @@ class Fit:
         if todo:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the refits' sampler warnings are about refits, not this fit
-                done.update(_loo.reloo_points(self, todo, progress=progress))
+                done.update(loo_module.reloo_points(self, todo, progress=progress))
         out = out.copy()
         loo_i = np.asarray(out["loo_i"], float).copy()
         loo_i[bad] = [done[i] for i in bad]
@@ -509,7 +507,7 @@ class Fit:
         out["elpd_loo"] = float(loo_i.sum())
         out["se"] = float(np.sqrt(n * np.var(loo_i)))
         out["p_loo"] = lppd - float(loo_i.sum())
-        out["warning"] = bool((k > _loo.RELOO_K).any())
+        out["warning"] = bool((k > loo_module.RELOO_K).any())
         out.attrs["lmmarg_reloo"] = bad
         return out
 

@@ -1,5 +1,5 @@
 """The dense block's inverse F^{-1} = X X^T (X = L^{-T} upper triangular, from the blocked triangular inverse):
-one GEMM of the whole X against the two GEMMs of ``kernels._spd_inverse`` that skip X's zero lower-left block,
+one GEMM of the whole X against the two GEMMs of ``linalg.spd_inverse`` that skip X's zero lower-left block,
 side by side in one run, each timed inside a compiled loop with lmmarg's XLA options.
 
 Writes benchmarks/results/dense_inverse.md.
@@ -19,15 +19,15 @@ import numpy as np
 
 jax.config.update("jax_enable_x64", True)
 
-from lmmarg import xla  # noqa: E402
-from lmmarg.marginal import kernels  # noqa: E402
+from lmmarg.compile import xla  # noqa: E402
+from lmmarg.marginal import linalg  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 ITERS = 1000
 
 
 def one_gemm(L):
-    X = kernels._upper_inv(L.T)
+    X = linalg.upper_inv(L.T)
     return X @ X.T
 
 
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
         A = np.random.default_rng(0).normal(size=(n, n))
         L = jnp.asarray(np.linalg.cholesky(A @ A.T / n + np.eye(n)))
         ref = np.linalg.inv(np.asarray(L @ L.T))
-        for fn in (one_gemm, kernels._spd_inverse):
+        for fn in (one_gemm, linalg.spd_inverse):
             np.testing.assert_allclose(np.asarray(fn(L)), ref, rtol=1e-8, atol=1e-10)
-        full, split = per_call_us(one_gemm, L), per_call_us(kernels._spd_inverse, L)
+        full, split = per_call_us(one_gemm, L), per_call_us(linalg.spd_inverse, L)
         rows.append((n, full, split))
         print(f"n = {n}: one GEMM {full:.1f} us, two GEMMs skipping the zero block {split:.1f} us", flush=True)
     md = ["# Dense block inverse F^-1 = X X^T from the blocked triangular inverse X = L^-T", "",

@@ -2,7 +2,7 @@
 user writes by hand (every random effect sampled, non-centered, same priors), side by side in one run.
 
 dillonE1, `rt ~ int + (int | subj) + (int | item)`, lognormal, the paper's priors (benchmarks/experiments.py).
-lmmarg's rows are compiled as lmmarg compiles its programs (lmmarg.xla.jit: XLA options for many small kernels,
+lmmarg's rows are compiled as lmmarg compiles its programs (lmmarg.compile.xla.jit: XLA options for many small kernels,
 chosen for the data); the NumPyro row with XLA's defaults, as a NumPyro user gets it (one more row, for information,
 with lmmarg's options).
 
@@ -22,6 +22,9 @@ Compile times are the medians over --rounds alternating rounds of fresh processe
 Writes benchmarks/results/engine_cost.{csv,md}.
 
     OPENBLAS_NUM_THREADS=1 taskset -c 0 python -m benchmarks.engine_cost [--rounds 5] [--blocks 40]
+
+``--same-process`` (the test suite's smoke run) measures every row in the calling process instead, each row built and
+compiled once: the same table and files, but its compile times find warm caches and mean nothing.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from lmmarg import xla
+from lmmarg.compile import xla
 
 from .experiments import EXPERIMENTS, build_model
 from .harness import ROOT, evaluation_loop, module_command
@@ -75,28 +78,34 @@ def build_row(experiment: str, row: int):
         return (jit(jax.value_and_grad(pot.potential_fn)), jit(evaluation_loop(pot.density, LOOP_ITERS, True)),
                 params, pot.data)
     # the NumPyro row compiles with XLA's defaults (what a NumPyro user gets); the last row, for information, with
-    # the options lmmarg compiles its own programs with (lmmarg.xla)
+    # the options lmmarg compiles its own programs with (lmmarg.compile.xla)
     jit = jax.jit if row == 2 else functools.partial(xla.jit, data=np.asarray(model.y))
     tgt = numpyro_target(experiment, "numpyro-nc", lmm_numpyro(model, dict(exp.priors), centered=False))
     params = tgt.init(jax.random.PRNGKey(0))
     return jit(jax.value_and_grad(tgt.potential_fn)), jit(evaluation_loop(tgt.potential_fn, LOOP_ITERS)), params, None
 
 
-def measure_compile(experiment: str, row: int) -> dict:
-    """Compile time of one row's value_and_grad (first call), in a process of its own (see the module docstring)."""
+def measure_compile(experiment: str, row: int, built: dict | None = None) -> dict:
+    """Compile time of one row's value_and_grad (first call), in a process of its own (see the module docstring).
+    built: a dict {row: build_row(...)} that keeps the row (``--same-process``: measure_run_time reuses it)."""
     warm_up()
-    vg, _, params, _ = build_row(experiment, row)
+    built = {} if built is None else built
+    if row not in built:
+        built[row] = build_row(experiment, row)
+    vg, _, params, _ = built[row]
     t0 = time.perf_counter()
     jax.block_until_ready(vg(params))
     return {"row": row, "compile_s": time.perf_counter() - t0,
             "n_params": int(sum(np.size(v) for v in params.values()))}
 
 
-def measure_run_time(experiment: str, blocks: int) -> dict:
+def measure_run_time(experiment: str, blocks: int, built: dict | None = None) -> dict:
     """All rows in this process, compiled first, then `blocks` rounds of interleaved blocks; per row and block: ms
-    per call from Python (mean of CALLS_PER_BLOCK calls) and ms per evaluation in one compiled loop."""
+    per call from Python (mean of CALLS_PER_BLOCK calls) and ms per evaluation in one compiled loop. built: rows
+    already built by measure_compile (``--same-process``)."""
     warm_up()
-    rows = [build_row(experiment, row) for row in range(len(ROWS))]
+    built = {} if built is None else built
+    rows = [built[row] if row in built else build_row(experiment, row) for row in range(len(ROWS))]
     for vg, loop, params, data in rows:
         jax.block_until_ready(vg(params))
         jax.block_until_ready(loop(params, data))
@@ -127,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--blocks", type=int, default=40, help="interleaved blocks per round for the run-time numbers")
     ap.add_argument("--compile-row", type=int, default=None, help=argparse.SUPPRESS)   # internal: one process
     ap.add_argument("--run-time", action="store_true", help=argparse.SUPPRESS)         # internal: one process
+    ap.add_argument("--same-process", action="store_true",
+                    help="every row in this process, built once (a smoke test: compile times are not measured)")
     a = ap.parse_args(argv)
     if a.compile_row is not None:
         print(json.dumps(measure_compile(a.experiment, a.compile_row)))
@@ -136,10 +147,13 @@ def main(argv=None) -> int:
         return 0
     exp = EXPERIMENTS[a.experiment]
     compiles, call_ms, loop_ms = [], [[] for _ in ROWS], [[] for _ in ROWS]
+    built: dict = {}
     for _ in range(a.rounds):
         for row in range(len(ROWS)):
-            compiles.append(_in_fresh_process(["--experiment", a.experiment, "--compile-row", str(row)]))
-        rt = _in_fresh_process(["--experiment", a.experiment, "--run-time", "--blocks", str(a.blocks)])
+            compiles.append(measure_compile(a.experiment, row, built) if a.same_process else
+                            _in_fresh_process(["--experiment", a.experiment, "--compile-row", str(row)]))
+        rt = (measure_run_time(a.experiment, a.blocks, built) if a.same_process else
+              _in_fresh_process(["--experiment", a.experiment, "--run-time", "--blocks", str(a.blocks)]))
         for k in range(len(ROWS)):
             call_ms[k] += rt["call_ms"][k]
             loop_ms[k] += rt["loop_ms"][k]

@@ -267,7 +267,7 @@ def benchmark(target: Target, *, seed=0, **kw) -> tuple[dict, dict]:
 
 def time_potential(potential_fn, params, repeats: int, jit=jax.jit) -> tuple[float, float]:
     """(compile + first call seconds, median seconds per value-and-gradient) of a jitted potential at params.
-    jit: jax.jit, or lmmarg.xla.jit (the XLA options lmmarg compiles its own programs with)."""
+    jit: jax.jit, or lmmarg.compile.xla.jit (the XLA options lmmarg compiles its own programs with)."""
     f = jit(jax.value_and_grad(potential_fn))
     t0 = time.perf_counter()
     jax.block_until_ready(f(params))

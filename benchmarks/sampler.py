@@ -27,6 +27,9 @@ Parts (``--parts``, default all):
     OPENBLAS_NUM_THREADS=1 python -m benchmarks.sampler [--parts geometry,dillon,...] [--quick]
 
 Writes results/sampler.md and results/sampler.csv (rows of every part; --quick writes to results/sampler_quick.*).
+``--in-process`` (the test suite's smoke run) runs each case's worker in the calling process instead of a fresh one:
+the same rows, but compilation then finds the calling process's caches (and the demo, cores and eeg parts, which time
+or configure whole processes, still start them).
 """
 from __future__ import annotations
 
@@ -130,7 +133,20 @@ def worker(case: dict) -> dict:
     return out
 
 
+# --in-process: run_case calls worker() in this process (set by main() for the duration of its run)
+_IN_PROCESS = {"on": False}
+
+
 def run_case(case: dict, cache_dir: str) -> dict:
+    """worker(case) in a fresh process (cache_dir: its LMMARG_JAX_CACHE) as case + its results, or case + "error".
+    With ``--in-process`` (and no "cores" in the case) in this process instead."""
+    if _IN_PROCESS["on"] and not case.get("cores"):
+        import warnings
+        try:
+            with warnings.catch_warnings():     # worker() silences warnings: only for its own run here
+                return dict(case, **json.loads(json.dumps(worker(case))))
+        except Exception as e:  # noqa: BLE001 - an error row, as a failed fresh process gives
+            return dict(case, error=f"{type(e).__name__}: {e}"[:400])
     env = dict(os.environ, LMMARG_JAX_CACHE=cache_dir, OPENBLAS_NUM_THREADS="1")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     p = subprocess.run([sys.executable, "-m", __spec__.name, "--worker", json.dumps(case)],
@@ -339,6 +355,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run each case in this process (a smoke test: compilation finds warm caches)")
     a = ap.parse_args(argv)
     if a.worker:
         print("RESULT " + json.dumps(worker(json.loads(a.worker))), flush=True)
@@ -346,8 +364,12 @@ def main(argv=None):
     stem = a.out or os.path.join(RESULTS, "sampler_quick" if a.quick else "sampler")
     old = pd.read_csv(stem + ".csv") if os.path.exists(stem + ".csv") else pd.DataFrame()
     parts = a.parts.split(",")
-    with tempfile.TemporaryDirectory() as cache:
-        rows = [r for p in parts for r in PARTS[p](a.quick, cache)]
+    _IN_PROCESS["on"] = a.in_process
+    try:
+        with tempfile.TemporaryDirectory() as cache:
+            rows = [r for p in parts for r in PARTS[p](a.quick, cache)]
+    finally:
+        _IN_PROCESS["on"] = False
     new = pd.DataFrame(rows)
     if len(old) and "part" in old:  # re-running some parts keeps the others' rows
         old = old[~old.part.isin(parts)]

@@ -142,7 +142,7 @@ def crossed_rows(sizes, repeats):
                                repeats)
         rows.append(dict(N=n, cells=plan.n_cells, groupby_s=t_groupby, model_s=t_model, plan_s=t_plan,
                          build_over_groupby=(t_model + t_plan) / t_groupby, peak_rss_gb=peak_gb, compile_s=first,
-                         call_s=per, fill=type(plan.bilinear).__name__))
+                         call_s=per, fill=type(plan.blocks.level1).__name__))
         print("crossed", n, f"build {(t_model + t_plan):.2f}s ({rows[-1]['build_over_groupby']:.1f}x groupby), "
               f"{per * 1e3:.3f} ms/call, {plan.n_cells} cells, peak {peak_gb:.2f} GB", flush=True)
         del model, plan, df

@@ -9,12 +9,12 @@ __version__ = "0.1.0"  # before the submodules: lmmarg.saving records it in save
 from . import datasets
 from .design import Design, DesignError, RandomTerm, build_design
 from .formula import FormulaError, parse_formula
-from .model import Model
+from .model import Model, load
 # public submodules, reachable as attributes right after `import lmmarg` (lmmarg.results.Fit, lmmarg.priors.LKJ, ...)
-from . import design, formula, inference, loo, marginal, model, potential, priors, results, saving  # noqa: E402
+from . import design, formula, inference, marginal, model, potential, priors, results, saving  # noqa: E402
 from .inference import mapvi, ml, nuts  # noqa: E402  (loads lmmarg.inference.ml, ...)
-from .loo import compare
-from .results import Fit, load
+from .results import Fit, compare
+from .results import loo  # lmmarg.loo: the documented name of lmmarg.results.loo (the same module object)
 from .inference.nuts import use_cores
 
 del mapvi, ml, nuts  # reachable as lmmarg.inference.<name>, not as top-level names

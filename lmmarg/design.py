@@ -3,6 +3,9 @@
 The design holds X (N, p), y (N,), and for every random-effect term its per-observation columns Z (N, d),
 integer group codes (N,), level labels, a sparse Z for users, the nesting/crossing structure between terms and
 the per-group sufficient statistics. Everything is NumPy; the JAX kernels receive it through `lmmarg.marginal`.
+
+The rank check of X (a documented internal API, tested directly): ``qr_r`` (R of a chunked QR), ``clearly_full_rank``
+(a Gram-matrix fast path) and ``aliased_columns`` (the columns lme4 would drop, by name).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .codes import nested, unique_rows
 from .formula import FormulaError, FormulaSpec, dotted_names, parse_formula, quote_columns, strip_ansi
 
 __all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design", "normalize_dtypes", "grouping_codes",
-           "level_label", "used_columns"]
+           "level_label", "used_columns", "qr_r", "clearly_full_rank", "aliased_columns"]
 
 
 def _group_sum(codes: np.ndarray, n_groups: int, w: np.ndarray) -> np.ndarray:
@@ -383,7 +386,7 @@ def _response(expr: str, data: pd.DataFrame) -> np.ndarray:
     return y
 
 
-def _qr_r(X: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
+def qr_r(X: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
     """R factor (min(N, p), p) of X (N, p) by a QR over row chunks (TSQR): O(N p²) time, O(p² + chunk) memory.
 
     Householder QR is column-wise backward stable, so R is exact for X + E with |E_j| ≲ eps |X_j| per column.
@@ -396,9 +399,9 @@ def _qr_r(X: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
     return R
 
 
-def _clearly_full_rank(X: np.ndarray, margin: float = 1e-6) -> bool:
+def clearly_full_rank(X: np.ndarray, margin: float = 1e-6) -> bool:
     """Fast path of the rank check: X (N, p) has full column rank with every column at distance > sqrt(margin)
-    (relative to its norm) from the span of the earlier ones. From XᵀX (one BLAS pass, ~10x cheaper than the
+    (relative to its norm) from the span of the earlier ones. From XᵀX (one BLAS pass, much cheaper than the
     QR): the squared diagonal of the Cholesky factor of the unit-diagonal Gram matrix holds those squared
     distances, with an error near N·eps, far below ``margin``. False means "ask the QR", not "rank deficient"."""
     G = X.T @ X
@@ -412,7 +415,7 @@ def _clearly_full_rank(X: np.ndarray, margin: float = 1e-6) -> bool:
     return bool(np.diag(L).min() ** 2 > margin)
 
 
-def _aliased_columns(X: np.ndarray, names: list[str], tol: float = 1e-9) -> list[str]:
+def aliased_columns(X: np.ndarray, names: list[str], tol: float = 1e-9) -> list[str]:
     """Columns of X (N, p) that are linear combinations of earlier columns (lme4 drops these).
 
     Column j is aliased when its distance to the span of the earlier non-aliased columns is at most ``tol`` times
@@ -420,9 +423,9 @@ def _aliased_columns(X: np.ndarray, names: list[str], tol: float = 1e-9) -> list
     O(N p²) for R plus O(p³) for a Gram-Schmidt pass over R's columns, kept directions only (reorthogonalized).
     """
     p = X.shape[1]
-    if p == 0 or _clearly_full_rank(X):
+    if p == 0 or clearly_full_rank(X):
         return []
-    R = _qr_r(X)
+    R = qr_r(X)
     R = np.vstack([R, np.zeros((p - R.shape[0], p))]) if R.shape[0] < p else R
     norms = np.linalg.norm(R, axis=0)
     Q = np.zeros((p, p))
@@ -461,7 +464,7 @@ def _check_rank(X: np.ndarray, names: list[str]) -> None:
         raise DesignError(f"fixed-effect column {names[j]!r} has the value {X[i, j]:.3g} (row {i}), whose square "
                           f"overflows float64 (|values| must stay below {_MAX_ABS_VALUE:.3g}); rescale it (e.g. "
                           "divide by a power of 10) or transform it (log)")
-    aliased = _aliased_columns(X / np.where(big > 0, big, 1.0), names)
+    aliased = aliased_columns(X / np.where(big > 0, big, 1.0), names)
     if not aliased:
         return
     zero = [n for n in aliased if not X[:, names.index(n)].any()]

@@ -3,8 +3,8 @@
 The estimators of Vehtari, Gelman, Simpson, Carpenter & Bürkner (2021), "Rank-normalization, folding, and
 localization: an improved R-hat for assessing convergence of MCMC", as Stan, posterior (R) and ArviZ compute them;
 the results equal ArviZ 0.23's ``rhat`` (method "rank") and ``ess`` (methods "bulk", "tail") to rounding (tested).
-Written here, with NumPy only, because every fit reports them: importing ArviZ costs ~0.7 s per process, more than
-sampling a small model.
+Written here, with NumPy only, because every fit reports them: importing ArviZ takes longer than sampling a small
+model (docs/benchmarks.md, 'Measurements behind the code').
 
 Every function takes draws of shape (chains, draws) for one quantity; ``summarize`` takes (chains, draws, R).
 """

@@ -22,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import log_ndtr, ndtr
 
+from .design import DesignError
+
 __all__ = ["Family", "resolve_family", "GAUSSIAN_FAMILIES", "GLMM_FAMILIES", "log_lik", "score_weight", "mean",
            "log_norm", "check_response", "error_value"]
 
@@ -181,7 +183,6 @@ def error_value(v) -> str:
 
 def check_response(fam: Family, y: np.ndarray, n: np.ndarray, response: str, trials: str | None) -> None:
     """Raise a DesignError naming the column and the first offending row for a response the family cannot take."""
-    from .design import DesignError
     if fam.name == "bernoulli":
         bad = (y != 0) & (y != 1)
         if bad.any():

@@ -7,17 +7,50 @@
 """
 from __future__ import annotations
 
+import inspect
 import re
+from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .compiled import TRACE_LOCK, check_address_space, note_compiled_structure
+from . import saving
+from ._warnings import warn_user
+from .compile.limits import TRACE_LOCK, check_address_space, note_compiled_structure
+from .dense_warning import warn_large_dense
 from .design import Design, DesignError, build_design
-from .families import error_value
+from .families import check_response, error_value, resolve_family
+from .inference.mapvi import fit_map, fit_vi
+from .inference.ml import fit_ml
+from .inference.nuts import sample
+from .marginal import ClassSpec, auto_marginalize, build_plan, kernels, laplace
+from .marginal.laplace import build_laplace_plan
+from .potential import Potential
+from .priors import build_priors, build_sigma_spec, sigma_columns
+from .results import Fit
 
-__all__ = ["Model"]
+__all__ = ["Model", "ModelCache", "load"]
+
+
+@dataclass
+class ModelCache:
+    """What a Model computes once and keeps (``model.cache``): compiled functions and device arrays, so it is not
+    pickled or saved (``Model.__getstate__`` starts a new one) and everything in it is rebuilt on demand.
+
+    plans: {(marginalized terms, marginalize_beta, per-observation σ) or ("laplace", terms): Plan}, filled by
+    ``Model.plan`` / ``Model.laplace_plan``; kernels: {name: jitted engine kernel}, filled by ``Model.kernel``;
+    potentials: {(terms, parameterization, marginalize_beta): Potential}, filled by ``Model.potential``;
+    ml / laplace_ml: the jitted ML criterion of a Gaussian / GLMM model and its constants, filled by
+    lmmarg.inference.ml; mapvi: {(method, terms, ...): compiled objective}, filled by lmmarg.inference.mapvi.
+    """
+
+    plans: dict = field(default_factory=dict)
+    kernels: dict = field(default_factory=dict)
+    potentials: dict = field(default_factory=dict)
+    ml: dict | None = None
+    laplace_ml: dict | None = None
+    mapvi: dict = field(default_factory=dict)
 
 
 def _ensure_dtype(dtype: str):
@@ -52,7 +85,6 @@ def _warn_discrete_response(y: np.ndarray, response: str) -> None:
     Gaussian."""
     if not np.all(y == np.round(y)) or y.min() < 0:
         return
-    from ._warnings import warn_user
     if set(np.unique(y)) <= {0.0, 1.0}:
         warn_user(f"response {response!r} only takes the values 0 and 1 but is fitted as gaussian (a linear "
                   "probability model: predictions are not bounded to [0, 1]); use family='bernoulli' for a "
@@ -64,7 +96,6 @@ def _warn_discrete_response(y: np.ndarray, response: str) -> None:
 
 def _glmm_response(design: Design, fam, trials: str | None) -> np.ndarray:
     """The trials (N,) of a GLMM response (ones unless binomial); checks the response against the family."""
-    from .families import check_response
     y = design.y
     if design.failures is not None and fam.name != "binomial":
         raise DesignError(f"cbind(successes, failures) is a binomial response; use family='binomial', "
@@ -210,26 +241,9 @@ def refuse_foreign_arguments(where: str, kwargs: dict, family=None) -> None:
         if hint is not None:
             raise TypeError(f"{where} got an unexpected keyword argument {k!r} (an lme4/brms name?): {hint}")
     if where == "Model()" and kwargs:
-        import inspect
         own = [p for p in inspect.signature(Model.__init__).parameters if p not in ("self", "kwargs")]
         raise TypeError(f"Model() got an unexpected keyword argument {next(iter(kwargs))!r}; its arguments are "
                         f"{', '.join(own)}")
-
-
-def warn_large_dense(plan) -> None:
-    """Say what a large dense Schur block costs (measured here), once per plan: slow is allowed, silent is not."""
-    from .marginal.plan import LARGE_DENSE, dense_seconds
-    n = plan.dense_size
-    if n <= LARGE_DENSE:
-        return
-    from ._warnings import warn_user
-    dense = [plan.unit_names[u] for u in range(plan.n_chain_units, len(plan.unit_dims))]
-    t = dense_seconds(n)
-    warn_user(f"the crossed term(s) {dense} form a dense Schur block of size {n} ({8 * n * n / 2**20:.0f} MB): every "
-              f"likelihood evaluation factorizes it, about {t:.2g} s per value and gradient on this machine "
-              f"(fit_ml needs 30-100 evaluations, NUTS one per leapfrog step); for NUTS leave some of them to HMC "
-              "(marginalize='auto' or a list of term names), with parameterization={term: 'conditional'} for terms "
-              "with many observations per level (docs/guide.md, section 4)")
 
 
 class Model:
@@ -254,6 +268,9 @@ class Model:
 
     lme4 / brms argument names (``REML=``, ``weights=``, ``control=``, ``iter=``, ``prior=`` ...) raise a TypeError
     that names lmmarg's way to say the same (``refuse_foreign_arguments``); prior weights are not supported.
+
+    ``model.cache`` (``ModelCache``) keeps what the model and the fitting modules compute once (plans, compiled
+    kernels, potentials, ML / MAP objectives); it is not pickled or saved.
     """
 
     def __init__(self, formula: str, data, *, family: str = "gaussian", link: str | None = None,
@@ -268,8 +285,6 @@ class Model:
         check_address_space("Model()")   # before JAX starts its CPU client (XLA aborts under a low ulimit -v)
         self.dtype = _ensure_dtype(dtype)
         self.dense_limit = None if dense_limit is None else int(dense_limit)
-        from .families import resolve_family
-        from .priors import build_priors, build_sigma_spec, sigma_columns
         fam = resolve_family(family, link)
         extra = sigma_columns(sigma_by, sigma)
         if trials is not None:
@@ -303,30 +318,32 @@ class Model:
         # successes / counts themselves (the offset enters the linear predictor in the Laplace kernels)
         self.y = y
         self.log_jacobian = float(-np.log(self.design.y).sum()) if fam.name == "lognormal" else 0.0
-        self._plans: dict = {}
-        self._jitted: dict = {}
+        self.cache = ModelCache()
         self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma, na_action=na_action,
                                            has_sigma=not fam.is_glmm)
         if self.sigma_spec.kind == "formula" and self.sigma_spec.design.spec.offsets:
             raise ValueError(f"the sigma formula {sigma!r} cannot have an offset() term")
         self._priors = build_priors(self, priors)
-        self._potentials: dict = {}
 
     # -- pickling: caches hold local closures and compiled kernels; they are rebuilt on demand ---------------
     def __getstate__(self) -> dict:
-        """Pickle the model without its caches (plans, compiled kernels, potentials, the ML / MAP caches): they
-        hold compiled functions and device arrays, and are rebuilt on demand."""
-        state = {k: v for k, v in self.__dict__.items() if not k.endswith("_cache")}
-        state["_plans"], state["_jitted"], state["_potentials"] = {}, {}, {}
+        """Pickle the model without its cache (``ModelCache``: plans, compiled kernels, potentials, the ML / MAP
+        objectives): it holds compiled functions and device arrays, and is rebuilt on demand."""
+        state = dict(self.__dict__)
+        state["cache"] = ModelCache()
         return state
 
     def __setstate__(self, state: dict) -> None:
+        # a model pickled by an older lmmarg: its caches under their own names (_plans, _ml_cache, ...) are dropped
+        state = {k: v for k, v in state.items() if k not in ("_plans", "_jitted", "_potentials")
+                 and not k.endswith("_cache")}
         self.__dict__.update(state)
+        self.cache = ModelCache()
         if "family_spec" not in state:  # a model pickled before GLMM families
-            from .families import resolve_family
             self.family_spec = resolve_family(self.family)
             self.link, self.trials, self.trials_column = self.family_spec.link, None, None
-        self.__dict__.setdefault("dense_limit", None)
+        if "dense_limit" not in state:  # a model pickled before dense_limit
+            self.dense_limit = None
         _ensure_dtype("float64" if self.dtype == jnp.float64 else "float32")
 
     # -- names (contract) ---------------------------------------------------------------------------------------
@@ -372,7 +389,6 @@ class Model:
             if marginalize == "none":
                 return ()
             if marginalize == "auto":
-                from .marginal import auto_marginalize
                 return tuple(sorted(auto_marginalize(self.class_specs(), dense_limit=self.auto_dense_limit)))
             marginalize = [marginalize]
         out = []
@@ -390,7 +406,6 @@ class Model:
 
     def class_specs(self):
         """The terms as engine inputs (lmmarg.marginal.ClassSpec), in term order."""
-        from .marginal import ClassSpec
         return [ClassSpec(name=t.name, Z=t.Z, codes=t.codes, n_groups=t.n_groups) for t in self.terms]
 
     def plan(self, marginalize="all", marginalize_beta: bool = False, per_obs_sigma: bool | None = None):
@@ -399,27 +414,27 @@ class Model:
         per_obs_sigma: whether kernels will get a per-observation σ (N,); default: the model's σ structure
         (``sigma_by``/``sigma`` formula). Plans for a scalar σ skip index tables only a vector σ needs.
         """
-        from .marginal import build_plan
         if per_obs_sigma is None or self.family_spec.is_glmm:  # Laplace: per-observation weights
             per_obs_sigma = self.sigma_spec.kind != "constant"
         key = (self.resolve_marginalize(marginalize), bool(marginalize_beta), bool(per_obs_sigma))
-        if key not in self._plans:
-            self._plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
-                                          marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype,
-                                          dense_limit=self.dense_limit)
-            warn_large_dense(self._plans[key])
-        return self._plans[key]
+        plans = self.cache.plans
+        if key not in plans:
+            plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
+                                    marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype,
+                                    dense_limit=self.dense_limit)
+            warn_large_dense(plans[key])
+        return plans[key]
 
     def laplace_plan(self, marginalize="all"):
         """The (cached) plan of the Laplace kernels (lmmarg.marginal.laplace) of a GLMM family."""
         if not self.family_spec.is_glmm:
             raise ValueError(f"family {self.family!r} is Gaussian: use plan() (exact marginal)")
-        from .marginal.laplace import build_laplace_plan
         key = ("laplace", self.resolve_marginalize(marginalize))
-        if key not in self._plans:
-            self._plans[key] = build_laplace_plan(self.plan(marginalize), self.family_spec, self.design.X,
-                                                  self.y, self.trials, self.class_specs(), self.design.offset)
-        return self._plans[key]
+        plans = self.cache.plans
+        if key not in plans:
+            plans[key] = build_laplace_plan(self.plan(marginalize), self.family_spec, self.design.X,
+                                            self.y, self.trials, self.class_specs(), self.design.offset)
+        return plans[key]
 
     def _scales(self, cov: dict) -> tuple:
         """Lower-triangular factors Λ (Σ = ΛΛᵀ) of the covariance dict, in term order; None if not PSD."""
@@ -448,16 +463,16 @@ class Model:
     def kernel(self, name: str):
         """The jitted engine kernel `name` for this model's family (lmmarg.marginal.kernels for Gaussian models,
         lmmarg.marginal.laplace for GLMMs, e.g. "log_marginal", "conditional_mean"), compiled once per model."""
-        from .marginal import kernels, laplace
-        if name not in self._jitted:
+        jitted = self.cache.kernels
+        if name not in jitted:
             mod = laplace if self.family_spec.is_glmm else kernels
             names = sorted(n for n in mod.__all__                  # functions, not records or constants
                            if callable(getattr(mod, n)) and not isinstance(getattr(mod, n), type))
             if name not in names:
                 raise ValueError(f"{mod.__name__} has no kernel {name!r}; its kernels are {names}")
-            note_compiled_structure()   # JAX keeps its executables per shape (bounded by lmmarg.compiled)
-            self._jitted[name] = jax.jit(getattr(mod, name))   # public: may run inside a user's jit
-        return self._jitted[name]
+            note_compiled_structure()   # JAX keeps its executables per shape (bounded by lmmarg.compile.limits)
+            jitted[name] = jax.jit(getattr(mod, name))   # public: may run inside a user's jit
+        return jitted[name]
 
     def _beta(self, beta):
         beta = jnp.asarray(np.asarray(beta, dtype=float).reshape(-1), self.dtype)
@@ -514,13 +529,13 @@ class Model:
     def potential(self, marginalize="all", parameterization=None, marginalize_beta: bool = False):
         """Drop-in NumPyro potential (lmmarg.potential.Potential): potential_fn, init_params, constrain, recover.
         marginalize_beta: integrate the fixed effects out too (normal priors; drawn exactly by ``recover``)."""
-        from .potential import Potential
         key = (self.resolve_marginalize(marginalize), repr(parameterization), bool(marginalize_beta))
+        potentials = self.cache.potentials
         with TRACE_LOCK:   # threads sharing this model build one potential (its construction traces the model)
-            if key not in self._potentials:
-                self._potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization,
-                                                  marginalize_beta=marginalize_beta)
-            return self._potentials[key]
+            if key not in potentials:
+                potentials[key] = Potential(self, marginalize=marginalize, parameterization=parameterization,
+                                            marginalize_beta=marginalize_beta)
+            return potentials[key]
 
     def numpyro_model(self, marginalize="all", parameterization=None):
         """A plain NumPyro model (no arguments; marginal log-likelihood as numpyro.factor) for Predictive/SVI."""
@@ -546,7 +561,6 @@ class Model:
         R-hat, ESS, tree depth) are reported as SamplerWarning after the fit, as brms does.
         """
         refuse_foreign_arguments("sample()", nuts_kwargs)
-        from .inference.nuts import sample
         return sample(self, draws=draws, warmup=warmup, chains=chains, seed=seed, marginalize=marginalize,
                       chain_method=chain_method, progress_bar=progress_bar, parameterization=parameterization,
                       recover=recover, compilation_cache=compilation_cache, init=init,
@@ -556,17 +570,23 @@ class Model:
     def fit_ml(self, reml: bool = False, **kwargs):
         """Maximum likelihood (or REML) estimates with lme4 parity; see lmmarg.inference.ml."""
         refuse_foreign_arguments("fit_ml()", kwargs)
-        from .inference.ml import fit_ml
         return fit_ml(self, reml=reml, **kwargs)
 
     def fit_map(self, **kwargs):
         """Posterior mode of the global parameters on the marginal; see lmmarg.inference.mapvi."""
         refuse_foreign_arguments("fit_map()", kwargs)
-        from .inference.mapvi import fit_map
         return fit_map(self, **kwargs)
 
     def fit_vi(self, guide: str = "normal", **kwargs):
         """Variational fit (NumPyro SVI, AutoGuide) on the marginal; see lmmarg.inference.mapvi."""
         refuse_foreign_arguments("fit_vi()", kwargs)
-        from .inference.mapvi import fit_vi
         return fit_vi(self, guide=guide, **kwargs)
+
+
+def load(path, allow_pickle: bool = False):
+    """Read a fit written by ``Fit.save(path)``, checking its checksums (lmmarg.saving.load_fit) -> Fit.
+
+    allow_pickle=True also reads pickled content (files of lmmarg 0.1, or items ``save`` warned it pickled):
+    unpickling runs code stored in the file, so pass it only for files you trust. Defined here, above both the
+    Model and its results, because loading rebuilds the Model from the saved formula, data and options."""
+    return saving.load_fit(path, allow_pickle=allow_pickle, model_class=Model, fit_class=Fit)

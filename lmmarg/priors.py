@@ -1,6 +1,6 @@
 """Global parameters of a model, their priors (brms-like names and data-scaled defaults) and the residual scale.
 
-Parameters (site names of the NumPyro model in lmmarg.potential):
+Parameters (site names of the NumPyro model in lmmarg.numpyro_model; lmmarg.parameters makes them):
   b_<fixed name>          one per fixed-effect column (assembled to "beta" (p,))
   sigma                   residual SD (scalar), or (K,) one per level of ``sigma_by``
   sd_<term>__<column>     one SD per random-effect column (assembled to "sd_<term>" (d,))
@@ -37,6 +37,7 @@ import numpyro.distributions as dist
 import pandas as pd
 from numpyro.distributions import constraints
 
+from . import parameters
 from .design import DesignError, build_design, grouping_codes, used_columns
 from .formula import parse_formula
 
@@ -348,11 +349,12 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
     for j, name in enumerate(model.fixed_names):
         if name == "Intercept":
             d = dist.StudentT(3.0, intercept_loc, s_mad)
-            keys = ["b_Intercept", "Intercept"]
+            keys = [parameters.fixed_site(name), "Intercept"]
         else:
             d = dist.Normal(0.0, 2.5 * sy / col_sd(X[:, j]))
-            keys = [f"b_{name}", "b"]
-        entries.append((Prior(site=f"b_{name}", label=f"b_{name}", kind="b", dist=d), keys))
+            keys = [parameters.fixed_site(name), "b"]
+        site = parameters.fixed_site(name)
+        entries.append((Prior(site=site, label=site, kind="b", dist=d), keys))
 
     sspec = model.sigma_spec
     if sspec.kind == "constant":
@@ -361,33 +363,38 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
         label = f"sigma[{sspec.by}: {len(sspec.levels)} levels]"
         entries.append((Prior(site="sigma", label=label, kind="sigma", dist=half_student_t(3.0, s_mad)), ["sigma"]))
 
-    def add_terms(terms, sfx: str, sd_dist):
-        # sfx "" for the mean part, "sigma_" for the sigma formula
+    def add_terms(terms, sigma_part: bool, sd_dist):
+        # sigma_part: False for the mean part, True for the sigma formula
+        kind_sfx = "_sigma" if sigma_part else ""
         for t in terms:
             for c in t.columns:
-                keys = [f"sd_{sfx}{t.name}__{c}", f"sd_{sfx}{t.name}"]
+                keys = [parameters.sd_site(t.name, c, sigma_part), parameters.sd_site(t.name, sigma_part=sigma_part)]
                 if t.group != t.name:
-                    keys += [f"sd_{sfx}{t.group}__{c}", f"sd_{sfx}{t.group}"]
-                keys.append(f"sd_{sfx}".rstrip("_"))
-                label = f"sd_{t.group}__{'sigma_' if sfx else ''}{c}"
-                entries.append((Prior(site=f"sd_{sfx}{t.name}__{c}", label=label, kind=f"sd{'_sigma' if sfx else ''}",
+                    keys += [parameters.sd_site(t.group, c, sigma_part),
+                             parameters.sd_site(t.group, sigma_part=sigma_part)]
+                keys.append("sd" + kind_sfx)
+                entries.append((Prior(site=parameters.sd_site(t.name, c, sigma_part),
+                                      label=parameters.sd_label(t.group, c, sigma_part), kind="sd" + kind_sfx,
                                       dist=sd_dist), keys))
             if t.d > 1:
-                keys = [f"cor_{sfx}{t.name}"] + ([f"cor_{sfx}{t.group}"] if t.group != t.name else []) + \
-                       [f"cor_{sfx}".rstrip("_")]
-                entries.append((Prior(site=f"cor_{sfx}{t.name}", label=f"cor_{'sigma_' if sfx else ''}{t.group}",
-                                      kind=f"cor{'_sigma' if sfx else ''}", dist=LKJ(1.0), dim=t.d), keys))
+                keys = [parameters.cor_prior_site(t.name, sigma_part)] + \
+                       ([parameters.cor_prior_site(t.group, sigma_part)] if t.group != t.name else []) + \
+                       ["cor" + kind_sfx]
+                entries.append((Prior(site=parameters.cor_prior_site(t.name, sigma_part),
+                                      label=parameters.cor_prior_site(t.group, sigma_part), kind="cor" + kind_sfx,
+                                      dist=LKJ(1.0), dim=t.d), keys))
 
-    add_terms(model.terms, "", half_student_t(3.0, s_mad))
+    add_terms(model.terms, False, half_student_t(3.0, s_mad))
     if sspec.kind == "formula":
         sd_ = sspec.design
         for j, name in enumerate(sd_.fixed_names):
             if name == "Intercept":
-                d, keys = dist.StudentT(3.0, 0.0, 2.5), ["b_sigma_Intercept", "Intercept_sigma"]
+                d, keys = dist.StudentT(3.0, 0.0, 2.5), [parameters.fixed_site(name, True), "Intercept_sigma"]
             else:
-                d, keys = dist.Normal(0.0, 1.0 / col_sd(sd_.X[:, j])), [f"b_sigma_{name}", "b_sigma"]
-            entries.append((Prior(site=f"b_sigma_{name}", label=f"b_sigma_{name}", kind="b_sigma", dist=d), keys))
-        add_terms(sd_.terms, "sigma_", half_student_t(3.0, 2.5))
+                d, keys = dist.Normal(0.0, 1.0 / col_sd(sd_.X[:, j])), [parameters.fixed_site(name, True), "b_sigma"]
+            site = parameters.fixed_site(name, True)
+            entries.append((Prior(site=site, label=site, kind="b_sigma", dist=d), keys))
+        add_terms(sd_.terms, True, half_student_t(3.0, 2.5))
 
     valid = sorted({k for _, keys in entries for k in keys})
     user = _canonical_names(user, valid)

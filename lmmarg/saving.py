@@ -18,6 +18,8 @@ Writing goes to a temporary file in the target's directory (flushed and fsynced)
 file behind. ``load`` checks the manifest, the format version and every checksum before it decodes anything, then
 rebuilds the Model from formula + data + options (``Model(...)``, so compiled kernels come back on demand), restores
 the prior table, and rebuilds the Fit. Files written by lmmarg 0.1 (a pickled Fit) load with ``allow_pickle=True``.
+The Model and Fit classes are the caller's (``lmmarg.load``, ``load_fit(..., model_class=, fit_class=)``): this
+module sits below both (``Fit.save`` calls it), so it imports neither.
 
 Not saved: the NumPyro potential and compiled caches (rebuilt on demand, as when pickling) and the guide object of a
 VI fit (``fit.guide`` is None after loading: it is bound to the model's code; ``fit.params`` keeps its fitted
@@ -47,9 +49,7 @@ import pandas as pd
 
 from . import __version__ as LMMARG_VERSION
 from ._warnings import warn_user
-from .model import Model
 from .priors import LKJ, Prior
-from .results import Fit
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SavedFitError", "DamagedFileError", "NotAFitError", "SaveError",
            "save_fit", "load_fit"]
@@ -63,7 +63,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 # Model attributes that Model(formula, data, **options) rebuilds; any others are saved as they are
 _MODEL_REBUILT = {"design", "dtype", "dense_limit", "family_spec", "family", "link", "y", "trials", "trials_column",
-                  "log_jacobian", "sigma_spec", "_priors", "_plans", "_jitted", "_potentials"}
+                  "log_jacobian", "sigma_spec", "_priors", "cache", "_plans", "_jitted", "_potentials"}
 # Fit attributes not saved (value None after loading): compiled code bound to the model, rebuilt on demand
 _FIT_NOT_SAVED = ("potential", "guide")
 
@@ -326,7 +326,7 @@ class _Decoder:
 # fit <-> metadata
 
 
-def _model_meta(model: Model, enc: _Encoder) -> dict:
+def _model_meta(model, enc: _Encoder) -> dict:
     ss = model.sigma_spec
     state = model.__getstate__()
     extra = {k: v for k, v in state.items() if k not in _MODEL_REBUILT}
@@ -341,7 +341,7 @@ def _model_meta(model: Model, enc: _Encoder) -> dict:
             "extra": enc.value(extra, "model attribute")}
 
 
-def _fit_meta(fit: Fit, enc: _Encoder) -> dict:
+def _fit_meta(fit, enc: _Encoder) -> dict:
     state = fit.__getstate__()
     state.pop("model")
     not_saved = {k: type(state.pop(k)).__name__ for k in _FIT_NOT_SAVED if k in state}  # name: type dropped
@@ -350,12 +350,12 @@ def _fit_meta(fit: Fit, enc: _Encoder) -> dict:
                       for k, v in state.items()}}
 
 
-def _rebuild_model(meta: dict, dec: _Decoder, path: str) -> Model:
+def _rebuild_model(meta: dict, dec: _Decoder, path: str, model_class):
     data = dec.value(meta["data"])
     try:
         with warnings.catch_warnings():  # the data's warnings were given when the model was first built
             warnings.simplefilter("ignore")
-            model = Model(meta["formula"], data, family=meta["family"], link=meta["link"], trials=meta["trials"],
+            model = model_class(meta["formula"], data, family=meta["family"], link=meta["link"], trials=meta["trials"],
                           dtype=meta["dtype"], sigma_by=meta["sigma_by"], sigma=meta["sigma"],
                           dense_limit=meta["dense_limit"])
     except Exception as exc:
@@ -415,7 +415,7 @@ def _write_zip(fh, meta_bytes: bytes, enc: _Encoder, pickled_bytes: bytes | None
         zf.writestr(MANIFEST, json.dumps(manifest, indent=1).encode(), compress_type=zipfile.ZIP_DEFLATED)
 
 
-def save_fit(fit: Fit, path) -> None:
+def save_fit(fit, path) -> None:
     """Write ``fit`` to ``path`` atomically (see the module docstring for the format).
 
     Raises SaveError (an OSError) when the file cannot be written, the earlier file at ``path`` left unchanged and
@@ -477,8 +477,9 @@ def _damaged(path: str, what: str) -> DamagedFileError:
                             "the file from a copy)")
 
 
-def load_fit(path, allow_pickle: bool = False) -> Fit:
-    """Read a fit written by ``Fit.save(path)``.
+def load_fit(path, allow_pickle: bool = False, *, model_class, fit_class):
+    """Read a fit written by ``Fit.save(path)``: a ``fit_class`` (lmmarg.results.Fit) of a ``model_class``
+    (lmmarg.Model) rebuilt from the saved formula, data and options.
 
     allow_pickle: also read what can only be stored with pickle (files written by lmmarg 0.1, and files whose
     ``save`` warned that it pickled something). Unpickling runs code stored in the file: pass True only for files
@@ -491,9 +492,9 @@ def load_fit(path, allow_pickle: bool = False) -> Fit:
     if size == 0:
         raise DamagedFileError(f"file {path} is empty (0 bytes): it is not a saved fit, or its save was cut off")
     if head == _ZIP_MAGIC:
-        return _load_zip(path, size, allow_pickle)
+        return _load_zip(path, size, allow_pickle, model_class, fit_class)
     if head[:1] == b"\x80":  # pickle protocol 2 or later: Fit.save of lmmarg 0.1
-        return _load_pickle(path, allow_pickle)
+        return _load_pickle(path, allow_pickle, fit_class)
     if _names_manifest(path):
         raise _damaged(path, f"its first bytes {head!r} are not the zip signature {_ZIP_MAGIC!r} of lmmarg's format")
     raise NotAFitError(f"{path} is not an lmmarg fit file: it starts with {head!r}, neither lmmarg's format "
@@ -507,7 +508,7 @@ def _names_manifest(path: str) -> bool:
         return MANIFEST.encode() in fh.read()
 
 
-def _load_pickle(path: str, allow_pickle: bool) -> Fit:
+def _load_pickle(path: str, allow_pickle: bool, fit_class):
     if not allow_pickle:
         raise NotAFitError(f"{path} is a pickle file, not an lmmarg fit file in the data-only format "
                            f"(lmmarg 0.1 saved fits as pickles). Loading a pickle runs code stored in it: if you "
@@ -518,12 +519,12 @@ def _load_pickle(path: str, allow_pickle: bool) -> Fit:
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise _damaged(path, f"the pickle cannot be read, it is truncated or altered ({type(exc).__name__}: "
                              f"{exc})") from None
-    if not isinstance(obj, Fit):
+    if not isinstance(obj, fit_class):
         raise NotAFitError(f"{path} holds a {type(obj).__name__}, not an lmmarg fit")
     return obj
 
 
-def _load_zip(path: str, size: int, allow_pickle: bool) -> Fit:
+def _load_zip(path: str, size: int, allow_pickle: bool, model_class, fit_class):
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, EOFError, ValueError, OSError, NotImplementedError) as exc:
@@ -603,7 +604,7 @@ def _load_zip(path: str, size: int, allow_pickle: bool) -> Fit:
     dec = _Decoder(array, pickled)
     try:
         meta = json.loads(blobs[META])
-        model = _rebuild_model(meta["model"], dec, path)
+        model = _rebuild_model(meta["model"], dec, path, model_class)
         state = {k: dec.value(v) for k, v in meta["fit"]["state"].items()}
         state.update({k: None for k in meta["fit"]["not_saved"]})
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
@@ -611,7 +612,7 @@ def _load_zip(path: str, size: int, allow_pickle: bool) -> Fit:
             raise
         raise SavedFitError(f"{path} is not a valid lmmarg fit: its metadata cannot be decoded "
                             f"({type(exc).__name__}: {exc})") from exc
-    fit = Fit.__new__(Fit)
+    fit = fit_class.__new__(fit_class)
     fit.__setstate__({**state, "model": model})
     return fit
 

@@ -1,18 +1,21 @@
 """Test-suite set-up, shared by every test module.
 
 * One BLAS thread (set before NumPy loads its BLAS): the dense oracles work on tiny matrices, where OpenBLAS's
-  worker threads only spin (``lmmarg.inference._blas`` does the same for the library's own small blocks).
+  worker threads only spin (``lmmarg.inference.blas`` does the same for the library's own small blocks).
 * JAX's float64 mode: the oracle comparisons are at 1e-10 (``Model(dtype="float64")`` would turn it on anyway;
   kernels called directly need it set).
 * lmmarg's persistent compilation cache in a fresh temporary directory (``LMMARG_JAX_CACHE``, unless set): the
-  suite exercises the default-on cache without reading or filling the user's own.
+  suite exercises the default-on cache without reading or filling the user's own. The directory is made once, by
+  the process that starts the run; pytest-xdist's worker processes inherit it, so a program one worker compiled
+  is loaded from disk by the other (test modules share many model structures).
 * Compiled programs are shared across test modules: lmmarg bounds its own compiled structures
-  (``lmmarg.compiled``), and after a module the suite releases everything only when the process holds many memory
+  (``lmmarg.compile.limits``), and after a module the suite releases everything only when the process holds many memory
   mappings (``_release_when_large``; tests jit functions of their own that lmmarg does not count).
 * The suite runs in parallel processes (pytest-xdist, ``-n auto --dist loadfile`` in the README's command): a test
   module's tests stay in one process, so its module-scoped fixtures are built once.
 * ``dense_reference`` (the O(N^3) oracle) is importable as a top-level module: pytest puts this rootdir-relative
-  folder first on the import path, so test modules simply ``from dense_reference import ...``.
+  folder first on the import path, so test modules simply ``from dense_reference import ...``. So is
+  ``modelcache``: models and fits that several test modules use, built once per process.
 """
 import atexit
 import gc
@@ -49,10 +52,10 @@ def _mappings() -> int:
 @pytest.fixture(autouse=True, scope="module")
 def _release_when_large():
     """After each test module: when the process holds many memory mappings, drop lmmarg's shared programs and JAX's
-    caches of compiled executables (``lmmarg.compiled.release_compiled``); what a module's own globals still
+    caches of compiled executables (``lmmarg.compile.release_compiled``); what a module's own globals still
     reference stays alive."""
     yield
     if _mappings() >= RELEASE_AT_MAPPINGS:
-        from lmmarg.compiled import release_compiled
+        from lmmarg.compile import release_compiled
         release_compiled()
         gc.collect()

@@ -1,4 +1,4 @@
-"""BLAS thread limit around fits (lmmarg/inference/_blas.py)."""
+"""BLAS thread limit around fits (lmmarg/inference/blas.py)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +7,7 @@ import scipy.linalg  # noqa: F401  (loads SciPy's OpenBLAS, the library XLA:CPU'
 threadpoolctl = pytest.importorskip("threadpoolctl")
 
 import lmmarg  # noqa: E402
-from lmmarg.inference import _blas  # noqa: E402
+from lmmarg.inference import blas  # noqa: E402
 
 
 def _blas_threads():
@@ -24,26 +24,26 @@ def pools(monkeypatch):
 
 
 def test_small_dense_block_runs_single_threaded_and_restores(pools):
-    with _blas.blas_threads(80):
+    with blas.blas_threads(80):
         assert _blas_threads() == [1] * len(pools)
     assert _blas_threads() == pools
 
 
 def test_large_dense_block_keeps_default(pools):
-    with _blas.blas_threads(_blas.SMALL_DENSE):
+    with blas.blas_threads(blas.SMALL_DENSE):
         assert _blas_threads() == pools
 
 
 def test_environment_override(pools, monkeypatch):
     monkeypatch.setenv("LMMARG_BLAS_THREADS", "default")
-    with _blas.blas_threads(10):
+    with blas.blas_threads(10):
         assert _blas_threads() == pools
     monkeypatch.setenv("LMMARG_BLAS_THREADS", "1")
-    with _blas.blas_threads(10_000):
+    with blas.blas_threads(10_000):
         assert _blas_threads() == [1] * len(pools)
     monkeypatch.setenv("LMMARG_BLAS_THREADS", "two")
     with pytest.raises(ValueError, match="LMMARG_BLAS_THREADS"):
-        with _blas.blas_threads(10):
+        with blas.blas_threads(10):
             pass
 
 
@@ -53,7 +53,7 @@ def test_sample_and_fit_ml_limit_blas_during_the_fit(pools, monkeypatch):
     import lmmarg.inference.nuts as nuts
 
     seen = []
-    real = _blas.blas_threads
+    real = blas.blas_threads
 
     def spy(size):
         seen.append(int(size))

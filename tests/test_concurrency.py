@@ -1,4 +1,4 @@
-"""Fits in several threads of one process (lmmarg.compiled: NumPyro's handler stack is process-global, so lmmarg
+"""Fits in several threads of one process (lmmarg.compile.limits: NumPyro's handler stack is process-global, so lmmarg
 traces under one lock and computes concurrently). Every concurrent result must equal the sequential result with
 the same seed. Each test runs its work in daemon threads joined with a hard timeout: a deadlock fails the test
 (with every thread's stack in the message) instead of hanging CI."""
@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import lmmarg
-from lmmarg.compiled import TRACE_LOCK
+from lmmarg.compile import TRACE_LOCK
 
 # the sampler's diagnostics of these short runs are not the point (warnings.catch_warnings is not thread-safe)
 pytestmark = pytest.mark.filterwarnings("ignore::lmmarg.inference.nuts.SamplerWarning")

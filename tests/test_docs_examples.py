@@ -1,7 +1,13 @@
 """Every Python example of the README and docs/ runs as written (guide section 10 runs in test_workflow.py).
 
-Sampling calls are capped at 2 chains x 100 + 100 iterations: the examples' arguments are accepted unchanged, only
-the run is shorter, so the suite stays fast; everything else executes exactly as printed.
+Sampling calls are capped at 2 chains x (50 warmup + 100 draws) iterations, and at 30 + 30 on data of more than
+10,000 rows (the guide's crossed N = 20,000 example, whose 200 capped iterations would take a third of this module's
+time): the examples' arguments are accepted unchanged, only the run is shorter, so the suite stays fast; everything
+else executes exactly as printed (100 draws per chain: guide section 7 predicts 200 draws of 2 chains).
+
+The examples fit a dozen model structures, some several times (sleepstudy in the README and guide sections 1, 7 and
+8): this module keeps the compiled programs of every structure (``_keep_programs``) instead of lmmarg's bounded
+defaults, so a structure met again is not traced and compiled again.
 """
 import pathlib
 import re
@@ -11,9 +17,12 @@ import matplotlib
 import pytest
 
 import lmmarg
+from lmmarg.compile import limits, programs
 
 matplotlib.use("Agg")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+MAX_CHAINS, MAX_WARMUP, MAX_DRAWS = 2, 50, 100     # the caps of every sample() call (module docstring)
+LARGE_ROWS, LARGE_CAP = 10_000, 30                 # ... and of warmup and draws on data of more rows
 
 
 def _blocks(path: pathlib.Path, stop: str | None = None) -> list[str]:
@@ -23,13 +32,27 @@ def _blocks(path: pathlib.Path, stop: str | None = None) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, re.S)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _keep_programs():
+    """For this module: every structure's programs stay shared (``PROGRAM_CACHE_SIZE``) and lmmarg never releases
+    its compiled caches on its own (``MAX_COMPILED_STRUCTURES = 0``; the suite's conftest still releases them after
+    the module when the process holds many memory mappings)."""
+    patch = pytest.MonkeyPatch()
+    patch.setattr(programs, "PROGRAM_CACHE_SIZE", 64)
+    patch.setattr(limits, "MAX_COMPILED_STRUCTURES", 0)
+    yield
+    patch.undo()
+
+
 @pytest.fixture
 def short_sampling(monkeypatch):
     original = lmmarg.Model.sample
 
     def capped(self, *args, **kwargs):
-        kwargs.update(draws=min(kwargs.get("draws", 1000), 100), warmup=min(kwargs.get("warmup", 1000), 100),
-                      chains=min(kwargs.get("chains", 4), 2), progress_bar=False)
+        large = self.n_obs > LARGE_ROWS
+        kwargs.update(draws=min(kwargs.get("draws", 1000), LARGE_CAP if large else MAX_DRAWS),
+                      warmup=min(kwargs.get("warmup", 1000), LARGE_CAP if large else MAX_WARMUP),
+                      chains=min(kwargs.get("chains", 4), MAX_CHAINS), progress_bar=False)
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(lmmarg.Model, "sample", capped)

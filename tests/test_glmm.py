@@ -5,6 +5,7 @@ implicit gradients, glmer golden values (tests/golden/glmer.json, made by make_g
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import warnings
@@ -124,7 +125,10 @@ def _golden_data(key):
     return lmmarg.datasets.load("VerbAgg")
 
 
+@functools.lru_cache(maxsize=None)
 def _golden_model(key):
+    """The model of a golden case, built once per process: the log-likelihood, ML and binomial-vs-bernoulli tests
+    share it (they only read it)."""
     v = GOLDEN[key]
     return lmmarg.Model(v["formula"], _golden_data(key), family=v["family"], link=v["link"])
 
@@ -301,7 +305,7 @@ def test_laplace_centred_density_identities():
     """Gaussian: the Laplace-centred joint (Jacobian included, ε's N(0, I) taken out) equals the exact marginal
     log p(y | θ) at every ε (ε | y, θ is exactly standard normal). GLMM (canonical link): at ε = 0 it equals the
     Laplace approximation."""
-    from lmmarg import potential as pt
+    from lmmarg import numpyro_model as pt
     sleep = lmmarg.datasets.load("sleepstudy")
     m = lmmarg.Model("Reaction ~ Days + (Days | Subject)", sleep)
     pot = m.potential(marginalize="none", parameterization="laplace")
@@ -311,7 +315,7 @@ def test_laplace_centred_density_identities():
     rng = np.random.default_rng(0)
     for scale in (0.0, 1.0, 3.0):
         eps = (jnp.asarray(scale * rng.normal(size=(t.n_groups, 2))),)
-        val, _ = pt._gaussian_centred(pot.plan, jnp.asarray(beta), sigma, (jnp.asarray(L),), eps,
+        val, _ = pt.gaussian_centred(pot.plan, jnp.asarray(beta), sigma, (jnp.asarray(L),), eps,
                                       tuple(pot.parts.Z), tuple(pot.parts.codes))
         assert float(val) == pytest.approx(m.log_marginal(beta, sigma, {"Subject": L @ L.T}), rel=1e-11)
     g = _model("y ~ x + (x | a) + (1 | b)", "crossed", "poisson", "log", 1, seed=7)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import lmmarg
-from lmmarg import loo as lmloo
+from lmmarg.results import loo as lmloo
 from lmmarg.results import Fit
 
 
@@ -106,7 +106,7 @@ def test_cost_limit_raises_before_any_work(monkeypatch):
     monkeypatch.setattr(lmloo, "MAX_FLOPS", 1.0)
     with pytest.raises(lmloo.LooCostError, match="MAX_FLOPS"):
         f.loo()
-    assert "pointwise" not in f.__dict__.get("_loo_cache", {})
+    assert "pointwise" not in f.loo_cache
 
 
 def test_pointwise_values_are_computed_once_and_not_pickled():
@@ -118,7 +118,7 @@ def test_pointwise_values_are_computed_once_and_not_pickled():
     idata = f.to_arviz(posterior_predictive=False)
     np.testing.assert_array_equal(idata.log_likelihood["y"].values, ll)
     again = pickle.loads(pickle.dumps(f))
-    assert "_loo_cache" not in again.__dict__
+    assert "pointwise" not in again.loo_cache  # the values are not pickled
     np.testing.assert_allclose(again.log_likelihood(), ll)
 
 
@@ -171,7 +171,7 @@ def test_reloo_replaces_flagged_points(sleep_fit, monkeypatch):
     assert all(out.pareto_k.values[j] == 0 for j in top) and not out.warning
     assert out.elpd_loo == pytest.approx(out.loo_i.values.sum()) and again.elpd_loo == out.elpd_loo
     monkeypatch.setattr(lmloo, "RELOO_MAX", 1)  # too many flagged points for automatic refits: a warning
-    sleep_fit.__dict__["_loo_cache"].pop("reloo")
+    sleep_fit.loo_cache.pop("reloo")
     with pytest.warns(UserWarning, match="2 observations have Pareto k"):
         kept = sleep_fit.loo(progress=False)
     assert kept.attrs["lmmarg_reloo"] == [] and len(calls) == 1

@@ -6,6 +6,7 @@ options that cut XLA:CPU compile time several-fold (no global XLA_FLAGS).
 The dense oracle works on tiny matrices, where multi-threaded OpenBLAS only
 spins; one BLAS thread is requested (effective if NumPy is not imported yet).
 """
+import dataclasses
 import functools
 import inspect
 import subprocess
@@ -27,7 +28,7 @@ from lmmarg.marginal import (  # noqa: E402
     build_plan,
 )
 from lmmarg.marginal import conditional_mean as _cond_mean  # noqa: E402
-from lmmarg.marginal import conditional_sample, kernels  # noqa: E402
+from lmmarg.marginal import conditional_sample, kernels, linalg  # noqa: E402
 from lmmarg.marginal import log_marginal as _log_marginal  # noqa: E402
 
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
@@ -230,7 +231,7 @@ def test_float32(kind, seed, dims):
     marg = list(range(len(dims)))
     sc = tuple(np.float32(des["lams"][i]) for i in marg)
     plan = build_plan(des["X"], des["y"], des["classes"], marg, dtype=jnp.float32)
-    assert plan.S_zz.dtype == jnp.float32 and plan.X.dtype == jnp.float32
+    assert plan.stats.S_zz.dtype == jnp.float32 and plan.X.dtype == jnp.float32
     sig_i = des["rng"].uniform(0.5, 1.0, len(des["y"]))
     off = des["rng"].normal(size=len(des["y"]))
     for sigma, offset in [(0.7, None), (sig_i, off)]:
@@ -491,11 +492,11 @@ def test_plan_structure_pytree_and_jit():
     xg = build_plan(*[make_design("xgrp", 38, (1, 1), False)[k] for k in ("X", "y", "classes")], [0, 1])
     assert xg.dense == () and len(xg.chain) == 2
     # terms on one grouping factor share one unit, Lambda block-diagonal over them
-    assert xg.unit_src == ((0, 1),) and xg.unit_dims == (2,) and xg.term_dims == (1, 1)
+    assert xg.structure.unit_src == ((0, 1),) and xg.unit_dims == (2,) and xg.structure.term_dims == (1, 1)
     xc = build_plan(*[make_design("xcrossed", 40, (1, 2, 1, 1), True)[k] for k in ("X", "y", "classes")],
                     [3, 1, 0, 2])
-    assert xc.unit_src == ((2, 3), (0, 1)) and xc.unit_dims == (2, 3) and xc.dense_size == 7 * 3
-    assert xc.level1 is not None and "'subj+subj.x' (9 groups x d=2)" in xc.describe()
+    assert xc.structure.unit_src == ((2, 3), (0, 1)) and xc.unit_dims == (2, 3) and xc.dense_size == 7 * 3
+    assert xc.blocks.one_level is not None and "'subj+subj.x' (9 groups x d=2)" in xc.describe()
     assert "'item.x+item' (7 x 3)" in xc.describe()
     assert kernels.term_shape(xc, 2) == (9, 1) and kernels.term_shape(xc, 1) == (7, 2)
     cr = build_plan(*[make_design("crossed", 39, (1, 1), True)[k] for k in ("X", "y", "classes")], [1, 0])
@@ -563,9 +564,9 @@ def test_one_level_path_matches_generic(kind, seed, dims, marg, fill):
 
     des = make_design(kind, seed, dims, False)
     plan = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill)
-    assert plan.level1 is not None and plan.n_chain_units == 1
-    assert type(plan.bilinear).__name__ == FILL_TYPES[fill]
-    generic = plan.__class__(**{**plan.__dict__, "level1": None, "level1_rhs": None, "bilinear": None})
+    assert plan.blocks.one_level is not None and plan.n_chain_units == 1
+    assert type(plan.blocks.level1).__name__ == FILL_TYPES[fill]
+    generic = dataclasses.replace(plan, blocks=dataclasses.replace(plan.blocks, one_level=None, level1=None))
     others = [i for i in range(len(des["classes"])) if i not in marg]
     offset = jnp.asarray(_offset(des, others)) if others else None
     sc = tuple(jnp.asarray(des["lams"][i]) for i in marg)
@@ -588,7 +589,7 @@ def test_scalar_sigma_plan_rejects_vector_sigma():
     plan = build_plan(des["X"], des["y"], des["classes"], [0, 1], scalar_sigma=True)
     if plan.fills[0] != "pairs":
         pytest.skip("level-1 fill is not the pair scatter for this design")
-    assert plan.pairs[0] is None
+    assert plan.blocks.chain_fills[0].pa is None
     with pytest.raises(ValueError, match="scalar sigma"):
         log_marginal(plan, des["beta"], np.full(len(des["y"]), 0.7), tuple(des["lams"][:2]))
     full = build_plan(des["X"], des["y"], des["classes"], [0, 1])
@@ -603,8 +604,8 @@ def test_structured_fill_in_nested_chain(fill):
     des = make_design("nested_crossed", 45, (2, 1, 2), False)
     marg = [0, 1, 2]
     plan = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill)
-    assert type(plan.bilinear).__name__ == FILL_TYPES[fill]
-    assert plan.n_chain_units == 2 and plan.bilinear is not None and plan.level1 is None
+    assert type(plan.blocks.level1).__name__ == FILL_TYPES[fill]
+    assert plan.n_chain_units == 2 and plan.blocks.level1 is not None and plan.blocks.one_level is None
     sc = tuple(des["lams"][i] for i in marg)
     val = log_marginal(plan, des["beta"], 0.7, sc)
     assert _rel(val, _ref(des, marg, des["beta"], 0.7, sc)) < 1e-10
@@ -626,7 +627,7 @@ def test_pooled_fill_merges_groups_with_equal_statistics():
     classes = [ClassSpec("a", one, a, Ga), ClassSpec("b", one, b, Gb)]
     pooled = build_plan(X, y, classes, [0, 1], level1_fill="pooled")
     pairs = build_plan(X, y, classes, [0, 1], level1_fill="pairs")
-    U = pooled.bilinear.rep.shape[0]
+    U = pooled.blocks.level1.rep.shape[0]
     assert U < Ga and U == np.unique(np.bincount(a, minlength=Ga)).size
     sc = (jnp.array([[0.9]]), jnp.array([[0.6]]))
     beta, sigma = jnp.array([0.8, 0.3]), jnp.asarray(1.1)
@@ -666,7 +667,7 @@ def test_too_large_advice_names_terms_that_resolve():
                                   "y ~ x + (1 | a) + (1 | b)"])
 def test_one_level_recovery_matches_the_general_elimination(form):
     """Scalar σ, one chain level + dense block: conditional means and draws come from the plan's constants
-    (kernels._one_level_draw); they equal the per-cell elimination of a per-observation-σ plan (same ε)."""
+    (the one-level draw in lmmarg.marginal.kernels); they equal the per-cell elimination of a per-observation-σ plan (same ε)."""
     import pandas as pd
 
     from lmmarg import Model
@@ -678,7 +679,7 @@ def test_one_level_recovery_matches_the_general_elimination(form):
     df["y"] = rng.normal(size=n) + df.x
     m = Model(form, df)
     p1, p2 = m.plan("all"), m.plan("all", per_obs_sigma=True)
-    assert p1.level1 is not None   # the one-level path; a vector σ takes the general elimination
+    assert p1.blocks.one_level is not None   # the one-level path; a vector σ takes the general elimination
     beta, sig = jnp.array([0.3, 0.8]), 0.9
     sc = [jnp.asarray(np.tril(rng.normal(size=(t.d, t.d))) + np.eye(t.d)) for t in m.terms]
     sc = [sc[h] for h in p1.marginalized]
@@ -697,7 +698,7 @@ def test_pooled_class_grams_dense_and_sparse_builds_agree():
     and the sparse product (many classes) give the same matrices."""
     import scipy.sparse as sp
 
-    from lmmarg.marginal.plan import _class_grams
+    from lmmarg.marginal.blocks import class_grams
 
     rng = np.random.default_rng(44)
     ds, G0, d0, U = 7, 30, 2, 5
@@ -706,8 +707,8 @@ def test_pooled_class_grams_dense_and_sparse_builds_agree():
     count = np.bincount(cls, minlength=U)
     Bcols = [B[:, np.arange(G0) * d0 + a].tocoo() for a in range(d0)]
     Bblk = [sp.csr_matrix((Ba.data, (cls[Ba.col] * ds + Ba.row, Ba.col)), shape=(U * ds, G0)) for Ba in Bcols]
-    dense = _class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds)
-    sparse = _class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds, blas_max_classes=0)
+    dense = class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds)
+    sparse = class_grams(B, Bcols, Bblk, cls, count, d0, G0, ds, blas_max_classes=0)
     Bd = B.toarray().reshape(ds, G0, d0)
     want = np.stack([np.einsum("iga,jgb->abij", Bd[:, cls == u], Bd[:, cls == u]) for u in range(U)])
     np.testing.assert_allclose(dense, want, atol=1e-12)
@@ -773,7 +774,7 @@ def test_precision_dense_form_matches_scaled_and_dense(kind, seed, dims, marg, m
     des = make_design(kind, seed, dims, False)
     scaled = build_plan(des["X"], des["y"], des["classes"], marg, level1_fill=fill, scalar_sigma=True,
                         marginalize_beta=mbeta)
-    assert scaled.level1 is not None and scaled.dense_form == "scaled"
+    assert scaled.blocks.one_level is not None and scaled.dense_form == "scaled"
     prec = scaled.with_dense_form("precision")
     assert prec.dense_form == "precision" and "precision form" in prec.describe()
     others = [i for i in range(len(des["classes"])) if i not in marg]
@@ -801,7 +802,7 @@ def test_precision_dense_form_singular_lambda_is_minus_inf_with_finite_gradient(
     des = make_design("crossed", 57, (2, 2), False)
     scaled = build_plan(des["X"], des["y"], des["classes"], [0, 1], scalar_sigma=True)
     prec = scaled.with_dense_form("precision")
-    dense_term = scaled.unit_src[-1][0]              # the marginalized term that forms the dense block
+    dense_term = scaled.structure.unit_src[-1][0]              # the marginalized term that forms the dense block
     sc = [jnp.asarray(L) for L in des["lams"]]
     sc[dense_term] = sc[dense_term].at[1, :].set(0.0)   # second SD of the dense term is 0: Lambda singular
     beta, sigma = jnp.asarray(des["beta"]), jnp.asarray(0.8)
@@ -824,7 +825,7 @@ def test_spd_inverse_blocked_and_lapack_paths(n):
     rng = np.random.default_rng(n)
     A = rng.normal(size=(n, n))
     F = A @ A.T / n + np.eye(n)
-    Finv = np.asarray(_jit(kernels._spd_inverse)(jnp.asarray(np.linalg.cholesky(F))))
+    Finv = np.asarray(_jit(linalg.spd_inverse)(jnp.asarray(np.linalg.cholesky(F))))
     np.testing.assert_allclose(Finv, np.linalg.inv(F), rtol=1e-9, atol=1e-11)
     np.testing.assert_allclose(Finv, Finv.T, rtol=0, atol=1e-12)
 
@@ -839,12 +840,12 @@ def test_gather_only_reverse_passes_match_autodiff():
     tri[ju, iu] = np.arange(iu.size)
     t = jnp.asarray(rng.normal(size=iu.size))
     W = jnp.asarray(rng.normal(size=(n, n)))
-    g1 = jax.grad(lambda t: jnp.sum(W * kernels._unpack_symmetric(t, jnp.asarray(tri)) ** 2))(t)
+    g1 = jax.grad(lambda t: jnp.sum(W * linalg.unpack_symmetric(t, jnp.asarray(tri)) ** 2))(t)
     g0 = jax.grad(lambda t: jnp.sum(W * t[tri] ** 2))(t)
     np.testing.assert_allclose(g1, g0, rtol=1e-12)
     P = jnp.asarray(rng.normal(size=(d, d)))
     W2 = jnp.asarray(rng.normal(size=(G * d, G * d)))
-    v1, h1 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(kernels._eye_kron(P, G))))(P)
+    v1, h1 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(linalg.eye_kron(P, G))))(P)
     v0, h0 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(jnp.kron(jnp.eye(G), P))))(P)
     assert abs(float(v1 - v0)) < 1e-12
     np.testing.assert_allclose(h1, h0, rtol=1e-12)
@@ -856,9 +857,9 @@ def test_small_mm_equals_matmul(shapes):
     gradients."""
     rng = np.random.default_rng(len(shapes[0]))
     A, B = (jnp.asarray(rng.normal(size=s)) for s in shapes)
-    np.testing.assert_allclose(kernels._small_mm(A, B), jnp.matmul(A, B), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(linalg.small_mm(A, B), jnp.matmul(A, B), rtol=1e-13, atol=1e-14)
     W = jnp.asarray(rng.normal(size=jnp.matmul(A, B).shape))
-    g1 = jax.grad(lambda A, B: jnp.sum(W * kernels._small_mm(A, B)), argnums=(0, 1))(A, B)
+    g1 = jax.grad(lambda A, B: jnp.sum(W * linalg.small_mm(A, B)), argnums=(0, 1))(A, B)
     g0 = jax.grad(lambda A, B: jnp.sum(W * jnp.matmul(A, B)), argnums=(0, 1))(A, B)
     for a, b in zip(g1, g0):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
@@ -872,22 +873,22 @@ def test_small_spd_inverse_and_precision(d):
     rng = np.random.default_rng(d)
     B = rng.normal(size=(5, d, d))
     A = B @ np.swapaxes(B, 1, 2) + 0.5 * np.eye(d)
-    inv, logdet = kernels._spd_inv_logdet(jnp.asarray(A))
+    inv, logdet = linalg.spd_inv_logdet(jnp.asarray(A))
     np.testing.assert_allclose(inv, np.linalg.inv(A), rtol=1e-11)
     np.testing.assert_allclose(logdet, np.linalg.slogdet(A)[1], rtol=1e-12)
     bad = -np.eye(d)[None] if d == 1 else np.diag([1.0, -1.0] + [1.0] * (d - 2))[None]
-    assert np.isnan(np.asarray(kernels._spd_inv_logdet(jnp.asarray(bad))[1])).all()
+    assert np.isnan(np.asarray(linalg.spd_inv_logdet(jnp.asarray(bad))[1])).all()
     for lam in (np.tril(rng.normal(size=(d, d))) + 2 * np.eye(d), rng.normal(size=(d, d)) + 2 * np.eye(d)):
-        P, ld, ok = kernels._small_precision(jnp.asarray(lam))
+        P, ld, ok = linalg.small_precision(jnp.asarray(lam))
         S = lam @ lam.T
         np.testing.assert_allclose(P, np.linalg.inv(S), rtol=1e-10)
         np.testing.assert_allclose(ld, np.linalg.slogdet(S)[1], rtol=1e-12)
         assert bool(ok)
     sing = np.zeros((d, d))
     sing[0, 0] = 1.0 if d > 1 else 0.0   # rank d - 1
-    P, ld, ok = kernels._small_precision(jnp.asarray(sing))
+    P, ld, ok = linalg.small_precision(jnp.asarray(sing))
     assert not bool(ok) and np.isfinite(np.asarray(P)).all() and np.isfinite(float(ld))
-    g = jax.grad(lambda m: jnp.sum(kernels._small_precision(m)[0]) + kernels._small_precision(m)[1])(jnp.asarray(sing))
+    g = jax.grad(lambda m: jnp.sum(linalg.small_precision(m)[0]) + linalg.small_precision(m)[1])(jnp.asarray(sing))
     assert np.isfinite(np.asarray(g)).all()
 
 
@@ -897,5 +898,5 @@ def test_small_sandwich_both_paths(G):
     rng = np.random.default_rng(G)
     A, B = jnp.asarray(rng.normal(size=(2, 2))), jnp.asarray(rng.normal(size=(2, 2)))
     X = jnp.asarray(rng.normal(size=(G, 2, 2)))
-    np.testing.assert_allclose(kernels._small_sandwich(A, X, B), jnp.einsum("ia,gab,bj->gij", A, X, B),
+    np.testing.assert_allclose(linalg.small_sandwich(A, X, B), jnp.einsum("ia,gab,bj->gij", A, X, B),
                                rtol=1e-12, atol=1e-13)

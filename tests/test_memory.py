@@ -1,4 +1,4 @@
-"""Long-running processes: lmmarg's compiled programs stay bounded (lmmarg.compiled.cache_info), and a low
+"""Long-running processes: lmmarg's compiled programs stay bounded (lmmarg.compile.cache_info), and a low
 address-space limit (ulimit -v) gives a clear MemoryError instead of XLA aborting the process."""
 import os
 import subprocess
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import lmmarg
-from lmmarg import compiled
+from lmmarg.compile import limits, programs
 
 FORMULAS = ("y ~ x + (1 | g)", "y ~ x + z + (1 | g)", "y ~ x + (x | g)", "y ~ x + (1 | g) + (1 | h)")
 
@@ -38,18 +38,18 @@ def test_refits_on_new_shapes_keep_compiled_programs_bounded(monkeypatch):
     """12 fit_ml() calls on models of 12 shapes: lmmarg never keeps more than MAX_COMPILED_STRUCTURES compiled
     structures, releases them when the bound is reached, and the process's memory mappings stop growing (without
     the bound: ~35 more mappings per fit, for good)."""
-    monkeypatch.setattr(compiled, "MAX_COMPILED_STRUCTURES", 4)
-    before = compiled.cache_info()
+    monkeypatch.setattr(limits, "MAX_COMPILED_STRUCTURES", 4)
+    before = limits.cache_info()
     maps, sizes = [], []
     for i in range(12):
         formula, data = _data(i)
         fit = lmmarg.Model(formula, data).fit_ml()
         assert np.isfinite(fit.loglik)
-        info = compiled.cache_info()
+        info = limits.cache_info()
         sizes.append(info["structures"])
-        assert info["programs"] <= lmmarg.potential.PROGRAM_CACHE_SIZE
+        assert info["programs"] <= programs.PROGRAM_CACHE_SIZE
         maps.append(_maps())
-    after = compiled.cache_info()
+    after = limits.cache_info()
     assert max(sizes) <= 4 and after["max_structures"] == 4
     assert after["total_structures"] - before["total_structures"] >= 12   # each new shape compiled its own
     assert after["releases"] - before["releases"] >= 2
@@ -64,8 +64,8 @@ def test_release_keeps_live_programs_usable():
     formula, data = _data(1)
     model = lmmarg.Model(formula, data)
     first = model.fit_ml()
-    compiled.release_compiled()
-    assert compiled.cache_info()["structures"] == 0 and compiled.cache_info()["programs"] == 0
+    limits.release_compiled()
+    assert limits.cache_info()["structures"] == 0 and limits.cache_info()["programs"] == 0
     again = model.fit_ml()
     np.testing.assert_allclose(again.beta, first.beta, rtol=1e-10)
     np.testing.assert_allclose(again.loglik, first.loglik, rtol=1e-12)
@@ -94,4 +94,4 @@ def test_low_address_space_limit_raises_memory_error():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "REFUSED AddressSpaceError" in out.stdout, out.stdout + out.stderr[-2000:]
     assert "2,048 MB" in out.stdout and "ulimit -v" in out.stdout
-    assert f"{compiled.MIN_ADDRESS_SPACE / 2**20:,.0f} MB" in out.stdout
+    assert f"{limits.MIN_ADDRESS_SPACE / 2**20:,.0f} MB" in out.stdout

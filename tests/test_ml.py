@@ -145,9 +145,9 @@ def test_bad_theta0_names_parameter():
 
 def test_compiled_once_per_model():
     model, fit = get_fit("dyestuff", False)
-    cache = model._ml_cache
+    cache = model.cache.ml
     fit2 = model.fit_ml()
-    assert fit2.time_compile_s == 0.0 and model._ml_cache is cache
+    assert fit2.time_compile_s == 0.0 and model.cache.ml is cache
     assert fit2.loglik == pytest.approx(fit.loglik, rel=1e-12)
 
 

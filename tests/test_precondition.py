@@ -4,8 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from lmmarg import Model, datasets
+from lmmarg import Model
 from lmmarg.inference import precondition
+
+from modelcache import sleepstudy_model
 
 
 def test_laplace_metric_of_a_gaussian_is_exact():
@@ -34,8 +36,7 @@ def test_laplace_metric_of_a_gaussian_is_exact():
 
 
 def test_layout_puts_global_sites_first_and_round_trips():
-    m = Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
-    pot = m.potential("none")
+    pot = sleepstudy_model().potential("none")
     lay = precondition.layout(pot)
     assert not any(n.startswith(("z_", "u_")) for n in lay.names[:-1]) and lay.names[-1].startswith("z_")
     assert lay.size == 6 + 36 and lay.n_dense == lay.size        # small: every coordinate dense
@@ -46,7 +47,7 @@ def test_layout_puts_global_sites_first_and_round_trips():
 
 @pytest.fixture(scope="module")
 def sleep():
-    return Model("Reaction ~ Days + (Days | Subject)", datasets.load("sleepstudy"))
+    return sleepstudy_model()
 
 
 def test_mode_and_center_starts_sample_the_same_posterior(sleep):

@@ -5,8 +5,8 @@ import numpyro.distributions as dist
 import pytest
 
 from lmmarg import Model, datasets
-from lmmarg import potential as potential_mod
-from lmmarg.potential import Programs, signature
+from lmmarg.compile import programs as programs_mod
+from lmmarg.compile.programs import Programs, signature
 
 FORM = "Reaction ~ Days + (Days | Subject)"
 
@@ -23,7 +23,7 @@ def _run(m):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_refit_on_new_data_reuses_programs_and_equals_a_fresh_compilation():
-    Programs._cache.clear()
+    Programs.clear()
     m1, m2 = Model(FORM, _data(1)), Model(FORM, _data(2))
     f1, f2 = _run(m1), _run(m2)
     assert m2.potential().programs is m1.potential().programs
@@ -32,7 +32,7 @@ def test_refit_on_new_data_reuses_programs_and_equals_a_fresh_compilation():
     assert f2.diagnostics["time_compile"] < 0.5 * f1.diagnostics["time_compile"]
     # the data really flow: another data set, another posterior
     assert not np.allclose(f1.samples["beta"], f2.samples["beta"])
-    Programs._cache.clear()
+    Programs.clear()
     m3 = Model(FORM, _data(2))
     f3 = _run(m3)
     assert m3.potential().programs is not m1.potential().programs
@@ -71,24 +71,24 @@ def test_names_and_shapes_are_part_of_the_signature():
 
 
 def test_large_data_keep_their_own_programs(monkeypatch):
-    monkeypatch.setattr(potential_mod, "PROGRAM_SHARE_MAX_BYTES", 0)
+    monkeypatch.setattr(programs_mod, "PROGRAM_SHARE_MAX_BYTES", 0)
     d = _data(1)
     a, b = Model(FORM, d).potential(), Model(FORM, d).potential()
     assert a.programs is not b.programs
 
 
 def test_program_cache_is_bounded(monkeypatch):
-    monkeypatch.setattr(potential_mod, "PROGRAM_CACHE_SIZE", 2)
-    Programs._cache.clear()
+    monkeypatch.setattr(programs_mod, "PROGRAM_CACHE_SIZE", 2)
+    Programs.clear()
     d = _data(1)
     pots = [Model(FORM, d.iloc[:n]).potential() for n in (150, 160, 170)]
     progs = [p.programs for p in pots]
-    assert len(Programs._cache) == 2
-    assert progs[0] not in Programs._cache.values() and progs[2] in Programs._cache.values()
+    assert len(Programs.cached()) == 2
+    assert progs[0] not in Programs.cached() and progs[2] in Programs.cached()
 
 
 def test_drivers_per_structure_are_bounded(monkeypatch):
-    monkeypatch.setattr(potential_mod, "DRIVERS_PER_STRUCTURE", 2)
+    monkeypatch.setattr(programs_mod, "DRIVERS_PER_STRUCTURE", 2)
     progs = Model(FORM, _data(1)).potential().programs
     progs.drivers.clear()
     made = [progs.driver(k, lambda k=k: object()) for k in ("a", "b", "a", "c")]
@@ -135,7 +135,7 @@ def test_outputs_compiled_during_sampling_are_what_constrain_and_recover_run(pri
     """sample() compiles the constrain and recovery programs in a background thread while NUTS runs
     (Potential.compile_outputs): the calls after sampling must find them (no compilation), also with beta
     integrated out (normal priors: beta comes from the recovery)."""
-    Programs._cache.clear()
+    Programs.clear()
     m = Model(FORM, _data(4), priors=priors)
     pot = m.potential(marginalize_beta=priors is not None)
     pot.compile_outputs(recover=True)

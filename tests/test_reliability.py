@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 import lmmarg
-from lmmarg.design import DesignError, _aliased_columns, _clearly_full_rank, _qr_r, build_design
+from lmmarg.design import DesignError, aliased_columns, build_design, clearly_full_rank, qr_r
 from lmmarg.formula import FormulaError
 from lmmarg.priors import LKJ, half_student_t
 
@@ -208,24 +208,25 @@ def test_rank_check_names_only_aliased_columns():
     x, z = rng.normal(size=n), rng.normal(size=n)
     X = np.column_stack([np.ones(n), x, 2 * x - 1, np.zeros(n), z * 1e6, x + z])
     names = ["Intercept", "x", "x2", "zero", "z", "xz"]
-    assert _aliased_columns(X[:, [0, 1, 4]], ["Intercept", "x", "z"]) == []  # fast path (Gram)
-    assert _clearly_full_rank(X[:, [0, 1, 4]]) and not _clearly_full_rank(X)
-    assert _aliased_columns(X, names) == ["x2", "zero", "xz"]  # xz = x + 1e-6 z: aliased despite the scales
+    assert aliased_columns(X[:, [0, 1, 4]], ["Intercept", "x", "z"]) == []  # fast path (Gram)
+    assert clearly_full_rank(X[:, [0, 1, 4]]) and not clearly_full_rank(X)
+    assert aliased_columns(X, names) == ["x2", "zero", "xz"]  # xz = x + 1e-6 z: aliased despite the scales
     X[:, 5] += 1e-4 * rng.normal(size=n)  # a near but not exact combination is kept (decided by the QR)
-    assert _aliased_columns(X, names) == ["x2", "zero"]
-    assert _aliased_columns(X[:, [0, 1, 4, 5]], ["Intercept", "x", "z", "xz"]) == []
+    assert aliased_columns(X, names) == ["x2", "zero"]
+    assert aliased_columns(X[:, [0, 1, 4, 5]], ["Intercept", "x", "z", "xz"]) == []
 
 
 def test_chunked_qr_matches_direct_qr():
     rng = np.random.default_rng(4)
     X = rng.normal(size=(1000, 7)) * [1, 10, 1e-3, 1, 1, 1e5, 1]
-    R = _qr_r(X, chunk_bytes=8 * 7 * 50)  # 50-row chunks
+    R = qr_r(X, chunk_bytes=8 * 7 * 50)  # 50-row chunks
     np.testing.assert_allclose(np.abs(R), np.abs(np.linalg.qr(X, mode="r")), rtol=1e-9, atol=1e-9 * np.abs(R).max())
 
 
 def test_dense_limit_is_a_model_option_and_large_blocks_say_their_cost(monkeypatch):
     """The dense-block limit is a Model option (MarginalTooLarge's advice names it) and blocks above LARGE_DENSE
     warn with the measured cost of one evaluation."""
+    import lmmarg.dense_warning as dense_warning
     import lmmarg.marginal.plan as plan_mod
     from lmmarg.marginal import MarginalTooLarge
     rng = np.random.default_rng(0)
@@ -235,7 +236,7 @@ def test_dense_limit_is_a_model_option_and_large_blocks_say_their_cost(monkeypat
     m = lmmarg.Model("y ~ (1 | a) + (1 | b)", d, dense_limit=50)
     with pytest.raises(MarginalTooLarge, match=r"Model\(\.\.\., dense_limit=\.\.\.\)"):
         m.plan("all")
-    monkeypatch.setattr(plan_mod, "LARGE_DENSE", 10)
+    monkeypatch.setattr(dense_warning, "LARGE_DENSE", 10)
     m = lmmarg.Model("y ~ (1 | a) + (1 | b)", d, dense_limit=100)
     with pytest.warns(UserWarning, match=r"dense Schur block of size 60 .* s per value and gradient"):
         m.plan("all")

@@ -1,5 +1,5 @@
 """The sampler's user experience: honest progress, brms argument names, input checks, post-fit warnings and the
-persistent compilation cache (lmmarg.inference.nuts, lmmarg.jax_cache)."""
+persistent compilation cache (lmmarg.inference.nuts, lmmarg.compile.persistent)."""
 import os
 import warnings
 
@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import lmmarg  # noqa: E402
-from lmmarg import jax_cache  # noqa: E402
+from lmmarg.compile import persistent  # noqa: E402
 from lmmarg.inference import nuts  # noqa: E402
 from lmmarg.inference.nuts import SamplerWarning  # noqa: E402
 
@@ -36,7 +36,7 @@ def spied_run(model):
     """One fit with a progress callback and a spy on the fetch of chunk results (the only place the driver
     waits for the device): every report is checked against the number of iterations fetched before it."""
     fetched, reports = {"n": 0}, []
-    real = nuts._fetch
+    real = nuts.fetch
 
     def spy(out, n):
         host = real(out, n)
@@ -48,7 +48,7 @@ def spied_run(model):
         reports.append((phase, done, total, divergences, fetched["n"]))
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(nuts, "_fetch", spy)
+    mp.setattr(nuts, "fetch", spy)
     try:
         fit = model.sample(draws=DRAWS, warmup=WARMUP, chains=CHAINS, seed=0, progress_bar=callback)
     finally:
@@ -172,60 +172,60 @@ def test_recovery_and_constrain_compile_once_for_any_number_of_draws(model):
 @pytest.fixture
 def clean_cache(monkeypatch):
     """Run with lmmarg's cache state and JAX's cache directory as if nothing were configured; restore both."""
-    saved_dir, saved_state = jax.config.jax_compilation_cache_dir, dict(jax_cache._state)
+    saved_dir, saved_state = jax.config.jax_compilation_cache_dir, dict(persistent.state)
     saved_min = jax.config.jax_persistent_cache_min_compile_time_secs
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
     monkeypatch.delenv("LMMARG_JAX_CACHE", raising=False)
     jax.config.update("jax_compilation_cache_dir", None)
-    jax_cache._state.update(ours=None, decided=False)
+    persistent.state.update(ours=None, decided=False)
     yield
     jax.config.update("jax_compilation_cache_dir", saved_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", saved_min)
-    jax_cache._state.clear()
-    jax_cache._state.update(saved_state)
-    jax_cache._reset_jax_cache()
+    persistent.state.clear()
+    persistent.state.update(saved_state)
+    persistent.reset_jax_cache()
 
 
 def test_cache_on_by_default_in_the_per_user_dir(clean_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    if os.name == "posix" and jax_cache.sys.platform != "darwin":
-        assert jax_cache.default_cache_dir() == str(tmp_path / "lmmarg" / "jax")
-    path = jax_cache.apply(None)
-    assert path == jax_cache.default_cache_dir() == jax.config.jax_compilation_cache_dir
+    if os.name == "posix" and persistent.sys.platform != "darwin":
+        assert persistent.default_cache_dir() == str(tmp_path / "lmmarg" / "jax")
+    path = persistent.apply(None)
+    assert path == persistent.default_cache_dir() == jax.config.jax_compilation_cache_dir
     assert os.path.isdir(path)
-    assert jax_cache.set_compilation_cache(False) is None
+    assert persistent.set_compilation_cache(False) is None
     assert jax.config.jax_compilation_cache_dir is None
 
 
 def test_cache_never_overrides_a_user_configured_cache(clean_cache, tmp_path):
     user = str(tmp_path / "mine")
     jax.config.update("jax_compilation_cache_dir", user)
-    assert jax_cache.apply(None) == user
-    assert jax_cache.set_compilation_cache(str(tmp_path / "other")) == user
-    assert jax_cache.set_compilation_cache(False) == user
+    assert persistent.apply(None) == user
+    assert persistent.set_compilation_cache(str(tmp_path / "other")) == user
+    assert persistent.set_compilation_cache(False) == user
     assert jax.config.jax_compilation_cache_dir == user
 
 
 def test_cache_respects_jax_switched_off(clean_cache):
     jax.config.update("jax_enable_compilation_cache", False)
     try:
-        assert jax_cache.apply(None) is None and jax.config.jax_compilation_cache_dir is None
+        assert persistent.apply(None) is None and jax.config.jax_compilation_cache_dir is None
     finally:
         jax.config.update("jax_enable_compilation_cache", True)
 
 
 def test_cache_respects_jax_env_var(clean_cache, monkeypatch, tmp_path):
     monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-    jax_cache.apply(None)
+    persistent.apply(None)
     assert jax.config.jax_compilation_cache_dir is None  # JAX reads its variable itself; lmmarg sets nothing
 
 
 def test_cache_off_switches(clean_cache, model, monkeypatch, tmp_path):
     monkeypatch.setenv("LMMARG_JAX_CACHE", "0")
-    assert jax_cache.apply(None) is None and jax.config.jax_compilation_cache_dir is None
+    assert persistent.apply(None) is None and jax.config.jax_compilation_cache_dir is None
     monkeypatch.setenv("LMMARG_JAX_CACHE", str(tmp_path / "c"))
-    jax_cache._state["decided"] = False
-    assert jax_cache.apply(None) == str(tmp_path / "c") == jax.config.jax_compilation_cache_dir
+    persistent.state["decided"] = False
+    assert persistent.apply(None) == str(tmp_path / "c") == jax.config.jax_compilation_cache_dir
     fit = model.sample(draws=20, warmup=WARMUP, chains=CHAINS, progress_bar=False, compilation_cache=False)
     assert jax.config.jax_compilation_cache_dir is None and fit.diagnostics["compilation_cache"] is None
 
@@ -240,7 +240,7 @@ def test_unwritable_cache_dir_falls_back_silently(clean_cache, tmp_path):
     blocker.write_text("")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert jax_cache.set_compilation_cache(str(blocker / "sub")) is None
+        assert persistent.set_compilation_cache(str(blocker / "sub")) is None
     assert jax.config.jax_compilation_cache_dir is None
 
 
@@ -249,5 +249,5 @@ def test_cache_is_trimmed_oldest_first(tmp_path):
         f = tmp_path / f"entry{i}"
         f.write_bytes(b"x" * 1000)
         os.utime(f, (1000 + i, 1000 + i))
-    jax_cache._trim(str(tmp_path), max_bytes=2500)
+    persistent.trim(str(tmp_path), max_bytes=2500)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry3", "entry4"]

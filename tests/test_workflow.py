@@ -19,23 +19,24 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 import lmmarg  # noqa: E402
-from lmmarg import loo as lmloo  # noqa: E402
+from lmmarg.results import loo as lmloo  # noqa: E402
 from lmmarg.design import DesignError  # noqa: E402
 from lmmarg.formula import FormulaError  # noqa: E402
 from lmmarg.results import Fit  # noqa: E402
+
+from modelcache import sleepstudy, sleepstudy_fit, sleepstudy_ml_fit, sleepstudy_model  # noqa: E402
 
 C, D = 2, 4  # chains, draws of hand-made samples
 
 
 @pytest.fixture(scope="module")
 def sleep():
-    return lmmarg.datasets.load("sleepstudy")
+    return sleepstudy()
 
 
 @pytest.fixture(scope="module")
-def fit(sleep):
-    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", sleep)
-    return model.sample(draws=200, warmup=200, chains=2, seed=1, progress_bar=False)
+def fit():
+    return sleepstudy_fit(draws=200, warmup=200, chains=2, seed=1)
 
 
 def fake_samples(model, seed=0, chains=C, draws=D):
@@ -417,8 +418,8 @@ def test_guide_workflow_section_runs_as_written(tmp_path, monkeypatch):
 
 def test_map_and_ml_fits_pickle_after_their_caches_exist():
     """fit_map / fit_ml leave compiled caches on the model; pickling drops them and the copies still work."""
-    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", lmmarg.datasets.load("sleepstudy"))
-    fmap, fml = model.fit_map(), model.fit_ml()
+    model, fml = sleepstudy_model(), sleepstudy_ml_fit()      # the shared model, fitted by fit_ml already
+    fmap = model.fit_map()
     back = pickle.loads(pickle.dumps(fmap))
     assert back.predict(lmmarg.datasets.load("sleepstudy").head(2), draws=1).shape == (1, 2)
     ml2 = pickle.loads(pickle.dumps(fml))

@@ -17,11 +17,13 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from .. import parameters
 from .._warnings import warn_user
-from .. import xla
-from ..compiled import TRACE_LOCK, note_compiled_structure, traced
+from ..compile import xla
+from ..compile.limits import TRACE_LOCK, note_compiled_structure, traced
 from ..degenerate import check_residual, check_sampler_scales
-from ._blas import blas_threads
+from .blas import blas_threads
+from ..results.fit import Fit
 from .derivatives import hessian_from_gradients
 
 __all__ = ["fit_map", "fit_vi"]
@@ -52,7 +54,7 @@ def _conditional_means(pot, c: dict) -> dict:
     if not pot.marg:
         return {}
     means = pot.conditional_means(c)
-    return {f"u_{pot.model.terms[h].name}": np.asarray(m) for h, m in zip(pot.marg, means)}
+    return {parameters.effects_site(pot.model.terms[h].name): np.asarray(m) for h, m in zip(pot.marg, means)}
 
 
 # MAP edge handling: an SD whose log runs far below its start has (numerically) reached the boundary sd = 0.
@@ -65,7 +67,8 @@ MAP_FD_STEP = 1e-5
 def _sd_positions(pot, unravel, size: int) -> np.ndarray:
     """Positions in the flat unconstrained vector of the random-effect SD sites (log scale)."""
     probe = unravel(jnp.arange(size, dtype=jnp.float64 if jax.config.jax_enable_x64 else jnp.float32))
-    pos = [np.asarray(v).reshape(-1).astype(int) for n, v in probe.items() if n.startswith("sd_")]
+    pos = [np.asarray(v).reshape(-1).astype(int) for n, v in probe.items()
+           if n.startswith(parameters.sd_site(""))]
     return np.concatenate(pos) if pos else np.zeros(0, int)
 
 
@@ -121,8 +124,6 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     Returns lmmarg.results.Fit (method "map", one chain, one draw); ``fit.mode`` is the constrained mode dict,
     ``fit.unconstrained`` the optimum in unconstrained space, ``fit.diagnostics`` holds the optimizer output.
     """
-    from ..results import Fit
-
     if not isinstance(starts, (int, np.integer)) or starts < 1:
         raise ValueError(f"starts must be an integer >= 1, got {starts!r}")
     check_residual(model, "fit_map")
@@ -134,7 +135,7 @@ def fit_map(model, *, marginalize="all", jacobian: bool = False, starts: int = 1
     firsts = [init if init is not None else center]
     firsts += [{k: v[i] for k, v in cands.items()} for i in range(1, starts)]
     flat0, unravel = ravel_pytree({n: jnp.asarray(firsts[0][n], model.dtype) for n in pot.sites})
-    cache = model.__dict__.setdefault("_mapvi_cache", {})
+    cache = model.cache.mapvi
     ck = ("map", pot.marg, bool(jacobian))
     if ck not in cache:
         note_compiled_structure()
@@ -244,8 +245,6 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
     import numpyro.optim
     from numpyro.infer import SVI, Trace_ELBO
 
-    from ..results import Fit
-
     if guide not in _GUIDES:
         raise ValueError(f"guide must be one of {_GUIDES}, got {guide!r}")
     check_residual(model, "fit_vi")
@@ -271,7 +270,7 @@ def fit_vi(model, guide: str = "normal", *, steps: int = 5000, draws: int = 1000
     svi = SVI(model_fn, g, numpyro.optim.Adam(lr), Trace_ELBO(num_particles=num_particles))
     t0 = time.perf_counter()
     # SVI runs the model and guide under NumPyro's handlers (a process-global stack) as it traces its update:
-    # the trace lock is held for the whole run (lmmarg.compiled), so concurrent fit_vi calls run one at a time
+    # the trace lock is held for the whole run (lmmarg.compile.limits), so concurrent fit_vi calls run one at a time
     with blas_threads(pot.plan.dense_size), TRACE_LOCK:
         res = svi.run(k_svi, steps, progress_bar=progress_bar, stable_update=True)
         jax.block_until_ready(res.losses)  # inside the limit: dispatch is asynchronous

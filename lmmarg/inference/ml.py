@@ -25,7 +25,6 @@ lme4's convergence checks (scaled gradient, positive-definite Hessian in the fre
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import jax
@@ -35,14 +34,18 @@ import scipy.optimize
 
 from .._warnings import warn_user
 from ..degenerate import check_residual, check_separation
+from ..dense_warning import warn_large_dense
 from ..design import column_standardizer
-from .. import jax_cache
-from .. import xla
-from ..compiled import check_address_space, note_compiled_structure
-from ._blas import blas_threads
+from ..families import glm_fit
+from ..compile import persistent
+from ..compile import xla
+from ..compile.limits import check_address_space, note_compiled_structure
+from ..marginal import ClassSpec, build_plan, kernels, laplace
+from ..results.ml import ConvergenceChecks, MLFit
+from .blas import blas_threads
 from .derivatives import hessian_from_gradients
 
-__all__ = ["fit_ml", "profiled_deviance", "MLFit", "ConvergenceChecks"]
+__all__ = ["fit_ml", "profiled_deviance"]
 
 _SINGULAR_TOL = 1e-4
 _LOG2PI = float(np.log(2 * np.pi))
@@ -151,8 +154,6 @@ def _coordinates(model) -> _Coordinates:
 # --------------------------------------------------------------------------------------------- criterion
 def _build(model):
     """Jitted functions of (plan, φ): the criteria and their gradient, and the profiled statistics."""
-    from ..marginal import ClassSpec, build_plan, kernels
-
     coords = _coordinates(model)
     layout, dims = coords.layout, coords.dims
     N, p = model.n_obs, len(model.fixed_names)
@@ -165,7 +166,6 @@ def _build(model):
              for t, S in zip(model.terms, coords.S_terms)]
     plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=dt,
                       dense_limit=model.dense_limit)
-    from ..model import warn_large_dense
     warn_large_dense(plan)
     beta0 = np.asarray(plan.beta0, dtype=np.float64)      # OLS on X̃
     r0 = np.asarray(model.y, dtype=np.float64) - X @ beta0
@@ -213,14 +213,13 @@ def _build(model):
 
 
 def _cache(model):
-    """The model's ML objective (built and jitted once per model; its compilation counts towards
-    lmmarg.compiled's bound on compiled structures)."""
-    c = getattr(model, "_ml_cache", None)
+    """The model's ML objective (built and jitted once per model, kept in ``model.cache.ml``; its compilation
+    counts towards lmmarg.compile.limits' bound on compiled structures)."""
+    c = model.cache.ml
     if c is None:
         check_address_space("fit_ml()")
         note_compiled_structure()
-        c = _build(model)
-        model._ml_cache = c
+        c = model.cache.ml = _build(model)
     return c
 
 
@@ -297,29 +296,6 @@ def _edge_probes(obj: _Objective, phi: np.ndarray, grad: np.ndarray, columns) ->
                     q[col] = h * v
                     out.append(q)
     return out
-
-
-class ConvergenceChecks(NamedTuple):
-    """lme4's checkConv at the returned optimum (profiled criterion, standardized coordinates).
-
-    optimizer: the optimizer's own stopping test; max_scaled_gradient: max |C⁻¹g| with H = CCᵀ over the free
-    coordinates (lme4's check.conv.grad, tolerance GRAD_TOL); hessian_min_eig / hessian_max_eig: extreme
-    eigenvalues of H (check.conv.hess: all must be positive); boundary_ok: at the boundary no probe into the
-    interior lowered the criterion and the projected gradient does not point inwards; n_boundary: coordinates
-    at the boundary. messages: what failed, in lme4's words.
-    """
-
-    optimizer: bool
-    max_scaled_gradient: float
-    hessian_min_eig: float
-    hessian_max_eig: float
-    boundary_ok: bool
-    n_boundary: int
-    messages: tuple
-
-    @property
-    def ok(self) -> bool:
-        return not self.messages
 
 
 def _check(obj: _Objective, phi, fval, grad, lower, columns, optimizer_ok: bool, boundary_ok: bool,
@@ -401,182 +377,31 @@ def _start(obj: _Objective, layout, theta0, coords: _Coordinates):
     return cands[int(np.argmin(vals))]
 
 
-# --------------------------------------------------------------------------------------------- result
-@dataclass
-class MLFit:
-    """ML / REML estimates. Arrays: beta, se (p,) in ``fixed_names`` order; cov/sd/corr/ranef keyed by term name
-    ((d,d), (d,), (d,d), (G,d)); theta (n_theta,) lme4's relative Cholesky factors, column-wise per term."""
-
-    model: object = field(repr=False)
-    reml: bool
-    beta: np.ndarray
-    se: np.ndarray
-    sigma: float
-    cov: dict
-    sd: dict
-    corr: dict
-    ranef: dict
-    theta: np.ndarray
-    theta_names: list
-    loglik: float
-    loglik_ml: float
-    deviance: float
-    reml_criterion: float | None
-    is_singular: bool
-    converged: bool
-    message: str
-    n_iter: int
-    n_eval: int
-    time_compile_s: float
-    time_optimize_s: float
-    vcov: np.ndarray = field(repr=False, default=None)
-    checks: ConvergenceChecks = field(repr=False, default=None)
-    n_restarts: int = 0
-
-    @property
-    def fixed_names(self):
-        return list(self.model.fixed_names)
-
-    @property
-    def theta_lower(self) -> np.ndarray:
-        """(n_theta,) lower bounds of θ: 0 for the diagonals of the factors, -inf elsewhere."""
-        return _theta_layout(self.model)[1]
-
-    @property
-    def n_par(self) -> int:
-        return len(self.beta) + len(self.theta) + (0 if self.model.family_spec.is_glmm else 1)
-
-    @property
-    def aic(self) -> float:
-        return -2 * self.loglik + 2 * self.n_par
-
-    @property
-    def bic(self) -> float:
-        return -2 * self.loglik + np.log(self.model.n_obs) * self.n_par
-
-    def fixef(self):
-        """pandas Series of β̂ indexed by fixed-effect name."""
-        import pandas as pd
-        return pd.Series(self.beta, index=self.fixed_names, name="Estimate")
-
-    def coef_table(self):
-        """DataFrame with Estimate, Std. Error, t value (lme4's fixed-effects table; z value and Pr(>|z|) for
-        a GLMM, as glmer)."""
-        import pandas as pd
-        if self.model.family_spec.is_glmm:
-            from scipy.stats import norm
-            z = self.beta / self.se
-            return pd.DataFrame({"Estimate": self.beta, "Std. Error": self.se, "z value": z,
-                                 "Pr(>|z|)": 2 * norm.sf(np.abs(z))}, index=self.fixed_names)
-        return pd.DataFrame({"Estimate": self.beta, "Std. Error": self.se, "t value": self.beta / self.se},
-                            index=self.fixed_names)
-
-    def fitted(self) -> np.ndarray:
-        """(N,) Xβ̂ + Σ_l Z_l b̂_l + offset (conditional fitted values, Gaussian scale: log y for lognormal; the
-        linear predictor η̂ on the link scale for a GLMM family)."""
-        m = self.model
-        f = m.design.X @ self.beta
-        for t in m.terms:
-            f = f + np.einsum("nd,nd->n", t.Z, self.ranef[t.name][t.codes])
-        return f if m.design.offset is None else f + m.design.offset
-
-    def residuals(self, scaled: bool = False) -> np.ndarray:
-        """(N,) response minus fitted values (Gaussian scale), divided by σ̂ if ``scaled``. For a GLMM family the
-        Pearson residuals (y - n μ̂) / sqrt(Var), as glmer's residuals(type = "pearson")."""
-        m = self.model
-        if m.family_spec.is_glmm:
-            from ..families import mean as family_mean
-            mu = family_mean(m.family_spec, self.fitted())
-            n = m.trials
-            var = n * mu if m.family == "poisson" else n * mu * (1 - mu)
-            return (m.y - n * mu) / np.sqrt(np.maximum(var, 1e-300))
-        y = m.y if m.design.offset is None else m.y + m.design.offset   # model.y has the offset taken out
-        r = y - self.fitted()
-        return r / self.sigma if scaled else r
-
-    def summary(self) -> str:
-        """lme4's summary(fit) layout as a string."""
-        return _format(self, full=True)
-
-    def __str__(self) -> str:
-        return _format(self, full=True)
-
-    def __repr__(self) -> str:
-        return _format(self, full=False)
-
-
-def _fmt_num(x: float, digits: int = 4) -> str:
-    return f"{x:.{digits}g}" if abs(x) >= 1e-3 or x == 0 else f"{x:.{digits - 1}e}"
-
-
-def _col(name: str) -> str:
-    return "(Intercept)" if name == "Intercept" else name
-
-
-def _format(fit: MLFit, full: bool) -> str:
-    m = fit.model
-    how = "REML" if fit.reml else "maximum likelihood "
-    glmm = m.family_spec.is_glmm
-    lines = [f"Linear mixed model fit by {how} ['lmerMod']", f"Formula: {m.formula}"]
-    if glmm:
-        lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace Approximation) ['glmerMod']",
-                 f" Family: {m.family}  ( {m.link} )", f"Formula: {m.formula}"]
-    if fit.reml:
-        lines += ["", f"REML criterion at convergence: {fit.reml_criterion:.1f}"]
-    else:
-        hdr = ["AIC", "BIC", "logLik", "deviance", "df.resid"]
-        vals = [f"{fit.aic:.1f}", f"{fit.bic:.1f}", f"{fit.loglik:.1f}", f"{fit.deviance:.1f}",
-                str(m.n_obs - fit.n_par)]
-        w = [max(len(h), len(v)) + 1 for h, v in zip(hdr, vals)]
-        lines += ["", " ".join(h.rjust(k) for h, k in zip(hdr, w)), " ".join(v.rjust(k) for v, k in zip(vals, w))]
-    if full:
-        q = np.quantile(fit.residuals(scaled=True), [0, 0.25, 0.5, 0.75, 1])
-        names = ["Min", "1Q", "Median", "3Q", "Max"]
-        vals = [f"{v:.4f}" for v in q]
-        w = [max(len(a), len(b)) for a, b in zip(names, vals)]
-        lines += ["", "Pearson residuals: " if glmm else "Scaled residuals: ",
-                  " ".join(a.rjust(k) for a, k in zip(names, w)), " ".join(b.rjust(k) for b, k in zip(vals, w))]
-    # random effects, lme4's order: decreasing number of levels (stable)
-    terms = sorted(m.terms, key=lambda t: -t.n_groups)
-    rows = []
-    for t in terms:
-        for i, c in enumerate(t.columns):
-            corr = [f"{fit.corr[t.name][i, j]:.2f}" for j in range(i)] if t.d > 1 else []
-            rows.append([t.name if i == 0 else "", _col(c), _fmt_num(fit.cov[t.name][i, i]),
-                         _fmt_num(fit.sd[t.name][i]), " ".join(corr)])
-    if not glmm:
-        rows.append(["Residual", "", _fmt_num(fit.sigma ** 2), _fmt_num(fit.sigma), ""])
-    has_corr = any(t.d > 1 for t in m.terms)
-    head = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if has_corr else [])
-    rows = [r[:len(head)] for r in rows]
-    w = [max(len(r[k]) for r in rows + [head]) for k in range(len(head))]
-    lines += ["", "Random effects:"]
-    for r in [head] + rows:
-        lines.append(" " + " ".join(r[k].ljust(w[k]) for k in range(len(head))).rstrip())
-    groups = {}
-    for t in terms:
-        groups.setdefault(t.group, t.n_groups)
-    lines.append(f"Number of obs: {m.n_obs}, groups:  " + "; ".join(f"{g}, {n}" for g, n in groups.items()))
-    lines += ["", "Fixed effects:"]
-    tab = fit.coef_table()
-    cells = [[""] + list(tab.columns)]
-    for name, row in tab.iterrows():
-        cells.append([_col(name), _fmt_num(row["Estimate"], 5), _fmt_num(row["Std. Error"], 4),
-                      f"{row.iloc[2]:.2f}"] + ([f"{row.iloc[3]:.3g}"] if glmm else []))
-    k_cols = len(cells[0])
-    w = [max(len(r[k]) for r in cells) for k in range(k_cols)]
-    for r in cells:
-        lines.append(r[0].ljust(w[0]) + " " + " ".join(r[k].rjust(w[k]) for k in range(1, k_cols)))
-    if fit.is_singular:
-        lines += ["", "boundary (singular) fit: see help('isSingular')"]
-    if not fit.converged:
-        lines += ["", f"optimizer (L-BFGS-B) convergence message: {fit.message}"]
-        if fit.checks is not None:
-            lines += [f"Model failed to converge: {m}" for m in fit.checks.messages]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- fit
+def _compile(obj: _Objective, cache: dict, x) -> float:
+    """Compile the criterion (first call at x) once per model; the seconds it took (0 when already compiled)."""
+    if cache["compile_s"] is not None:
+        return 0.0
+    t0 = time.perf_counter()
+    jax.block_until_ready(obj.raw(x))
+    cache["compile_s"] = time.perf_counter() - t0
+    return cache["compile_s"]
+
+
+def _minimize(obj: _Objective, x0, lower, layout, names, maxiter, gtol, ftol, failure: str):
+    """The one optimize flow of ML, REML and Laplace ML: L-BFGS-B with boundary probes and restarts
+    (``_optimize``), then lme4's convergence checks. failure: what a non-finite optimum means (the error text).
+    Returns (x, fval, grad, res, restarts, checks)."""
+    x, fval, grad, res, restarts, boundary_ok = _optimize(obj, x0, lower, _columns(layout), maxiter, gtol, ftol)
+    if not np.isfinite(fval):
+        raise FloatingPointError(failure)
+    # the optimizer's own test: success, or an abnormal line-search end with a tiny projected gradient
+    pg = np.where((x <= lower + 1e-12) & (grad > 0), 0.0, grad)
+    opt_ok = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(fval)) ** 0.5
+    checks = _check(obj, x, fval, grad, lower, _columns(layout), opt_ok, boundary_ok, names)
+    return x, fval, grad, res, restarts, checks
+
+
 def profiled_deviance(model, theta, reml: bool = False) -> float:
     """lme4's profiled criterion at θ (its ``devfun``): the ML deviance, or the REML criterion if ``reml``.
 
@@ -617,7 +442,7 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     if reml and model.n_obs <= p:
         raise ValueError(f"REML needs more observations (N={model.n_obs}) than fixed effects (p={p})")
     check_residual(model, "fit_ml")
-    jax_cache.apply(compilation_cache)
+    persistent.apply(compilation_cache)
     cache = _cache(model)
     coords = cache["coords"]
     layout, lower = _theta_layout(model)
@@ -632,26 +457,14 @@ def fit_ml(model, reml: bool = False, *, theta0=None, maxiter: int = 2000, gtol:
     flag = jax.device_put(np.asarray(1.0 if reml else 0.0, dtype=npdt))
     obj = _Objective(cache["fn"], plan, consts, flag, npdt, verbose)
 
-    compile_s = 0.0
-    if cache["compile_s"] is None:
-        t0 = time.perf_counter()
-        eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
-        jax.block_until_ready(obj.raw(eye))
-        compile_s = cache["compile_s"] = time.perf_counter() - t0
-
+    compile_s = _compile(obj, cache, np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout]))
     t1 = time.perf_counter()
-    names = _theta_names(model)
     with blas_threads(plan.dense_size):
         phi0 = _start(obj, layout, theta0, coords)
-        phi, fval, grad, res, restarts, boundary_ok = _optimize(obj, phi0, lower, _columns(layout), maxiter,
-                                                                gtol, ftol)
-        if not np.isfinite(fval):
-            raise FloatingPointError("fit_ml: the profiled criterion is not finite at the optimum; check the data "
-                                     "for a constant response or columns of extreme scale")
-        # the optimizer's own test: success, or an abnormal line-search end with a tiny projected gradient
-        pg = np.where((phi <= lower + 1e-12) & (grad > 0), 0.0, grad)
-        opt_ok = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(fval)) ** 0.5
-        checks = _check(obj, phi, fval, grad, lower, _columns(layout), opt_ok, boundary_ok, names)
+        phi, fval, grad, res, restarts, checks = _minimize(
+            obj, phi0, lower, layout, _theta_names(model), maxiter, gtol, ftol,
+            "fit_ml: the profiled criterion is not finite at the optimum; check the data for a constant response or "
+            "columns of extreme scale")
     opt_s = time.perf_counter() - t1
     stats = jax.tree_util.tree_map(np.asarray, obj.raw(phi)[0][1])
     theta = coords.theta_from_phi(phi)
@@ -741,9 +554,6 @@ def _build_laplace(model):
     φ standardized θ (Λ_l = S_l Λ̃_l), β = β_glm + S_β δ. glmer's nAGQ = 1 optimizes θ and β jointly, as here.
 
     S_β = S_X diag(c) is set per fit (``_beta_scales``; consts["S_X"] holds it)."""
-    from ..families import glm_fit
-    from ..marginal import laplace
-
     coords = _coordinates(model)
     layout, dims = coords.layout, coords.dims
     n_theta = sum(len(r) for r, _ in layout)
@@ -815,12 +625,12 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
     and restarts, then the convergence checks of the Gaussian fit on the joint Hessian. Separated data (infinite
     estimates, lmmarg.degenerate) are refused before any compilation."""
     check_separation(model, "fit_ml")
-    jax_cache.apply(compilation_cache)
-    cache = getattr(model, "_laplace_ml_cache", None)
+    persistent.apply(compilation_cache)
+    cache = model.cache.laplace_ml
     if cache is None:
         check_address_space("fit_ml()")
         note_compiled_structure()
-        cache = model._laplace_ml_cache = _build_laplace(model)
+        cache = model.cache.laplace_ml = _build_laplace(model)
     coords, n_theta, plan = cache["coords"], cache["n_theta"], cache["plan"]
     layout, lower_t = _theta_layout(model)
     p = len(model.fixed_names)
@@ -828,11 +638,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
     npdt = np.dtype(jnp.dtype(model.dtype).name)
     obj = _WarmObjective(cache["fn"], plan, cache["consts"], cache["v0"], npdt, verbose)
     eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
-    compile_s = 0.0
-    if cache["compile_s"] is None:
-        t0 = time.perf_counter()
-        jax.block_until_ready(obj.raw(np.concatenate([eye, np.zeros(p)])))
-        compile_s = cache["compile_s"] = time.perf_counter() - t0
+    compile_s = _compile(obj, cache, np.concatenate([eye, np.zeros(p)]))
     t1 = time.perf_counter()
     names = _theta_names(model) + [f"beta.{n}" for n in model.fixed_names]
     with blas_threads(plan.dense_size):
@@ -845,14 +651,10 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
             cands = [np.concatenate([s * eye, np.zeros(p)]) for s in START_SCALES]
             x0 = cands[int(np.argmin([obj.value(q) for q in cands]))]
         S_beta = _beta_scales(obj, x0, n_theta, coords.S_X, model.n_obs, npdt)
-        x, fval, grad, res, restarts, boundary_ok = _optimize(obj, x0, lower, _columns(layout), maxiter,
-                                                              gtol=1e-9, ftol=1e-15)
-        if not np.isfinite(fval):
-            raise FloatingPointError("fit_ml: the Laplace criterion is not finite at the optimum (the conditional "
-                                     "mode search failed); check the data for complete separation")
-        pg = np.where((x <= lower + 1e-12) & (grad > 0), 0.0, grad)
-        opt_ok = bool(res.success) or float(np.max(np.abs(pg), initial=0.0)) < 1e-4 * max(1.0, abs(fval)) ** 0.5
-        checks = _check(obj, x, fval, grad, lower, _columns(layout), opt_ok, boundary_ok, names)
+        x, fval, grad, res, restarts, checks = _minimize(
+            obj, x0, lower, layout, names, maxiter, 1e-9, 1e-15,
+            "fit_ml: the Laplace criterion is not finite at the optimum (the conditional mode search failed); check "
+            "the data for complete separation")
         # standard errors of β: the β block of the inverse Hessian of the deviance / 2 (glmer's use.hessian)
         H = hessian_from_gradients(obj, x, grad, np.arange(x.size), FD_STEP, central=True)
         free = np.flatnonzero(~((lower == 0.0) & (x <= EDGE_TOL)))

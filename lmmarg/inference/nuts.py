@@ -3,7 +3,7 @@
 The chunked driver (``chain_method="vectorized"``; "parallel", the default, runs it on every local device) runs
 the chains as jitted chunks of iterations, one compiled program per (model structure and shapes,
 marginalization, warmup, chains, NUTS options) for every chunk length and every data set of those shapes (the
-data are an argument, ``lmmarg.potential.Programs``). The progress report advances only when a chunk's results
+data are an argument, ``lmmarg.compile.programs``). The progress report advances only when a chunk's results
 are on the host (JAX dispatches asynchronously, so counting dispatched chunks would run ahead of the sampler),
 names the phase (compiling / warmup / sampling), shows the divergences after warmup so far and an ETA. After every
 fit the sampler's diagnostics are checked as brms/Stan do and problems are reported as ``SamplerWarning``.
@@ -28,15 +28,18 @@ import numpy as np
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.hmc import hmc
 
-from .. import jax_cache
-from .. import xla
-from ..compiled import TRACE_LOCK, check_address_space
+from ..compile import persistent
+from ..compile import xla
+from ..compile.limits import TRACE_LOCK, check_address_space
+from .. import parameters
 from .._warnings import warn_user
 from ..degenerate import check_residual, check_sampler_scales, separation, separation_message
+from ..potential import default_marginalize_beta
+from ..results.fit import Fit
 from . import precondition
-from ._blas import blas_threads
+from .blas import blas_threads
 
-__all__ = ["sample", "use_cores", "SamplerWarning"]
+__all__ = ["sample", "use_cores", "SamplerWarning", "fetch"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,8 +192,9 @@ def _progress(progress_bar, total: int, chains: int):
 
 
 # -- the chunked driver -------------------------------------------------------------------------------------------
-def _fetch(out, n: int):
-    """The first n iterations of a chunk's output as NumPy arrays; blocks until the chunk has run."""
+def fetch(out, n: int):
+    """The first n iterations of a chunk's output as NumPy arrays; blocks until the chunk has run. The one place
+    the driver waits for the device (public so that tests can watch it)."""
     return jax.tree.map(lambda x: np.asarray(x)[:n], jax.device_get(out))
 
 
@@ -227,7 +231,7 @@ def _value_and_grad_program(density, lay, data):
 
 class _Driver:
     """NUTS for `chains` vectorized chains, compiled once per (model structure and shapes, warmup, chains, NUTS
-    options): one instance serves every potential with the same ``lmmarg.potential.signature``.
+    options): one instance serves every potential with the same ``lmmarg.compile.signature``.
 
     The chains move in the whitened coordinates z of a ``precondition.Metric`` (x = mean + R z, see
     lmmarg.inference.precondition). The metric and the data (``Potential.data``: plan, priors, standardization)
@@ -241,8 +245,8 @@ class _Driver:
 
     def __init__(self, progs, lay: precondition.Layout, warmup: int, chains: int, nuts_kwargs: dict,
                  devices: int = 1):
-        # the jitted density is traced once for the several places NUTS evaluates it (init, leapfrog): ~20 % less
-        # tracing time (sleepstudy: 3.9 -> 3.2 s on a busy 2-core machine); XLA inlines it, the program is the same
+        # the jitted density is traced once for the several places NUTS evaluates it (init, leapfrog): less tracing
+        # time (docs/benchmarks.md, 'Measurements behind the code'); XLA inlines it, the program is the same
         pe, pot = progs.density, progs.template
 
         def potential_gen(metric, data):
@@ -354,7 +358,7 @@ class _Run(_HostCalls):
         if self.devices > 1:   # (devices, capacity, per, ...) -> (capacity, chains, ...)
             out = jax.tree.map(lambda x: np.moveaxis(np.asarray(x), 0, 1).reshape((x.shape[1], -1) + x.shape[3:]),
                                jax.device_get(out))
-        return _fetch(out, n)
+        return fetch(out, n)
 
     def _size(self, start: int, total: int, sec_per_iter, live: bool) -> int:
         n = self.capacity
@@ -427,11 +431,11 @@ def use_cores(n: int | None = None) -> int:
 def _chains_batched() -> bool:
     """Whether the chains on one device run batched (vmap, in lockstep: every iteration costs the longest
     trajectory of the batch) or one after the other (lax.map). Batched on accelerators, where a batch of chains
-    costs about one chain. On a CPU a batch costs the sum of its chains anyway (dillonE1: 4 batched
-    value-and-gradients 4.1x one), so the chains run one after the other and no chain waits for the longest
-    trajectory; and the engine's dense LAPACK calls stay unbatched: jaxlib 0.10's batched CPU LAPACK kernels
-    split their batch over XLA's intra-op thread pool and block on it, which deadlocks when programs on
-    several host devices (chain_method="parallel") hold every pool thread."""
+    costs about one chain. On a CPU a batch costs the sum of its chains anyway (measured on dillonE1:
+    docs/benchmarks.md, 'Measurements behind the code'), so the chains run one after the other and no chain
+    waits for the longest trajectory; and the engine's dense LAPACK calls stay unbatched: jaxlib 0.10's batched
+    CPU LAPACK kernels split their batch over XLA's intra-op thread pool and block on it, which deadlocks when
+    programs on several host devices (chain_method="parallel") hold every pool thread."""
     return jax.default_backend() != "cpu"
 
 
@@ -450,7 +454,7 @@ def _numpyro_mcmc(pot, lay, metric, key, z0, warmup, draws, chains, chain_method
     kernel = NUTS(potential_fn=lambda z: pe(lay.unflatten(precondition.to_position(m, z)), data), **nuts_kwargs)
     mcmc = MCMC(kernel, num_warmup=warmup, num_samples=draws, num_chains=chains, chain_method=chain_method,
                 progress_bar=bool(progress_bar))
-    with TRACE_LOCK:   # NumPyro's driver traces the potential as it goes: held throughout (lmmarg.compiled)
+    with TRACE_LOCK:   # NumPyro's driver traces the potential as it goes: held throughout (lmmarg.compile.limits)
         mcmc.run(key, init_params=z0[0] if chains == 1 else z0, extra_fields=_EXTRA)
     ex = mcmc.get_extra_fields(group_by_chain=True)
     z = np.asarray(mcmc.get_samples(group_by_chain=True))
@@ -477,8 +481,9 @@ def _fixed_effects_at_zero(pot, lay, x: np.ndarray) -> np.ndarray:
     and the chains would start where the potential is infinite."""
     vals = {k: np.asarray(v) for k, v in pot.to_constrained(lay.unflatten(jnp.asarray(x))).items()}
     center = pot.data["start"]["center"]
+    fixed, sigma_fixed = parameters.fixed_site(""), parameters.fixed_site("", sigma_part=True)  # name prefixes
     for n in vals:
-        if n.startswith("b_") and not n.startswith("b_sigma") and center.get(n) is not None:
+        if n.startswith(fixed) and not n.startswith(sigma_fixed) and center.get(n) is not None:
             vals[n] = vals[n] - np.asarray(center[n])
     return np.asarray(lay.flatten(pot.unconstrain(vals)), np.float64)
 
@@ -617,7 +622,8 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         accelerator, one after the other within each chunk on a CPU), or "sequential" (NumPyro's MCMC).
     progress_bar: True (a live bar in a terminal or notebook, a few plain lines otherwise), False, or a callable
         f(phase, done, total, divergences) called after each finished chunk of iterations ("vectorized" only).
-    compilation_cache: None (default: JAX's persistent cache on, see lmmarg.jax_cache), True, False or a directory.
+    compilation_cache: None (default: JAX's persistent cache on, see lmmarg.compile.persistent), True, False or a
+        directory.
     init: "mode" (default): find the posterior mode, start the chains within about one posterior SD of it and let
         NUTS move in coordinates whitened by the curvature there (an affine map: the posterior is unchanged; see
         lmmarg.inference.precondition); "center": start at a jittered data-scaled centre, unit scales.
@@ -637,7 +643,6 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         raise ValueError(f"chain_method must be 'vectorized', 'sequential' or 'parallel', got {chain_method!r}")
     if init not in _INITS:
         raise ValueError(f"init must be one of {', '.join(map(repr, _INITS))}, got {init!r}")
-    from ..results import Fit
 
     check_residual(model, "sample")
     check_sampler_scales(model, "sample")
@@ -647,9 +652,8 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                   "direction it is the prior's tail: check that the priors of those coefficients are what you mean "
                   "(model.priors)")
     check_address_space("sample()")
-    jax_cache.apply(compilation_cache)
+    persistent.apply(compilation_cache)
     if marginalize_beta is None:
-        from ..potential import default_marginalize_beta
         marginalize_beta = default_marginalize_beta(model, marginalize, parameterization)
     pot = model.potential(marginalize, parameterization, marginalize_beta)
     if not pot.sites:
@@ -680,7 +684,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
                         pot, lay, metric, k_mcmc, z0, warmup, draws, chains, chain_method, progress_bar, nuts_kwargs)
                 else:
                     # nothing else executes while NUTS runs: XLA:CPU was seen to stall with every thread idle when
-                    # a recovery program ran concurrently with a chunk (as it did in group LOO, see lmmarg.loo)
+                    # a recovery program ran concurrently with a chunk (as it did in group LOO, see lmmarg.results.loo)
                     state = programs.start(k_mcmc, z0, metric, fallback)
                     with _in_background(lambda: pot.compile_outputs(recover)) as outputs:
                         z, div, n_steps, step_size, accept, pe = programs.run(state, metric, draws, report)
@@ -729,7 +733,7 @@ def sample(model, draws: int = 1000, warmup: int = 1000, chains: int = 4, seed: 
         "target_accept_prob": float(nuts_kwargs["target_accept_prob"]),
         "marginalized": list(pot.marginalized_terms), "hmc_terms": list(pot.hmc_terms),
         "marginalize_beta": pot.marginalize_beta,
-        "compilation_cache": jax_cache.active_cache_dir(),
+        "compilation_cache": persistent.active_cache_dir(),
         **init_info,
     }
     fit = Fit(model, samples, sample_stats=stats, diagnostics=diagnostics, method="nuts", potential=pot)

@@ -5,13 +5,15 @@
 differentiable functions of (plan, parameters).
 """
 from .kernels import Factor, conditional_mean, conditional_sample, factorize, log_marginal
-from .plan import ClassSpec, MarginalTooLarge, Plan, auto_marginalize, build_plan
+from .plan import CellSums, ClassSpec, MarginalTooLarge, Plan, auto_marginalize, build_plan, plan_from_statistics
 
 __all__ = [
     "ClassSpec",
     "Plan",
     "MarginalTooLarge",
     "build_plan",
+    "CellSums",
+    "plan_from_statistics",
     "auto_marginalize",
     "Factor",
     "factorize",

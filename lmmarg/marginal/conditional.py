@@ -37,7 +37,8 @@ Cost per evaluation: one pass over the data with 1 + k right-hand sides (k = Σ 
 SWEEPS · (number of conditional terms) − 1 passes, plus the likelihood's own pass, all differentiated by JAX.
 A pass is a segment sum over the marginalized classes' cells, the back substitution, a gather, and a segment sum
 over the conditional term's groups. ``SWEEPS = 1``: on the 500 × 500 crossed design (N = 1e5) two sweeps sampled
-with the same 15 leapfrog steps per draw and the same ESS as one, at ~25 % more per gradient.
+with the same 15 leapfrog steps per draw and the same ESS as one, at a higher cost per gradient
+(docs/benchmarks.md, 'Measurements behind the code').
 """
 from __future__ import annotations
 

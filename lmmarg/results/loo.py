@@ -40,7 +40,7 @@ on a 2-thread pool, both threads wait for work that no free thread can take (a d
 other (``lax.map``, chunks of draws from a host loop that reports progress), the d₁ × d₁ blocks of A are factorized
 by unrolled elementwise code, and the q₂ × q₂ and group blocks go to LAPACK one matrix per call.
 
-The values are computed once per fit and kept on it (``fit._loo_cache``, not pickled): ``loo``, ``compare``,
+The values are computed once per fit and kept on it (``fit.loo_cache``, not pickled): ``loo``, ``compare``,
 ``log_likelihood`` and ``to_arviz`` reuse them.
 """
 from __future__ import annotations
@@ -52,8 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import cho_solve, solve_triangular
 
-from . import xla
-from ._warnings import warn_user
+from .. import families
+from .. import parameters
+from ..compile import xla
+from .._warnings import warn_user
+from ..marginal import laplace
+from ..marginal.linalg import chol_small
 
 __all__ = ["pointwise_loglik", "group_loglik", "compare", "response_scale", "loo_cost", "reloo_points",
            "LooCostError", "MAX_DENSE", "MAX_WORK", "MAX_FLOPS", "RELOO_K", "RELOO_MAX", "PROGRESS_AFTER",
@@ -63,8 +67,8 @@ MAX_DENSE = 4000  # largest q₂ (random effects outside the largest term) handl
 MAX_WORK = 5e7  # largest number of floats one draw needs (the per-observation rows of t, S, S⁻¹)
 MAX_FLOPS = 2e12  # largest estimated work over all draws (about an hour at FLOP_RATE)
 FLOP_RATE = 5e8  # flops per second the estimate assumes: these programs are gathers and scatters more than GEMMs
-# (measured: 7 ms per draw for 4.1e6 estimated flops, ScotsSec-like 3,435 x (148 + 19) crossed, 2 loaded cores)
-DENSE_PENALTY = 4.0  # the dense path measured ~4x slower per estimated flop than the sparse one (same model)
+# (rounded down from a crossed model's measured draws: docs/benchmarks.md, 'Measurements behind the code')
+DENSE_PENALTY = 4.0  # the dense path ran this much slower per estimated flop than the sparse one (same model)
 PROGRESS_AFTER = 3.0  # seconds: a progress bar is shown when the remaining draws are estimated to take longer
 FORCE_PATH = None  # "sparse" or "dense": the quadratic forms' path for terms beyond the first (None: the cheaper)
 RELOO_K = 0.7  # Pareto k above which loo() treats an observation's PSIS estimate as unreliable (brms, loo)
@@ -77,39 +81,20 @@ class LooCostError(ValueError):
     """The integrated log-likelihood would need a dense block too large for this model (see module doc)."""
 
 
-def _factor(sd: np.ndarray, corr: np.ndarray | None) -> np.ndarray:
-    """Λ with Λ Λᵀ = diag(sd) corr diag(sd), for singular correlations too: (S, d, d).
-
-    The symmetric eigen-decomposition instead of a Cholesky factor keeps a boundary draw (|ρ| = 1) finite.
-    """
-    S, d = sd.shape
-    if corr is None or d == 1:
-        return sd[:, :, None] * np.eye(d)[None]
-    w, V = np.linalg.eigh(corr)
-    return sd[:, :, None] * (V * np.sqrt(np.clip(w, 0, None))[:, None, :])
+def _factors(fit) -> list:
+    """Λ_h (S, d_h, d_h) per term from the fit's flattened draws (singular correlations too:
+    lmmarg.parameters.relative_factor_any)."""
+    s, S = fit.samples, fit.n_chains * fit.n_draws
+    lams = []
+    for t in fit.model.terms:
+        corr = s.get(parameters.corr_site(t.name))
+        lams.append(parameters.relative_factor_any(s[parameters.sd_site(t.name)].reshape(S, t.d),
+                                                   None if corr is None else corr.reshape(S, t.d, t.d)))
+    return lams
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # small blocks without LAPACK (see the module doc: no batched LAPACK call in any program here)
-
-
-def _chol_small(A):
-    """Cholesky factors of a batch of small SPD matrices, (..., d, d) -> (..., d, d), by the unrolled recursion
-    (elementwise operations only: no batched LAPACK call)."""
-    d = A.shape[-1]
-    L = [[None] * d for _ in range(d)]
-    for j in range(d):
-        s = A[..., j, j]
-        for k in range(j):
-            s = s - L[j][k] ** 2
-        L[j][j] = jnp.sqrt(s)
-        for i in range(j + 1, d):
-            s = A[..., i, j]
-            for k in range(j):
-                s = s - L[i][k] * L[j][k]
-            L[i][j] = s / L[j][j]
-    zero = jnp.zeros_like(A[..., 0, 0])
-    return jnp.stack([jnp.stack([L[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)], -2)
 
 
 def _fwd_small(L, b):
@@ -302,7 +287,7 @@ def _draw_fn(st: _Static, dtype, blocks=None):
         iv = 1.0 / sig**2
         w1 = Z1 @ lam1  # rows w1_i = Λ₁ᵀ z_i: (N, d1)
         A = eye1 + jax.ops.segment_sum(w1[:, :, None] * w1[:, None, :] * iv[:, None, None], g1, G1)
-        LA = _chol_small(A)  # (G1, d1, d1)
+        LA = chol_small(A)  # (G1, d1, d1)
         a = _fwd_small(LA[g1], w1[..., None])[..., 0]  # (N, d1): |a_i|² = w1ᵀ A⁻¹ w1
         v1 = jax.ops.segment_sum(w1 * (r * iv)[:, None], g1, G1)  # (G1, d1) block 1 of Wᵀ D⁻¹ r
         xA = cho1(LA, v1[..., None])[..., 0]
@@ -360,7 +345,7 @@ def _map_draws(fit, key, one, xs, S: int, chunk: int, desc: str, progress: bool 
     repeating a draw, so one compilation serves all) and shows a tqdm bar of draws done when the remaining chunks
     are estimated, from the first one's time, to take more than PROGRESS_AFTER seconds. Returns numpy outputs
     (S, ...). The compiled program is kept in the fit's cache under ``key``."""
-    cache = fit.__dict__.setdefault("_loo_cache", {})
+    cache = fit.loo_cache
     b = max(1, min(chunk, S))
     pkey = ("program", key, b)
     take = lambda s0: jax.tree_util.tree_map(lambda a: a[np.minimum(np.arange(s0, s0 + b), S - 1)], xs)  # noqa: E731
@@ -403,12 +388,7 @@ def _inputs(fit):
     mu = s["beta"].reshape(S, -1) @ np.asarray(m.design.X, float).T  # (S, N)
     r = np.asarray(m.y, float)[None, :] - mu  # model.y is the working response (any offset subtracted)
     sig = fit.residual_sd().reshape(S, -1)
-    lams = []
-    for t in m.terms:
-        sd = s[f"sd_{t.name}"].reshape(S, t.d)
-        corr = s.get(f"corr_{t.name}")
-        lams.append(_factor(sd, None if corr is None else corr.reshape(S, t.d, t.d)))
-    return r, sig, lams
+    return r, sig, _factors(fit)
 
 
 def _run(fit, group: str | None = None, progress: bool = True):
@@ -470,7 +450,7 @@ def pointwise_loglik(fit, progress: bool = True) -> np.ndarray:
     For family="lognormal" the density is of the observed y (Jacobian −log y_i included), matching
     ``model.log_marginal``. For a GLMM family, the Laplace cavity approximation (``_glmm_pointwise``).
     progress: show a progress bar when it takes more than PROGRESS_AFTER seconds."""
-    cache = fit.__dict__.setdefault("_loo_cache", {})
+    cache = fit.loo_cache
     if "pointwise" not in cache:
         cache["pointwise"] = _frozen(_pointwise(fit, progress).reshape(fit.n_chains, fit.n_draws, -1))
     return cache["pointwise"]
@@ -484,16 +464,10 @@ def _glmm_pointwise(fit, progress: bool = True) -> np.ndarray:
     the Laplace posterior of η_i is N(η̂_i, h_i); removing observation i's own Gaussian site (precision w_i,
     natural mean w_i η̂_i + s_i at the mode) leaves the cavity N(m_i, 1/τ_i), τ_i = 1/h_i − w_i, and
     p(y_i | y_-i, θ) ≈ ∫ p(y_i | η) N(η; m_i, 1/τ_i) dη, by Gauss-Hermite quadrature."""
-    from . import families
-    from .marginal import laplace
-
     m, s = fit.model, fit.samples
     S = fit.n_chains * fit.n_draws
     beta = s["beta"].reshape(S, -1)
-    lams = []
-    for t in m.terms:
-        corr = s.get(f"corr_{t.name}")
-        lams.append(_factor(s[f"sd_{t.name}"].reshape(S, t.d), None if corr is None else corr.reshape(S, t.d, t.d)))
+    lams = _factors(fit)
     lp = m.laplace_plan("all")
     dt = m.dtype
     chunk = max(1, min(256, int(_CHUNK_FLOATS // (8 * max(m.n_obs, 1)))))
@@ -547,7 +521,7 @@ def group_loglik(fit, group: str, progress: bool = True) -> tuple[np.ndarray, li
     if fit.model.family_spec.is_glmm:
         raise ValueError("leave-one-group-out (loo(group=...)) is not available for GLMM families yet; use "
                          "loo() (leave one observation out, Laplace cavity)")
-    cache = fit.__dict__.setdefault("_loo_cache", {})
+    cache = fit.loo_cache
     if ("group", group) not in cache:
         m = fit.model
         codes, labels = _group_codes(m, group)
@@ -593,6 +567,7 @@ def reloo_points(fit, rows, progress: bool = True, seed: int = 0) -> dict:
                 "chains": int(d.get("chains", fit.n_chains)), "seed": seed, "progress_bar": False}
     if "target_accept_prob" in d:
         settings["target_accept_prob"] = d["target_accept_prob"]
+    effects = {parameters.effects_site(t.name) for t in fit.model.terms}
     out = {}
     bar = None
     if progress and rows:
@@ -603,10 +578,9 @@ def reloo_points(fit, rows, progress: bool = True, seed: int = 0) -> dict:
         for i in rows:
             refit = _model_without(fit.model, i).sample(**settings)
             # the refit's global draws (and sigma-formula effects) on the full model: its u_ may have fewer levels
-            at = type(fit)(fit.model, {k: v for k, v in refit.samples.items()
-                                 if not k.startswith("u_") or k.startswith("u_sigma_")}, method="reloo")
-            at.__dict__["_loo_cache"] = {k: v for k, v in fit.__dict__.get("_loo_cache", {}).items()
-                                         if isinstance(k, tuple) and k[0] == "program"}  # the compiled programs
+            at = type(fit)(fit.model, {k: v for k, v in refit.samples.items() if k not in effects}, method="reloo")
+            at.loo_cache.update({k: v for k, v in fit.loo_cache.items()
+                                 if isinstance(k, tuple) and k[0] == "program"})  # the compiled programs
             ll = _pointwise(at, progress=False)[:, i]
             out[i] = float(np.logaddexp.reduce(ll) - np.log(len(ll)))
             if bar is not None:

@@ -13,9 +13,12 @@ A directory that cannot be created or written (read-only HOME, ...) leaves the c
 When lmmarg opens its cache it deletes the oldest entries beyond ``MAX_BYTES`` (JAX itself only evicts with the
 optional ``filelock`` package installed).
 
->>> import lmmarg.jax_cache as jc
->>> jc.set_compilation_cache(False)        # off for this process (lmmarg's cache only)
->>> jc.set_compilation_cache(True)         # back on, default directory (or LMMARG_JAX_CACHE's path)
+>>> import lmmarg.compile
+>>> lmmarg.compile.set_compilation_cache(False)   # off for this process (lmmarg's cache only)
+>>> lmmarg.compile.set_compilation_cache(True)    # back on, default directory (or LMMARG_JAX_CACHE's path)
+
+Internal API (documented for tests): ``state`` (the directory lmmarg set and whether the default was applied),
+``trim(path, max_bytes)`` and ``reset_jax_cache()``.
 """
 from __future__ import annotations
 
@@ -26,17 +29,18 @@ import tempfile
 
 import jax
 
-__all__ = ["default_cache_dir", "set_compilation_cache", "active_cache_dir"]
+__all__ = ["default_cache_dir", "set_compilation_cache", "active_cache_dir", "apply", "MAX_BYTES", "state", "trim",
+           "reset_jax_cache"]
 
 logger = logging.getLogger(__name__)
 
 _OFF = ("0", "false", "off", "no", "none")
 # programs cheaper to compile than this are not written (JAX's default, 1 s, would skip most of lmmarg's init,
-# constrain and recovery programs, which take 0.2-1 s each on a laptop)
+# constrain and recovery programs, which compile in less; docs/benchmarks.md, 'Measurements behind the code')
 _MIN_COMPILE_SECS = 0.1
 
 MAX_BYTES = 2 << 30  # lmmarg's cache is trimmed to this size (oldest entries first) when it is opened
-_state = {"ours": None, "decided": False}  # the directory lmmarg set (None: not ours), default applied once
+state = {"ours": None, "decided": False}  # the directory lmmarg set (None: not ours), default applied once
 
 
 def default_cache_dir() -> str | None:
@@ -57,11 +61,11 @@ def default_cache_dir() -> str | None:
 def _user_configured() -> bool:
     """A cache configured by the user (not by lmmarg): JAX's config option or its environment variable."""
     cur = jax.config.jax_compilation_cache_dir
-    return (bool(os.environ.get("JAX_COMPILATION_CACHE_DIR")) or (cur is not None and cur != _state["ours"])
+    return (bool(os.environ.get("JAX_COMPILATION_CACHE_DIR")) or (cur is not None and cur != state["ours"])
             or not jax.config.jax_enable_compilation_cache)  # the user switched JAX's cache off
 
 
-def _trim(path: str, max_bytes: int = MAX_BYTES) -> None:
+def trim(path: str, max_bytes: int = MAX_BYTES) -> None:
     """Delete the oldest files of the cache directory until it holds at most max_bytes."""
     try:
         files = [e for e in os.scandir(path) if e.is_file(follow_symlinks=False)]
@@ -87,17 +91,17 @@ def _writable(path: str) -> bool:
         return False
 
 
-def _reset_jax_cache() -> None:
+def reset_jax_cache() -> None:
     """Make JAX re-read the cache directory at its next compilation (it initializes its cache object once)."""
     from jax.experimental.compilation_cache import compilation_cache as cc
     cc.reset_cache()
 
 
 def _switch_off() -> None:
-    if _state["ours"] is not None and jax.config.jax_compilation_cache_dir == _state["ours"]:
+    if state["ours"] is not None and jax.config.jax_compilation_cache_dir == state["ours"]:
         jax.config.update("jax_compilation_cache_dir", None)
-        _reset_jax_cache()
-    _state["ours"] = None
+        reset_jax_cache()
+    state["ours"] = None
 
 
 def set_compilation_cache(enable: bool | str = True) -> str | None:
@@ -108,7 +112,7 @@ def set_compilation_cache(enable: bool | str = True) -> str | None:
     """
     if not (enable is None or isinstance(enable, (bool, str, os.PathLike))):
         raise TypeError(f"compilation_cache must be True, False, None or a directory, got {enable!r}")
-    _state["decided"] = True
+    state["decided"] = True
     if _user_configured():
         return active_cache_dir()
     if enable is False or enable is None:
@@ -124,17 +128,17 @@ def set_compilation_cache(enable: bool | str = True) -> str | None:
         _switch_off()
         return None
     path = os.path.abspath(os.path.expanduser(path))
-    if path == _state["ours"]:
+    if path == state["ours"]:
         return path
     if not _writable(path):
         _switch_off()
         return None
-    _trim(path)
+    trim(path)
     jax.config.update("jax_compilation_cache_dir", path)
     if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default, i.e. not set by the user
         jax.config.update("jax_persistent_cache_min_compile_time_secs", _MIN_COMPILE_SECS)
-    _reset_jax_cache()
-    _state["ours"] = path
+    reset_jax_cache()
+    state["ours"] = path
     return path
 
 
@@ -153,7 +157,7 @@ def apply(compilation_cache: bool | str | None = None) -> str | None:
         raise TypeError(f"compilation_cache must be True, False, None or a directory, got {compilation_cache!r}")
     try:
         if compilation_cache is None:
-            if _state["decided"]:
+            if state["decided"]:
                 return active_cache_dir()
             env = os.environ.get("LMMARG_JAX_CACHE", "").strip().lower()
             return set_compilation_cache(env not in _OFF)

@@ -1,5 +1,5 @@
-"""Process-wide state of lmmarg's compiled programs: the trace lock, the bound on compiled programs kept in memory,
-and the address-space check that runs before JAX starts compiling.
+"""Process-wide limits of lmmarg's compiled programs: the trace lock, the bound on compiled programs kept in memory,
+and the address-space check that runs before JAX starts compiling (``lmmarg.compile`` re-exports the public names).
 
 **Threads.** NumPyro keeps its effect handlers (``trace``, ``seed``, ``substitute``: what ``potential_energy``,
 ``constrain_fn`` and lmmarg's site discovery run under) on one module-global stack, so two threads that trace a
@@ -8,7 +8,7 @@ path that traces a NumPyro model holds ``TRACE_LOCK`` (re-entrant, one per proce
 released before XLA compiles and while compiled programs (the NUTS chunks, the ML and MAP objectives) run, so fits
 in several threads trace one at a time and compute concurrently. Code of your own that traces lmmarg's NumPyro
 model (``Potential.potential_fn`` / ``model_fn`` under your own ``jax.jit`` or NumPyro inference) while lmmarg fits
-in another thread should hold it too: ``with lmmarg.compiled.TRACE_LOCK: jax.jit(pot.potential_fn).lower(x)``.
+in another thread should hold it too: ``with lmmarg.compile.TRACE_LOCK: jax.jit(pot.potential_fn).lower(x)``.
 
 **Memory.** A compiled XLA:CPU program holds memory mappings of its machine code (tens per program; Linux allows a
 process 65,530) and a few MB; JAX keeps the executables of every jitted function and shape in process-wide caches,
@@ -16,14 +16,15 @@ also after the model that made them is gone. lmmarg counts the compiled structur
 sampler structure, of an ML / MAP objective, of a model's engine kernel); after ``MAX_COMPILED_STRUCTURES`` of
 them it releases its shared programs and JAX's in-memory caches (``jax.clear_caches()``; this also drops the
 executables of your own jitted functions, which then compile again on their next call, from JAX's persistent
-cache when it is on). ``cache_info()`` reports the counts; ``LMMARG_MAX_COMPILED`` sets the bound (0: never
-release).
+cache when it is on). ``cache_info()`` reports the counts; ``LMMARG_MAX_COMPILED`` (or assigning this module's
+``MAX_COMPILED_STRUCTURES``) sets the bound (0: never release).
 
 **Address space.** Under a low ``ulimit -v`` (RLIMIT_AS), XLA aborts the process (a segfault or "cannot allocate
 memory for thread-local data") while it starts its CPU client or compiles: it reserves address space for its
-thread pools and compiler (measured: 2.96 GB of address space for the smallest model's ``sample()`` on a 2-core
-Linux machine, more with more cores). ``check_address_space()`` (called by ``Model()``, ``sample()``,
-``fit_ml()``) raises a ``MemoryError`` naming the limit and the minimum instead.
+thread pools and compiler (the smallest model's ``sample()`` needed just under ``MIN_ADDRESS_SPACE`` on a 2-core
+Linux machine, more with more cores; docs/benchmarks.md, 'Measurements behind the code').
+``check_address_space()`` (called by ``Model()``, ``sample()``, ``fit_ml()``) raises a ``MemoryError`` naming the
+limit and the minimum instead.
 """
 from __future__ import annotations
 
@@ -50,15 +51,15 @@ def _max_structures() -> int:
     return int(env)
 
 
-# Weighted compiled structures built before lmmarg releases JAX's in-memory caches (0: never). Measured (XLA:CPU,
-# jaxlib 0.10, small models): one fit_ml() objective holds ~35 memory mappings and ~2.5 MB, one sample() structure
-# (density, mode search, NUTS init and chunk, constrain, recovery) ~400 mappings and ~50 MB; a sampler structure
-# counts SAMPLER_WEIGHT, so the default keeps at most 24 ML objectives or 6 sampler structures (~300 MB).
+# Weighted compiled structures built before lmmarg releases JAX's in-memory caches (0: never). One sample()
+# structure (density, mode search, NUTS init and chunk, constrain, recovery) holds many times the memory mappings
+# and memory of one fit_ml() objective (docs/benchmarks.md, 'Measurements behind the code'); a
+# sampler structure counts SAMPLER_WEIGHT, so the default keeps at most 24 ML objectives or 6 sampler structures.
 MAX_COMPILED_STRUCTURES = _max_structures()
 SAMPLER_WEIGHT = 4
 
 _state = {"built": 0, "total": 0, "releases": 0}
-_releasers: list = []   # callables that drop lmmarg's own shared caches (registered by lmmarg.potential)
+_releasers: list = []   # callables that drop lmmarg's own shared caches (registered by lmmarg.compile.programs)
 _state_lock = threading.Lock()
 
 
@@ -101,7 +102,7 @@ def cache_info() -> dict:
     release (at most MAX_COMPILED_STRUCTURES, unless one structure alone weighs more), "max_structures": the bound
     (0: none), "total_structures": structures built since the process started, "releases": how often the caches
     were released, and the size of each shared cache by name ("programs": sampler structures in
-    ``lmmarg.potential.Programs``' cache, at most PROGRAM_CACHE_SIZE)}."""
+    ``lmmarg.compile.programs.Programs``' cache, at most PROGRAM_CACHE_SIZE)}."""
     with _state_lock:
         out = {"structures": _state["built"], "max_structures": MAX_COMPILED_STRUCTURES,
                "total_structures": _state["total"], "releases": _state["releases"]}
@@ -133,9 +134,9 @@ def traced_call(jitted, *args):
 
 
 # -- address space ---------------------------------------------------------------------------------------------------
-# Measured on a 2-core Linux machine (jaxlib 0.10): importing lmmarg reserves 0.8 GB of address space, starting
-# XLA's CPU client (the first JAX computation) 2.0 GB more, and the smallest sample() / fit_ml() 0.15 GB on top:
-# 2.96 GB at the peak; under `ulimit -v` 2.8 GB it aborted, under 3.0 GB it ran.
+# MIN_ADDRESS_SPACE: the peak address space of the smallest sample() / fit_ml() (importing lmmarg, starting XLA's
+# CPU client, one compilation), rounded up to a limit under which it ran; under a lower `ulimit -v` XLA aborted
+# (docs/benchmarks.md, 'Measurements behind the code').
 MIN_ADDRESS_SPACE = 3 << 30          # bytes of address space below which lmmarg refuses to start JAX work
 ADDRESS_SPACE_HEADROOM = 512 << 20   # ... and what must be left above what the process has mapped already
 
@@ -175,6 +176,6 @@ def check_address_space(what: str = "lmmarg") -> None:
         f"{what}: the process's address-space limit (ulimit -v / RLIMIT_AS) is {mb(soft)}, below the {mb(need)} "
         f"that JAX/XLA needs to start and compile here (the process has mapped {mb(mapped)}; XLA reserves address "
         f"space for its thread pools and compiler and aborts the process when it cannot: measured 2.96 GB for the "
-        f"smallest model on 2 cores, more with more cores; lmmarg.compiled.MIN_ADDRESS_SPACE = "
+        f"smallest model on 2 cores, more with more cores; lmmarg.compile.limits.MIN_ADDRESS_SPACE = "
         f"{mb(MIN_ADDRESS_SPACE)}). Raise the limit (ulimit -v unlimited, or at least {mb(need)}); to bound memory, "
         "limit resident memory instead (cgroups, e.g. systemd-run -p MemoryMax=2G, or docker --memory)")

@@ -667,7 +667,8 @@ def test_too_large_advice_names_terms_that_resolve():
                                   "y ~ x + (1 | a) + (1 | b)"])
 def test_one_level_recovery_matches_the_general_elimination(form):
     """Scalar σ, one chain level + dense block: conditional means and draws come from the plan's constants
-    (the one-level draw in lmmarg.marginal.kernels); they equal the per-cell elimination of a per-observation-σ plan (same ε)."""
+    (the one-level draw in lmmarg.marginal.kernels); they equal the per-cell elimination of a per-observation-σ plan
+    (same ε)."""
     import pandas as pd
 
     from lmmarg import Model

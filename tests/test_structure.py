@@ -153,3 +153,18 @@ if __name__ == "__main__":
     g = import_graph()
     print(f"{len(g)} modules, {sum(map(len, g.values()))} import edges; cycles: {cycles(g) or 'none'}")
     print("\n".join(private_imports() + private_attributes()) or "no private imports")
+
+
+def test_log_marginal_walks_through_the_primitive_and_one_block_type():
+    """What a newcomer follows (``python -m benchmarks.walk``): Model.log_marginal for two crossed classes runs the
+    engine primitive ``logdet_gram`` and the plan's block strategy (``schur`` of its level-1 fill, ``matrix`` of
+    its dense form), not a route of its own."""
+    import math
+
+    from benchmarks import walk
+
+    value, calls = walk.walk("penicillin")
+    names = {(path, name) for path, name, _ in calls}
+    assert math.isfinite(value)
+    assert {("marginal/kernels.py", "logdet_gram"), ("marginal/blocks.py", "schur"),
+            ("marginal/blocks.py", "matrix")} <= names

@@ -24,7 +24,7 @@ and the full OLS. Chunks of one ``DesignSpec`` share β_c, so that their merge i
 Not supported (refused with a DesignError): stateful transforms (``center(x)``, ``scale(x)``, ``poly(x)``, splines:
 their state would come from one chunk), GLMM families and ``cbind()`` responses.
 
-Public: DesignSpec, TermSpec, SufficientStatistics, PartialStatistics, EngineArrays, collect_levels, design_spec,
+Public: DesignSpec, TermSpec, SufficientStatistics, PartialStatistics, collect_levels, design_spec,
 chunk_statistics, statistics, merge, load_statistics.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from .formula import FormulaSpec, parse_formula, quote_columns, strip_ansi
 from .marginal.plan import CellSums
 from .marginal.statistics import aggregate, cell_statistics
 
-__all__ = ["DesignSpec", "TermSpec", "SufficientStatistics", "PartialStatistics", "EngineArrays", "collect_levels",
+__all__ = ["DesignSpec", "TermSpec", "SufficientStatistics", "PartialStatistics", "collect_levels",
            "design_spec", "chunk_statistics", "statistics", "merge", "load_statistics"]
 
 FORMAT = "lmmarg-sufficient-1"
@@ -386,31 +386,6 @@ def statistics(spec: DesignSpec, chunks) -> "SufficientStatistics":
 
 
 @dataclass(frozen=True, eq=False)
-class EngineArrays:
-    """The statistics in the plan's layout for a term order (n_cells cells, D = Σ d of the ordered terms' columns,
-    stacked in that order, p fixed effects), centred at beta0 (r0 = y − X beta0).
-
-    cell_codes (n_cells, n_terms) int64: each cell's group code per term (codes index ``term_levels``, lmmarg's
-    group order), cells in lexicographic order of these codes (as ``lmmarg.codes.unique_rows`` orders them);
-    cell_n (n_cells,) rows per cell; S_zz (n_cells, D, D), S_zr (n_cells, D), S_zX (n_cells, D, p); XtX (p, p),
-    Xtr (p,), rr (); beta0 (p,); n_obs; term_names, term_dims, n_groups (per term); term_levels (labels)."""
-    cell_codes: np.ndarray
-    cell_n: np.ndarray
-    S_zz: np.ndarray
-    S_zr: np.ndarray
-    S_zX: np.ndarray
-    XtX: np.ndarray
-    Xtr: np.ndarray
-    rr: float
-    beta0: np.ndarray
-    n_obs: int
-    term_names: tuple
-    term_dims: tuple
-    n_groups: tuple
-    term_levels: tuple
-
-
-@dataclass(frozen=True, eq=False)
 class SufficientStatistics:
     """Sums over rows around ``centre`` β_c (p,), r = y − X β_c, with n_cells cells keyed by the grouping factors'
     level values.
@@ -477,9 +452,11 @@ class SufficientStatistics:
         labels = tuple(level_label(tuple(self.factor_levels[j][k] for j, k in zip(fi, row))) for row in uniq)
         return codes, labels
 
-    def engine_arrays(self, order=None, beta0=None) -> EngineArrays:
-        """The arrays of :class:`EngineArrays` for the terms ``order`` (names or indices; default all, formula
-        order; a subset sums the cells over the other terms), centred at ``beta0`` (default: the OLS β).
+    def engine_arrays(self, order=None, beta0=None) -> CellSums:
+        """The statistics in the engine's layout (``lmmarg.marginal.CellSums``: cells in the lexicographic order of
+        their codes, as ``lmmarg.codes.unique_rows`` orders them, with cell_n and each term's level labels) for the
+        terms ``order`` (names or indices; default all, formula order; a subset sums the cells over the other
+        terms), centred at ``beta0`` (default: the OLS β).
 
         The plan (``lmmarg.marginal.plan.build_plan``) stacks its units chain first, terms on one grouping factor
         merged into one unit: pass the terms in that order (``[i for src in plan.structure.unit_src for i in
@@ -497,21 +474,20 @@ class SufficientStatistics:
         uniq, inv = _cells(tc, [len(lab) for _, lab in per])
         n, D, p = uniq.shape[0], len(cols), self.XtX.shape[0]
         ix = np.ix_(np.arange(self.n_cells), cols, cols)
-        return EngineArrays(
-            cell_codes=uniq, cell_n=np.bincount(inv, weights=self.cell_n, minlength=n).astype(np.int64),
+        return CellSums(
+            names=tuple(names[i] for i in order), n_groups=tuple(len(lab) for _, lab in per),
+            dims=tuple(dims[i] for i in order), codes=uniq,
+            cell_n=np.bincount(inv, weights=self.cell_n, minlength=n).astype(np.int64),
             S_zz=aggregate(inv, n, s.S_zz[ix].reshape(self.n_cells, D * D)).reshape(n, D, D),
             S_zr=aggregate(inv, n, s.S_zr[:, cols]),
             S_zX=aggregate(inv, n, s.S_zX[:, cols, :].reshape(self.n_cells, D * p)).reshape(n, D, p),
-            XtX=s.XtX, Xtr=s.Xtr, rr=s.rr, beta0=beta0, n_obs=self.n_obs, term_names=tuple(names[i] for i in order),
-            term_dims=tuple(dims[i] for i in order), n_groups=tuple(len(lab) for _, lab in per),
-            term_levels=tuple(lab for _, lab in per))
+            XtX=s.XtX, Xtr=s.Xtr, rr=float(s.rr), beta0=beta0, n_obs=int(self.n_obs),
+            levels=tuple(lab for _, lab in per))
 
     def cell_sums(self) -> CellSums:
         """Every term's sums in formula order around this object's centre, as the engine's
         ``lmmarg.marginal.plan_from_statistics`` takes them (it re-centres at the OLS β itself)."""
-        a = self.engine_arrays(beta0=self.centre)
-        return CellSums(a.term_names, a.n_groups, a.term_dims, a.cell_codes, a.S_zz, a.S_zr, a.S_zX, a.XtX, a.Xtr,
-                        float(a.rr), a.beta0, int(a.n_obs))
+        return self.engine_arrays(beta0=self.centre)
 
     def __add__(self, other) -> "SufficientStatistics":
         return merge(self, other)

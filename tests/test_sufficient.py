@@ -15,7 +15,7 @@ F1 = "y ~ x + c + (x | a) + (1 | b)"
 F2 = "log(y) ~ x * c + offset(log(t)) + (1 | a) + (0 + x | a) + (1 | a:b)"
 F3 = "y ~ x + C(b) + (x || a) + (1 | c)"   # a numeric column as a factor, || split into two terms
 CUTS = [0, 113, 700, 731, 1520, 2000]
-FIELDS = ("cell_codes", "cell_n", "S_zz", "S_zr", "S_zX", "XtX", "Xtr", "rr", "beta0")
+FIELDS = ("codes", "cell_n", "S_zz", "S_zr", "S_zX", "XtX", "Xtr", "rr", "beta0")
 
 
 def make_data(seed=0, N=2000, mean=0.0):
@@ -41,7 +41,7 @@ def assert_same(ea, eb, rtol=1e-12):
         if k == "Xtr":  # ~0 at the OLS beta0: relative to the size of its terms
             scale = np.sqrt(np.max(np.abs(np.asarray(ea.XtX))) * float(ea.rr))
         np.testing.assert_allclose(A, B, rtol=0, atol=rtol * scale, err_msg=k)
-    assert ea.term_levels == eb.term_levels and ea.n_obs == eb.n_obs
+    assert ea.levels == eb.levels and ea.n_obs == eb.n_obs
 
 
 def compare_plan(model, stats, rtol=1e-11):
@@ -62,13 +62,13 @@ def compare_plan(model, stats, rtol=1e-11):
                                atol=rtol * np.sqrt(np.max(np.abs(ea.XtX)) * float(ea.rr)))
     # the groups of each term are the model's, in its order; the plan's chain levels read the cells' codes
     for col, i in enumerate(order):
-        assert list(ea.term_levels[col]) == list(model.terms[i].levels) and ea.term_names[col] == model.terms[i].name
+        assert list(ea.levels[col]) == list(model.terms[i].levels) and ea.names[col] == model.terms[i].name
     for j in range(plan.structure.n_chain_units):
         col = order.index(plan.structure.unit_src[j][0])
-        np.testing.assert_array_equal(ea.cell_codes[:, col], np.asarray(st.cell_node[j]))
+        np.testing.assert_array_equal(ea.codes[:, col], np.asarray(st.cell_node[j]))
     if plan.structure.dense_size and not plan.marginalize_beta:   # the dense block's positions of each cell
         ps = plan.structure
-        idx = np.concatenate([off + ea.cell_codes[:, [order.index(ps.unit_src[u][0])]] * ps.unit_dims[u]
+        idx = np.concatenate([off + ea.codes[:, [order.index(ps.unit_src[u][0])]] * ps.unit_dims[u]
                               + np.arange(ps.unit_dims[u])
                               for u, off in zip(range(ps.n_chain_units, len(ps.unit_dims)), ps.dense_offsets)], axis=1)
         np.testing.assert_array_equal(idx, np.asarray(st.dense_idx))
@@ -220,7 +220,7 @@ def test_subset_of_terms(data):
     plan = model.plan(["b"], per_obs_sigma=False)
     stats = su.statistics(su.design_spec(F1, chunks_of(data)), chunks_of(data))
     ea = stats.engine_arrays(["b"], beta0=np.asarray(plan.stats.beta0))
-    assert ea.S_zz.shape == (7, 1, 1) and ea.cell_n.sum() == 2000 and ea.term_names == ("b",)
+    assert ea.S_zz.shape == (7, 1, 1) and ea.cell_n.sum() == 2000 and ea.names == ("b",)
     for k in ("S_zz", "S_zr", "S_zX"):
         A = np.asarray(getattr(plan.stats, k))
         np.testing.assert_allclose(getattr(ea, k), A, rtol=0, atol=1e-11 * np.max(np.abs(A)), err_msg=k)

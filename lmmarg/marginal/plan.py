@@ -486,7 +486,8 @@ class CellSums(NamedTuple):
     sums in term order (term t's d_t columns at offset Σ_{s<t} d_s, D = Σ d_t) around a centre β_c (p,) (any:
     zeros give raw sums; one near the OLS keeps r0ᵀr0's digits): S_zz (n_cells, D, D) = Σ z zᵀ, S_zr (n_cells, D) =
     Σ z (y − xᵀβ_c), S_zX (n_cells, D, p) = Σ z xᵀ; global XtX (p, p), Xtr (p,) = Σ x (y − xᵀβ_c), rr () =
-    Σ (y − xᵀβ_c)², beta0 = β_c, n_obs."""
+    Σ (y − xᵀβ_c)², beta0 = β_c, n_obs; optionally cell_n (n_cells,) rows per cell and levels (per term its group
+    labels, code k = the k-th label), which the plan does not read."""
     names: tuple
     n_groups: tuple
     dims: tuple
@@ -499,6 +500,8 @@ class CellSums(NamedTuple):
     rr: float
     beta0: np.ndarray
     n_obs: int
+    cell_n: Optional[np.ndarray] = None
+    levels: tuple = ()
 
 
 def plan_from_statistics(cells: CellSums, *, marginalize_beta: bool = False, dense_limit: int | None = None,

@@ -120,3 +120,10 @@ def test_chunked_statistics_of_a_model_give_its_ml_criterion():
     got = float(kernels.log_marginal(plan, beta, 0.9, tuple(scales)))
     assert plan.X is None and plan.n_obs == n
     assert abs(got - want) < 1e-9 * abs(want)
+
+
+def test_plan_from_statistics_names_a_misshaped_sum():
+    X, y, classes, _ = _design("crossed", 6)
+    cells = _cell_sums(X, y, classes, 1, np.random.default_rng(6))
+    with pytest.raises(ValueError, match=r"CellSums\.S_zX must be"):
+        plan_from_statistics(cells._replace(S_zX=cells.S_zX[:, :, :2]))

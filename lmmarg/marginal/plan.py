@@ -385,6 +385,24 @@ def _level1_blocks(S_zz, S_zr, S_zX, cell_node, dense_idx, units, K, ds, level1_
     return S_DD, fill, (one if fill is not None else None)
 
 
+def _structure(classes, marg, X, beta_block, marginalize_beta: bool, last_ok: bool, dense_limit, dtype):
+    """Step 1 of a plan, rows or statistics alike: (chain, dense, placement, units, K, ds, dense_limit). Terms on one
+    grouping factor form one class (block-diagonal Λ; docs/math.md, section 3); X (n, p): β's unit where placed."""
+    n, p = X.shape
+    merged, members = merge_same_grouping(classes, marg, n)
+    chain_m, dense_m = partition(merged, range(len(merged)))
+    chain = [i for k in chain_m for i in members[k]]
+    dense = [i for k in dense_m for i in members[k]]
+    placement = _beta_placement(beta_block, marginalize_beta, last_ok, bool(dense))
+    p_beta = p if placement is BetaPlacement.DENSE else 0
+    ds = dense_size(classes, dense) + p_beta
+    dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize) if dense_limit is None else dense_limit
+    if ds > dense_limit:
+        raise MarginalTooLarge(too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))
+    units, K = _units(merged, members, marg, chain_m, dense_m, placement, X)
+    return chain, dense, placement, units, K, ds, dense_limit
+
+
 def build_plan(X, y, classes: list, marginalize: list, *, marginalize_beta: bool = False,
                dense_limit: int | None = None, scalar_sigma: bool = False, level1_fill=Level1Choice.AUTO,
                chain_fill=ChainChoice.AUTO, beta_block=BetaBlock.AUTO, dtype=jnp.float64) -> Plan:
@@ -407,19 +425,10 @@ def build_plan(X, y, classes: list, marginalize: list, *, marginalize_beta: bool
     N, p = X.shape
     dt = jax.dtypes.canonicalize_dtype(dtype)
 
-    # 1. structure: terms on one grouping factor form one class (block-diagonal Λ; docs/math.md, section 3)
-    merged, members = merge_same_grouping(classes, marg, N)
-    chain_m, dense_m = partition(merged, range(len(merged)))
-    chain = [i for k in chain_m for i in members[k]]
-    dense = [i for k in dense_m for i in members[k]]
+    # 1. structure
     last_ok = scalar_sigma and len(marg) == len(classes) and len(marg) > 0
-    placement = _beta_placement(beta_block, marginalize_beta, last_ok, bool(dense))
-    ds = dense_size(classes, dense) + (p if placement is BetaPlacement.DENSE else 0)
-    dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize) if dense_limit is None else dense_limit
-    if ds > dense_limit:
-        p_beta = p if placement is BetaPlacement.DENSE else 0
-        raise MarginalTooLarge(too_large_message(classes, marg, chain, dense, ds, dense_limit, p_beta))
-    units, K = _units(merged, members, marg, chain_m, dense_m, placement, X)
+    chain, dense, placement, units, K, ds, dense_limit = _structure(classes, marg, X, beta_block, marginalize_beta,
+                                                                    last_ok, dense_limit, dtype)
     cell_codes, cell = _cells(units, N)
 
     # 2. sufficient statistics around an OLS β0 (it keeps r0 small: no cancellation in r0ᵀr0)
@@ -517,27 +526,28 @@ def plan_from_statistics(cells: CellSums, *, marginalize_beta: bool = False, den
     if marginalize_beta and beta_block is BetaBlock.UNIT:
         raise ValueError("a plan from statistics integrates beta out last (beta_block='last'): beta as an "
                          "elimination unit needs the per-cell sums of X Xᵀ, which the statistics do not hold")
-    n_cells, n_terms = cells.codes.shape
+    n_cells, n_terms = np.shape(cells.codes)
+    D = int(sum(cells.dims))
+    p = np.shape(cells.XtX)[0]
+    want = {"S_zz": (n_cells, D, D), "S_zr": (n_cells, D), "S_zX": (n_cells, D, p), "Xtr": (p,), "beta0": (p,)}
+    for name, shape in want.items():
+        if np.shape(getattr(cells, name)) != shape:
+            raise ValueError(f"CellSums.{name} must be {shape} for {n_cells} cells, terms {tuple(cells.names)} "
+                             f"(D = {D} columns) and p = {p} fixed effects; got {np.shape(getattr(cells, name))}")
+    if not (len(cells.names) == len(cells.n_groups) == len(cells.dims) == n_terms):
+        raise ValueError(f"CellSums: names, n_groups and dims need one entry per column of codes ({n_terms})")
     offsets = np.concatenate([[0], np.cumsum(cells.dims)]).astype(int)
     classes = [ClassSpec(str(name), np.zeros((n_cells, int(d))), np.asarray(cells.codes[:, t], np.int64), int(G))
                for t, (name, G, d) in enumerate(zip(cells.names, cells.n_groups, cells.dims))]
     XtX, Xtr = np.asarray(cells.XtX, float), np.asarray(cells.Xtr, float)
-    p = XtX.shape[0]
     marg = tuple(range(n_terms))
-    merged, members = merge_same_grouping(classes, marg, n_cells)
-    chain_m, dense_m = partition(merged, range(len(merged)))
-    chain = [i for k in chain_m for i in members[k]]
-    dense = [i for k in dense_m for i in members[k]]
-    placement = _beta_placement(beta_block, bool(marginalize_beta and p), n_terms > 0, bool(dense))
-    ds = dense_size(classes, dense)
-    dense_limit = default_dense_limit(jnp.dtype(dtype).itemsize) if dense_limit is None else dense_limit
-    if ds > dense_limit:
-        raise MarginalTooLarge(too_large_message(classes, marg, chain, dense, ds, dense_limit))
-    units, K = _units(merged, members, marg, chain_m, dense_m, placement, np.zeros((n_cells, p)))
+    beta_marg = bool(marginalize_beta and p)
+    chain, dense, placement, units, K, ds, dense_limit = _structure(
+        classes, marg, np.zeros((n_cells, p)), beta_block, beta_marg, n_terms > 0, dense_limit, dtype)
     cell_codes, cell = _cells(units, n_cells)
     # unit column order: each unit stacks its terms' columns (Structure.unit_src)
     cols = np.concatenate([np.arange(offsets[h], offsets[h + 1]) for u in units for h in u.src]).astype(int)
-    n_plan, D = cell_codes.shape[0], cols.size
+    n_plan = cell_codes.shape[0]
     S_zz = stats_mod.aggregate(cell, n_plan, cells.S_zz[:, cols][:, :, cols].reshape(n_cells, -1)).reshape(n_plan, D, D)
     S_zr = stats_mod.aggregate(cell, n_plan, cells.S_zr[:, cols])
     S_zX = stats_mod.aggregate(cell, n_plan, cells.S_zX[:, cols, :].reshape(n_cells, -1)).reshape(n_plan, D, p)

@@ -10,6 +10,8 @@ from . import datasets
 from .design import Design, DesignError, RandomTerm, build_design
 from .formula import FormulaError, parse_formula
 from .model import Model, load
+from .sources import sufficient_statistics
+from .sufficient import SufficientStatistics
 # public submodules, reachable as attributes right after `import lmmarg` (lmmarg.results.Fit, lmmarg.priors.LKJ, ...)
 from . import design, formula, inference, marginal, model, potential, priors, results, saving  # noqa: E402
 from .inference import mapvi, ml, nuts  # noqa: E402  (loads lmmarg.inference.ml, ...)
@@ -20,5 +22,6 @@ from .inference.nuts import use_cores
 del mapvi, ml, nuts  # reachable as lmmarg.inference.<name>, not as top-level names
 
 __all__ = ["Model", "Fit", "Design", "DesignError", "FormulaError", "RandomTerm", "build_design", "parse_formula",
-           "compare", "load", "use_cores", "datasets", "design", "formula", "inference", "loo", "marginal", "model",
-           "potential", "priors", "results", "saving", "__version__"]
+           "compare", "load", "use_cores", "sufficient_statistics", "SufficientStatistics", "datasets", "design",
+           "formula", "inference", "loo", "marginal", "model", "potential", "priors", "results", "saving",
+           "__version__"]

@@ -60,6 +60,9 @@ def check_residual(model, caller: str) -> None:
     near σ = 0). caller: the method named in the message ("fit_ml", "sample", ...). No-op for GLMM families."""
     if model.family_spec.is_glmm:
         return
+    if model.statistics is not None:
+        _check_residual_from_statistics(model, caller)
+        return
     X = np.asarray(model.design.X, dtype=np.float64)
     y = np.asarray(model.y, dtype=np.float64)
     scale = max(float(np.max(np.abs(y), initial=0.0)), np.finfo(float).tiny)
@@ -67,6 +70,18 @@ def check_residual(model, caller: str) -> None:
         r = y - X @ np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else y
     if float(np.max(np.abs(r), initial=0.0)) <= 1e-10 * scale:
         what = "constant" if np.ptp(y) <= 1e-12 * scale else "fitted exactly by the fixed effects"
+        raise ValueError(f"{caller}: the response {model.design.response!r} is {what} (residual SD 0), so the "
+                         "likelihood has no maximum and the posterior of sigma piles up at 0; check the data")
+
+
+def _check_residual_from_statistics(model, caller: str) -> None:
+    """check_residual from the sums: the residual sum of squares at the OLS β against n (max |y|)²."""
+    st = model.statistics
+    my = st.moments.y
+    scale = max(abs(float(my.min[0])), abs(float(my.max[0])), np.finfo(float).tiny)
+    rss = max(float(st.recentred(st.ols_beta()).rr), 0.0)
+    if rss <= st.n_obs * (1e-10 * scale) ** 2:
+        what = "constant" if float(my.max[0] - my.min[0]) <= 1e-12 * scale else "fitted exactly by the fixed effects"
         raise ValueError(f"{caller}: the response {model.design.response!r} is {what} (residual SD 0), so the "
                          "likelihood has no maximum and the posterior of sigma piles up at 0; check the data")
 
@@ -156,13 +171,24 @@ def check_sampler_scales(model, caller: str) -> None:
     below about 1e-150). caller: the method named in the message ("sample", "fit_map", ...)."""
     tiny = float(np.finfo(np.dtype(model.dtype)).tiny)
     limit = np.sqrt(tiny) * SCALE_MARGIN
-    mats = [("fixed effect", model.design.fixed_names, model.design.X)]
-    mats += [(f"random-effect term {t.name!r} column", t.columns, t.Z) for t in model.terms]
+    if model.statistics is not None:   # the largest |value| per column from the moments
+        mom = model.statistics.moments
+        offs = np.concatenate([[0], np.cumsum([t.d for t in model.terms])]).astype(int)
+        absmax = lambda m, sl=slice(None): np.maximum(np.abs(m.min[sl]), np.abs(m.max[sl]))  # noqa: E731
+        mats = [("fixed effect", model.design.fixed_names, absmax(mom.X))]
+        mats += [(f"random-effect term {t.name!r} column", t.columns, absmax(mom.Z, slice(offs[h], offs[h + 1])))
+                 for h, t in enumerate(model.terms)]
+    else:
+        mats = [("fixed effect", model.design.fixed_names, model.design.X)]
+        mats += [(f"random-effect term {t.name!r} column", t.columns, t.Z) for t in model.terms]
     for what, names, M in mats:
         M = np.asarray(M, dtype=np.float64)
-        if M.ndim != 2 or M.shape[0] == 0:
+        if M.ndim == 1:   # already the largest |value| per column
+            big = M
+        elif M.ndim != 2 or M.shape[0] == 0:
             continue
-        big = np.max(np.abs(M), axis=0)
+        else:
+            big = np.max(np.abs(M), axis=0)
         for j in np.flatnonzero((big > 0) & (big < limit)):
             k = int(np.ceil(-np.log10(big[j])))
             raise DesignError(f"{caller}: the {what} {names[j]!r} has values of at most {big[j]:.3g} in absolute "

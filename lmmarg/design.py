@@ -71,6 +71,35 @@ def column_standardizer(M: np.ndarray) -> np.ndarray:
     return S
 
 
+def standardizer_from_moments(n, nnz, lo, hi, mean, m2) -> np.ndarray:
+    """:func:`column_standardizer` of a matrix known only by its column moments (rows that never sit in one
+    process, ``lmmarg.sufficient``): n, nnz (non-zero rows), lo, hi (min, max), mean, m2 (sum of squared deviations
+    from the mean), each (d,). The same rules: a constant column centres the others, else root mean square over the
+    non-zero rows."""
+    d = len(lo)
+    S = np.eye(d)
+    if d == 0 or not np.any(np.asarray(n) > 0):
+        return S
+    const = np.flatnonzero((np.asarray(lo) == np.asarray(hi)) & (np.asarray(lo) != 0))
+    c = int(const[0]) if const.size else None
+    if c is not None:
+        S[c, c] = 1.0 / abs(lo[c])
+    for j in range(d):
+        if j == c:
+            continue
+        var = max(float(m2[j]) / float(n[j]), 0.0) if n[j] else 0.0
+        if c is not None:
+            m, s = float(mean[j]), float(np.sqrt(var))
+        else:
+            ss = var * float(n[j]) + float(n[j]) * float(mean[j]) ** 2   # Σ x² = m2 + n mean²
+            m, s = 0.0, (float(np.sqrt(ss / nnz[j])) if nnz[j] else 1.0)
+        if not np.isfinite(s) or s <= 0:
+            m, s = 0.0, 1.0
+        S[j, j] = 1.0 / s
+        if c is not None:
+            S[c, j] = -m / (lo[c] * s)
+    return S
+
 
 class DesignError(ValueError):
     """Bad data for the model; the message names the column, term or level at fault."""

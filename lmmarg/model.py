@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import saving
+from . import saving, sources
 from ._warnings import warn_user
 from .compile.limits import TRACE_LOCK, check_address_space, note_compiled_structure
 from .dense_warning import warn_large_dense
@@ -24,11 +24,13 @@ from .families import check_response, error_value, resolve_family
 from .inference.mapvi import fit_map, fit_vi
 from .inference.ml import fit_ml
 from .inference.nuts import sample
-from .marginal import ClassSpec, auto_marginalize, build_plan, kernels, laplace
+from .marginal import ClassSpec, auto_marginalize, build_plan, kernels, laplace, plan_from_statistics
 from .marginal.laplace import build_laplace_plan
 from .potential import Potential
 from .priors import build_priors, build_sigma_spec, sigma_columns
 from .results import Fit
+from .statdesign import RowsNeeded, StatisticsDesign, require_rows, statistics_design
+from .sufficient import SufficientStatistics
 
 __all__ = ["Model", "ModelCache", "load"]
 
@@ -252,7 +254,12 @@ class Model:
     Parameters
     ----------
     formula: lme4 syntax (bars ``|``, ``||``, ``a/b``, ``a:b``; formulaic syntax elsewhere).
-    data: pandas DataFrame (or dict of columns).
+    data: pandas DataFrame (or dict of columns); or data that need not fit in memory, summarized by sufficient
+    statistics (docs/guide.md, "Large data"): a Parquet / CSV file, a directory, a glob or a list of them, a
+    ``pyarrow.dataset.Dataset``, a ``dask.dataframe.DataFrame`` (streamed by ``lmmarg.sources``), or a
+    ``lmmarg.sufficient.SufficientStatistics`` (``lmmarg.sufficient_statistics``, saved, loaded, added across
+    sites). Such a model has every term integrated out and a scalar σ; what needs the rows raises
+    ``lmmarg.statdesign.RowsNeeded`` naming the feature.
     na_action: "raise" (default) or "drop" (drop rows with NaN/inf in used columns, with a warning).
     dtype: "float64" (default; turns on ``jax_enable_x64``) or "float32".
     priors: {brms-like name: NumPyro distribution or number (fixes it)}; see lmmarg.priors and ``model.priors``.
@@ -262,6 +269,7 @@ class Model:
     (docs/glmm.md): "bernoulli" (0/1 response), "binomial" (``cbind(successes, failures) ~ ...`` or
     ``trials=``), "poisson"; a link as ``link="probit"`` or ``"bernoulli(probit)"`` (logit and log by default).
     trials: binomial only, the column of the number of trials (instead of cbind).
+    progress: a progress bar over the chunks of a file / Dask source (None: when stderr is a terminal).
     dense_limit: largest dense Schur block (crossed terms) the engine may factorize; default: set by the machine's
     memory (lmmarg.marginal.plan.default_dense_limit, ~11,000 in float64 with 24 GiB). Blocks above
     ``LARGE_DENSE`` are allowed but warn with the measured cost of one evaluation.
@@ -276,7 +284,7 @@ class Model:
     def __init__(self, formula: str, data, *, family: str = "gaussian", link: str | None = None,
                  trials: str | None = None, na_action: str = "raise", dtype: str = "float64",
                  priors: dict | None = None, sigma_by: str | None = None, sigma: str | None = None,
-                 dense_limit: int | None = None, **kwargs):
+                 dense_limit: int | None = None, progress: bool | None = None, **kwargs):
         if kwargs:  # lme4 / brms habits: say what to write instead of Python's bare TypeError
             refuse_foreign_arguments("Model()", kwargs, family=family)
         if not isinstance(formula, str) and isinstance(data, str):
@@ -286,6 +294,11 @@ class Model:
         self.dtype = _ensure_dtype(dtype)
         self.dense_limit = None if dense_limit is None else int(dense_limit)
         fam = resolve_family(family, link)
+        self.statistics = None   # the SufficientStatistics of a model built without rows, else None
+        if isinstance(data, SufficientStatistics) or sources.is_source(data):
+            self._init_from_statistics(formula, data, fam, trials=trials, na_action=na_action, priors=priors,
+                                       sigma_by=sigma_by, sigma=sigma, progress=progress)
+            return
         extra = sigma_columns(sigma_by, sigma)
         if trials is not None:
             extra[trials] = "trials="
@@ -325,6 +338,35 @@ class Model:
             raise ValueError(f"the sigma formula {sigma!r} cannot have an offset() term")
         self._priors = build_priors(self, priors)
 
+    def _init_from_statistics(self, formula, data, fam, *, trials, na_action, priors, sigma_by, sigma,
+                              progress) -> None:
+        """The model of a data set known by its sufficient statistics (``data``: SufficientStatistics or a source
+        that ``lmmarg.sources.sufficient_statistics`` streams)."""
+        if fam.is_glmm:
+            raise RowsNeeded(f"family={fam.name!r} needs the rows of the data (its random effects are integrated out "
+                             "by a Laplace approximation at a per-row mode); sufficient statistics serve the Gaussian "
+                             "families 'gaussian' and 'lognormal'. Pass a pandas DataFrame (or a sample of one)")
+        for arg, value in (("sigma_by=", sigma_by), ("sigma=", sigma), ("trials=", trials)):
+            if value is not None:
+                raise RowsNeeded(f"{arg} needs the rows of the data (a residual SD that varies over rows); a model "
+                                 "from sufficient statistics has one residual SD. Pass a pandas DataFrame")
+        stats = data if isinstance(data, SufficientStatistics) else sources.sufficient_statistics(
+            formula, data, family=fam.name, na_action=na_action, progress=progress)
+        theirs = stats.meta.get("family", "gaussian")
+        if theirs != fam.name:
+            raise DesignError(f"the statistics were computed for family={theirs!r}, not {fam.name!r} (lognormal "
+                              "statistics are sums of log y); compute them again with this family")
+        self.statistics = stats
+        self.design: StatisticsDesign = statistics_design(formula, stats, spec=getattr(stats, "design_spec", None))
+        self.family_spec = fam
+        self.family, self.link = fam.name, fam.link
+        self.trials_column, self.trials = None, None
+        self.y = None   # no rows: the plan reads the statistics
+        self.log_jacobian = float(-stats.sum_log_y) if fam.name == "lognormal" else 0.0
+        self.cache = ModelCache()
+        self.sigma_spec = build_sigma_spec(self.design)
+        self._priors = build_priors(self, priors)
+
     # -- pickling: caches hold local closures and compiled kernels; they are rebuilt on demand ---------------
     def __getstate__(self) -> dict:
         """Pickle the model without its cache (``ModelCache``: plans, compiled kernels, potentials, the ML / MAP
@@ -344,6 +386,8 @@ class Model:
             self.link, self.trials, self.trials_column = self.family_spec.link, None, None
         if "dense_limit" not in state:  # a model pickled before dense_limit
             self.dense_limit = None
+        if "statistics" not in state:  # a model pickled before models from sufficient statistics
+            self.statistics = None
         _ensure_dtype("float64" if self.dtype == jnp.float64 else "float32")
 
     # -- names (contract) ---------------------------------------------------------------------------------------
@@ -383,11 +427,17 @@ class Model:
     def resolve_marginalize(self, marginalize="all") -> tuple[int, ...]:
         """Term indices to integrate out: "all", "none", "auto" (largest set with a small dense block) or names."""
         names = [t.name for t in self.terms]
+        if self.statistics is not None and not (isinstance(marginalize, str) and marginalize in ("all", "auto")):
+            if isinstance(marginalize, str) or sorted(set(marginalize)) != sorted(names):
+                require_rows(self, f"marginalize={marginalize!r} (terms left to HMC)")
+            return tuple(range(len(names)))
         if isinstance(marginalize, str):
             if marginalize == "all":
                 return tuple(range(len(names)))
             if marginalize == "none":
                 return ()
+            if marginalize == "auto" and self.statistics is not None:
+                return tuple(range(len(names)))
             if marginalize == "auto":
                 return tuple(sorted(auto_marginalize(self.class_specs(), dense_limit=self.auto_dense_limit)))
             marginalize = [marginalize]
@@ -406,6 +456,7 @@ class Model:
 
     def class_specs(self):
         """The terms as engine inputs (lmmarg.marginal.ClassSpec), in term order."""
+        require_rows(self, "the terms' row matrices (class_specs)")
         return [ClassSpec(name=t.name, Z=t.Z, codes=t.codes, n_groups=t.n_groups) for t in self.terms]
 
     def plan(self, marginalize="all", marginalize_beta: bool = False, per_obs_sigma: bool | None = None):
@@ -418,6 +469,12 @@ class Model:
             per_obs_sigma = self.sigma_spec.kind != "constant"
         key = (self.resolve_marginalize(marginalize), bool(marginalize_beta), bool(per_obs_sigma))
         plans = self.cache.plans
+        if key not in plans and self.statistics is not None:
+            if key[2]:
+                require_rows(self, "a per-observation sigma")
+            plans[key] = plan_from_statistics(self.statistics.engine_arrays(), marginalize_beta=key[1],
+                                              dense_limit=self.dense_limit, dtype=self.dtype)
+            warn_large_dense(plans[key])
         if key not in plans:
             plans[key] = build_plan(self.design.X, self.y, self.class_specs(), list(key[0]),
                                     marginalize_beta=key[1], scalar_sigma=not key[2], dtype=self.dtype,

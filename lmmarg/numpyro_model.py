@@ -43,8 +43,9 @@ class ModelParts:
         dt = model.dtype
         self.model, self.marg, self.dtype = model, marg, dt
         self.terms = model.terms
-        self.Z = [jnp.asarray(t.Z, dt) for t in self.terms]
-        self.codes = [jnp.asarray(t.codes, jnp.int32) for t in self.terms]
+        # None for a model from sufficient statistics (no rows; every term is marginalized there)
+        self.Z = [None if t.Z is None else jnp.asarray(t.Z, dt) for t in self.terms]
+        self.codes = [None if t.codes is None else jnp.asarray(t.codes, jnp.int32) for t in self.terms]
         self.centered = centered  # term name -> "centered"/"noncentered"/"conditional"/"laplace", HMC terms only
         # constants of the terms in the conditional parameterization (lmmarg.marginal.conditional)
         self.cond_names = tuple(n for n, v in centered.items() if v == "conditional")

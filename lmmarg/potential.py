@@ -39,6 +39,7 @@ from .compile import limits, xla
 from .compile.limits import TRACE_LOCK
 from .compile.programs import Programs
 from .design import column_standardizer
+from .statdesign import standardizer
 from .families import glm_fit
 from .marginal import blocks, kernels, laplace
 from .numpyro_model import ModelParts, beta_prior, make_model_fn, model_data
@@ -298,10 +299,15 @@ class Potential:
         self.b_sites = [parameters.fixed_site(m.fixed_names[j]) for j in cols]
         b_shift, b_map = np.zeros(0), np.zeros((0, 0))
         if self.b_sites:
-            X = np.asarray(m.design.X, dtype=np.float64)[:, cols]
-            sy = 1.0 if m.family_spec.is_glmm else (float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0)
             b_shift = np.array([float(center[n]) for n in self.b_sites])
-            b_map = sy * column_standardizer(X)            # (k, k): b = b_shift + b_map x
+            if m.statistics is None:
+                X = np.asarray(m.design.X, dtype=np.float64)[:, cols]
+                sy = 1.0 if m.family_spec.is_glmm else (float(np.std(np.asarray(m.y, dtype=np.float64))) or 1.0)
+                b_map = sy * column_standardizer(X)            # (k, k): b = b_shift + b_map x
+            else:   # the same map from the column moments of the statistics
+                my = m.statistics.moments.y
+                sy = float(np.sqrt(my.m2[0] / my.n[0])) or 1.0
+                b_map = sy * standardizer(m.statistics.moments.X, cols)
             for n in self.b_sites:
                 shift.pop(n)
                 scale.pop(n)
@@ -418,16 +424,21 @@ class Potential:
     def _center(self) -> tuple[dict, dict]:
         """Data-scaled constrained starting point per site and its unconstrained jitter half-width."""
         m = self.model
-        X, y = np.asarray(m.design.X), np.asarray(m.y, float)
-        if m.family_spec.is_glmm:  # the GLM fit without random effects; unit scale on the link
-            ols, rsd, sy = glm_fit(m.family_spec, X, y, m.trials, m.design.offset), 1.0, 1.0
+        if m.statistics is not None:   # rows known by their sums and column moments
+            ols, rsd, sy, sx, rms = _moment_scales(m)
         else:
-            ols = np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else np.zeros(0)
-            rsd = float(np.std(y - X @ ols)) if len(y) > 1 else 1.0
-            rsd = rsd if rsd > 0 else 1.0
-            sy = float(np.std(y)) or 1.0
+            X, y = np.asarray(m.design.X), np.asarray(m.y, float)
+            sx = np.std(X, axis=0) if X.shape[0] else np.zeros(X.shape[1])
+            rms = {parameters.sd_site(t.name, c): float(np.sqrt(np.mean(t.Z[:, j] ** 2)))
+                   for t in m.terms for j, c in enumerate(t.columns)}
+            if m.family_spec.is_glmm:  # the GLM fit without random effects; unit scale on the link
+                ols, rsd, sy = glm_fit(m.family_spec, X, y, m.trials, m.design.offset), 1.0, 1.0
+            else:
+                ols = np.linalg.lstsq(X, y, rcond=None)[0] if X.shape[1] else np.zeros(0)
+                rsd = float(np.std(y - X @ ols)) if len(y) > 1 else 1.0
+                rsd = rsd if rsd > 0 else 1.0
+                sy = float(np.std(y)) or 1.0
         center, width = {}, {}
-        cols = {parameters.sd_site(t.name, c): t.Z[:, j] for t in m.terms for j, c in enumerate(t.columns)}
         fixed = {parameters.fixed_site(c): j for j, c in enumerate(m.fixed_names)}
         for n, s in self.sites.items():
             shape, kind = s["shape"], self._kinds.get(n)
@@ -435,16 +446,14 @@ class Potential:
                 v, w = (np.log(rsd) if n == parameters.fixed_site("Intercept", sigma_part=True) else 0.0), 0.2
             elif kind == "b":
                 j = fixed[n]
-                sx = float(np.std(X[:, j]))
-                v, w = ols[j], 0.1 * sy / (sx if sx > 0 else 1.0)
+                v, w = ols[j], 0.1 * sy / (float(sx[j]) if sx[j] > 0 else 1.0)
             elif kind == "sigma":
                 v, w = rsd, 0.5
             elif kind == "sd_sigma":
                 v, w = 0.3, 0.5
             elif kind == "sd":
-                z = cols.get(n)
-                rms = float(np.sqrt(np.mean(z**2))) if z is not None else 1.0
-                v, w = 0.5 * rsd / (rms if rms > 0 else 1.0), 0.5
+                r = rms.get(n, 1.0)
+                v, w = 0.5 * rsd / (r if r > 0 else 1.0), 0.5
             elif kind in ("cor", "cor_sigma"):
                 center[n], width[n] = None, 0.5
                 continue
@@ -602,3 +611,19 @@ class Potential:
         raw = {n: jax.ShapeDtypeStruct(tuple(s), wide) for n, s in self.unc_shapes.items()}
         with TRACE_LOCK:
             return jax.eval_shape(self.constrain_one, raw, self.data)
+
+
+def _moment_scales(m) -> tuple:
+    """(ols (p,), residual SD at the OLS, sd(y), sd of each X column (p,), {sd site: RMS of its Z column}) of a
+    model from sufficient statistics: what ``Potential._center`` reads from the rows otherwise (ddof 0)."""
+    st = m.statistics
+    ols = st.ols_beta()
+    n = max(int(st.n_obs), 1)
+    rsd = float(np.sqrt(max(float(st.recentred(ols).rr), 0.0) / n)) or 1.0
+    my, mx, mz = st.moments.y, st.moments.X, st.moments.Z
+    sy = float(np.sqrt(my.m2[0] / my.n[0])) or 1.0
+    sx = np.sqrt(np.asarray(mx.m2, float) / np.maximum(np.asarray(mx.n, float), 1.0))
+    ms = np.sqrt((np.asarray(mz.m2, float) + np.asarray(mz.n, float) * np.asarray(mz.mean, float) ** 2)
+                 / np.maximum(np.asarray(mz.n, float), 1.0))
+    sites = [parameters.sd_site(t.name, c) for t in m.terms for c in t.columns]
+    return ols, rsd, sy, sx, dict(zip(sites, ms.tolist()))

@@ -40,6 +40,7 @@ from numpyro.distributions import constraints
 from . import parameters
 from .design import DesignError, build_design, grouping_codes, used_columns
 from .formula import parse_formula
+from .statdesign import moment_summary
 
 __all__ = ["LKJ", "Prior", "PriorSet", "SigmaSpec", "half_student_t", "build_priors", "build_sigma_spec",
            "sigma_columns", "prior_key"]
@@ -330,11 +331,16 @@ def _canonical_names(user: dict, valid: list[str]) -> dict:
 def build_priors(model, user: dict | None = None) -> PriorSet:
     """Every global parameter of ``model`` with its prior; ``user`` overrides by brms-like name (see module doc)."""
     user = dict(user or {})
-    y = np.asarray(model.y, float)
-    sy = float(np.std(y, ddof=1)) if len(y) > 1 else 1.0
+    stats = getattr(model, "statistics", None)
+    if stats is None:
+        y = np.asarray(model.y, float)
+        sy = float(np.std(y, ddof=1)) if len(y) > 1 else 1.0
+        s_mad = max(2.5, _mad(y))
+        intercept_loc = float(np.median(y))
+    else:   # rows known by their moments only: the mean and SD stand for brms's median and MAD (docs/guide.md)
+        intercept_loc, sy = moment_summary(stats.moments.y)
+        s_mad = max(2.5, sy)
     sy = sy if sy > 0 else 1.0
-    s_mad = max(2.5, _mad(y))
-    intercept_loc = float(np.median(y))
     if model.family_spec.is_glmm:  # priors on the link scale (brms / rstanarm defaults)
         sy, s_mad = 1.0, 2.5
         rate = float(np.sum(y) / np.sum(model.trials))
@@ -346,12 +352,18 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
         s = float(np.std(x, ddof=1)) if len(x) > 1 else 0.0
         return s if s > 0 else 1.0
 
+    def fixed_sd(j):
+        if stats is None:
+            return col_sd(X[:, j])
+        s = moment_summary(stats.moments.X, j)[1]
+        return s if s > 0 else 1.0
+
     for j, name in enumerate(model.fixed_names):
         if name == "Intercept":
             d = dist.StudentT(3.0, intercept_loc, s_mad)
             keys = [parameters.fixed_site(name), "Intercept"]
         else:
-            d = dist.Normal(0.0, 2.5 * sy / col_sd(X[:, j]))
+            d = dist.Normal(0.0, 2.5 * sy / fixed_sd(j))
             keys = [parameters.fixed_site(name), "b"]
         site = parameters.fixed_site(name)
         entries.append((Prior(site=site, label=site, kind="b", dist=d), keys))

@@ -50,6 +50,7 @@ import pandas as pd
 from . import __version__ as LMMARG_VERSION
 from ._warnings import warn_user
 from .priors import LKJ, Prior
+from .sufficient import SufficientStatistics
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SavedFitError", "DamagedFileError", "NotAFitError", "SaveError",
            "save_fit", "load_fit"]
@@ -62,8 +63,8 @@ PICKLED = "pickled.pkl"
 _ZIP_MAGIC = b"PK\x03\x04"
 
 # Model attributes that Model(formula, data, **options) rebuilds; any others are saved as they are
-_MODEL_REBUILT = {"design", "dtype", "dense_limit", "family_spec", "family", "link", "y", "trials", "trials_column",
-                  "log_jacobian", "sigma_spec", "_priors", "cache", "_plans", "_jitted", "_potentials"}
+_MODEL_REBUILT = {"design", "statistics", "dtype", "dense_limit", "family_spec", "family", "link", "y", "trials",
+                  "trials_column", "log_jacobian", "sigma_spec", "_priors", "cache", "_plans", "_jitted", "_potentials"}
 # Fit attributes not saved (value None after loading): compiled code bound to the model, rebuilt on demand
 _FIT_NOT_SAVED = ("potential", "guide")
 
@@ -335,7 +336,11 @@ def _model_meta(model, enc: _Encoder) -> dict:
     return {"formula": model.formula, "family": model.family, "link": model.link, "trials": model.trials_column,
             "dtype": np.dtype(model.dtype).name, "dense_limit": model.dense_limit,
             "sigma_by": ss.by if ss.kind == "by" else None, "sigma": ss.formula if ss.kind == "formula" else None,
-            "data": enc.frame(model.design.data, "the data"), "priors": priors,
+            # a model from sufficient statistics keeps them (the .npz bytes) in place of the rows
+            "data": None if model.statistics is not None else enc.frame(model.design.data, "the data"),
+            "statistics": (None if model.statistics is None else
+                           enc.value(np.frombuffer(model.statistics.to_bytes(), np.uint8), "the statistics")),
+            "priors": priors,
             "check": {"n_obs": model.n_obs, "fixed_names": list(model.fixed_names),
                       "terms": [[t.name, int(t.n_groups)] for t in model.terms]},
             "extra": enc.value(extra, "model attribute")}
@@ -351,7 +356,10 @@ def _fit_meta(fit, enc: _Encoder) -> dict:
 
 
 def _rebuild_model(meta: dict, dec: _Decoder, path: str, model_class):
-    data = dec.value(meta["data"])
+    if meta.get("statistics") is not None:
+        data = SufficientStatistics.from_bytes(np.asarray(dec.value(meta["statistics"]), np.uint8).tobytes())
+    else:
+        data = dec.value(meta["data"])
     try:
         with warnings.catch_warnings():  # the data's warnings were given when the model was first built
             warnings.simplefilter("ignore")

@@ -3,13 +3,17 @@
 For the Gaussian families (gaussian, lognormal) with a scalar σ and every random-effect term integrated out, all
 the marginal engine needs from the N rows is a sum over rows, grouped by *cell* (the unique combination of the
 terms' groups; ``lmmarg.marginal.statistics``). This module computes those sums one chunk of rows at a time
-(a pandas DataFrame, or a pyarrow Table / RecordBatch: one Parquet row group, one Dask partition) and merges them:
+(a pandas DataFrame, or a pyarrow Table / RecordBatch: one Parquet row group, one Dask partition) and merges them
+(``lmmarg.sources`` streams files, pyarrow datasets and Dask DataFrames through it):
 
-1. ``design_spec(formula, chunks)``: a first pass over the chunks (``collect_levels``: the levels of every grouping
-   factor and categorical column, union over chunks, ordered as ``lmmarg.design`` orders them, so that the result
-   does not depend on the chunk order), then a :class:`DesignSpec`, fixed for the whole data set: formulaic model
-   specs of the fixed part, of each term's Z and of the offsets (applied to every chunk identically) and a
-   provisional centre β_c (the OLS β of the first non-empty chunk);
+1. the levels pass: ``chunk_levels(formula, chunk)`` per chunk (a pure function: it runs on Dask workers) gives a
+   :class:`ChunkLevels` (the levels of every grouping factor and categorical column, and the first ≤ SAMPLE_ROWS
+   rows of the chunk as a sample); ``a + b`` merges them (associative; the levels do not depend on the chunk order,
+   the sample is the first non-empty chunk's). ``design_spec_from_levels(formula, levels)`` then builds the
+   :class:`DesignSpec`, fixed for the whole data set: formulaic model specs of the fixed part, of each term's Z and
+   of the offsets (fitted on the sample with every collected level, applied to every chunk identically) and a
+   provisional centre β_c, the OLS β of the sample: the driver sees only that sample, never the other rows.
+   ``design_spec(formula, chunks)`` does both over an iterable of chunks;
 2. ``chunk_statistics(spec, chunk)``: a pure function from one chunk to its :class:`SufficientStatistics`;
 3. ``merge(a, b)`` / ``a + b``: associative and commutative (up to rounding), cells keyed by the grouping factors'
    level *values*, so that statistics of different files (even with different ``DesignSpec`` level sets, when
@@ -18,26 +22,36 @@ terms' groups; ``lmmarg.marginal.statistics``). This module computes those sums 
 Centring. Sums are kept around β_c, not around β = 0: S_zr = Σ Zt (y − X β_c), Xᵀr, rᵀr. Moving to another centre
 β0 is exact algebra (Δ = β0 − β_c: S_zr − S_zX Δ, Xᵀr − XᵀX Δ, rᵀr − 2 ΔᵀXᵀr + ΔᵀXᵀXΔ), but it cancels digits in
 rᵀr when |XΔ| is much larger than the residuals: around β = 0 (raw yᵀy) a response with mean 10⁶ and residual SD
-10⁻² keeps no digit of the residual sum of squares. Around β_c, Δ is the (small) difference between one chunk's OLS
+10⁻² keeps no digit of the residual sum of squares. Around β_c, Δ is the (small) difference between the sample's OLS
 and the full OLS. Chunks of one ``DesignSpec`` share β_c, so that their merge is a plain sum.
+
+Column moments. The statistics also carry :class:`DataMoments`: :class:`ColumnMoments` (n, non-zeros, min, max,
+mean, Σ (x − mean)²) of the fixed-effect columns X, of every term's Z columns and of the working response (y, or
+log y for lognormal, minus the offsets), for unit-free coordinates and default priors without the rows. They are
+merged by Chan, Golub & LeVeque's pairwise update with the mean carried in two doubles, so that a column with mean
+10⁶ and SD 10⁻² keeps its variance to about machine precision whatever the chunks.
 
 Not supported (refused with a DesignError): stateful transforms (``center(x)``, ``scale(x)``, ``poly(x)``, splines:
 their state would come from one chunk), GLMM families and ``cbind()`` responses.
 
-Public: DesignSpec, TermSpec, SufficientStatistics, PartialStatistics, collect_levels, design_spec,
-chunk_statistics, statistics, merge, load_statistics.
+Public: DesignSpec, TermSpec, SufficientStatistics, PartialStatistics, ColumnMoments, DataMoments, ChunkLevels,
+SAMPLE_ROWS, formula_columns, chunk_levels, design_spec_from_levels, collect_levels, design_spec, chunk_statistics,
+statistics, merge, merge_many, load_statistics.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
 import formulaic
 import numpy as np
 import pandas as pd
+from formulaic.transforms import TRANSFORMS
 
 from .codes import unique_rows
 from .design import DesignError, level_label, normalize_dtypes, used_columns
@@ -45,10 +59,13 @@ from .formula import FormulaSpec, parse_formula, quote_columns, strip_ansi
 from .marginal.plan import CellSums
 from .marginal.statistics import aggregate, cell_statistics
 
-__all__ = ["DesignSpec", "TermSpec", "SufficientStatistics", "PartialStatistics", "collect_levels",
-           "design_spec", "chunk_statistics", "statistics", "merge", "load_statistics"]
+__all__ = ["DesignSpec", "TermSpec", "SufficientStatistics", "PartialStatistics", "ColumnMoments", "DataMoments",
+           "ChunkLevels", "SAMPLE_ROWS", "formula_columns", "chunk_levels", "design_spec_from_levels", "merge_many",
+
+           "collect_levels", "design_spec", "chunk_statistics", "statistics", "merge", "load_statistics"]
 
 FORMAT = "lmmarg-sufficient-1"
+SAMPLE_ROWS = 1000   # rows of the first non-empty chunk that fix the formulaic specs and the provisional centre
 
 
 # --------------------------------------------------------------------------- the design, fixed over all chunks
@@ -179,7 +196,20 @@ def _model_spec(expr: str, df: pd.DataFrame, where: str):
 
 def _categorical_columns(spec: FormulaSpec, df: pd.DataFrame, used) -> set:
     """Columns formulaic encodes as categorical (string/categorical columns, C(x) of a numeric x) in the fixed part
-    or a term's expression."""
+    or a term's expression. It depends on the formula and the columns' dtypes only: kept per (spec, dtypes), so
+    that a stream of batches asks formulaic once."""
+    key = (spec, tuple((c, str(df[c].dtype)) for c in used if c in df.columns))
+    if key not in _CATEGORICAL:
+        if len(_CATEGORICAL) > 256:
+            _CATEGORICAL.clear()
+        _CATEGORICAL[key] = _categorical_columns_now(spec, df, used)
+    return set(_CATEGORICAL[key])
+
+
+_CATEGORICAL: dict = {}
+
+
+def _categorical_columns_now(spec: FormulaSpec, df: pd.DataFrame, used) -> set:
     out = set()
     for expr, where in [(spec.fixed, "the fixed effects")] + [(b.expr, f"term ({b.expr} | {b.group})")
                                                                 for b in spec.bars]:
@@ -191,57 +221,142 @@ def _categorical_columns(spec: FormulaSpec, df: pd.DataFrame, used) -> set:
     return out
 
 
-def _first_pass(formula, chunks):
-    """(quoted spec, used columns, levels, categories, first non-empty chunk, categorical columns)."""
+def _parsed(formula, columns) -> tuple[FormulaSpec, tuple, tuple]:
+    """(spec with dotted data columns quoted, used columns, grouping factors) of ``formula`` over ``columns``; kept
+    per (formula, columns): every batch of a stream asks again."""
+    key = (formula, tuple(columns))
+    if key not in _PARSED:
+        if len(_PARSED) > 256:
+            _PARSED.clear()
+        _PARSED[key] = _parsed_now(formula, columns)
+    return _PARSED[key]
+
+
+_PARSED: dict = {}
+
+
+def _parsed_now(formula, columns) -> tuple[FormulaSpec, tuple, tuple]:
     spec = formula if isinstance(formula, FormulaSpec) else parse_formula(formula)
     if spec.failures is not None:
         raise DesignError("cbind() responses (binomial GLMMs) have no sufficient statistics; use a Gaussian family")
-    used = factors = categorical = None
-    values: dict = {}
-    cats: dict = {}
-    sample = None
-    for index, chunk in enumerate(chunks):
-        df = _frame(chunk, index)
-        if used is None:
-            spec = _quoted(spec, df.columns)
-            used = tuple(used_columns(spec))
-            factors = tuple(dict.fromkeys(f for b in spec.bars for f in b.factors))
-        df = _check_chunk(df, used, index)
-        if len(df) == 0:
-            continue
-        if sample is None:
-            sample = df
-            categorical = _categorical_columns(spec, df, used)
-        for col in dict.fromkeys(factors + tuple(sorted(categorical))):
-            v, c = _distinct(df[col])
-            values.setdefault(col, set()).update(v)
-            cats.setdefault(col, set()).add(c)
-    if sample is None:
-        raise DesignError("the chunks hold no rows")
-    # the categorical order when every chunk has the same categories (pd.concat keeps them), else sorted
-    categories = {col: (next(iter(c))[0] if len(c) == 1 and None not in c else None) for col, c in cats.items()}
-    levels = {col: _ordered(values[col], categories[col]) for col in values}
-    return spec, used, levels, categories, sample, categorical
+    spec = _quoted(spec, columns)
+    _refuse_stateful(spec)
+    return spec, tuple(used_columns(spec)), tuple(dict.fromkeys(f for b in spec.bars for f in b.factors))
+
+
+def _refuse_stateful(spec: FormulaSpec) -> None:
+    """Raise naming a stateful transform (center, scale, poly, splines) before any data is read: formulaic does not
+    list their arguments among the required variables, so a reader projecting on the used columns would drop them."""
+    names = sorted(k for k, v in TRANSFORMS.items() if getattr(v, "__is_stateful_transform__", False) and k != "Q")
+    pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, names)) + r")\s*\(")
+    for expr, where in ([(spec.response, "the response"), (spec.fixed, "the fixed effects")]
+                        + [(f"offset({e})", "the offset") for e in spec.offsets]
+                        + [(b.expr, f"term ({b.expr} | {b.group})") for b in spec.bars]):
+        m = pattern.search(re.sub(r"`[^`]*`", " ", expr))
+        if m:
+            raise DesignError(f"{where} {expr!r} uses a stateful transform ({m.group(1)}): from chunks its state "
+                              "would come from one chunk; compute the column beforehand")
+
+
+def formula_columns(formula, columns) -> tuple:
+    """The data columns ``formula`` (a string or parsed FormulaSpec) uses, formula order, dotted names resolved
+    against ``columns`` (the data's column names): what a reader must load (``lmmarg.sources`` projects on them)."""
+    return _parsed(formula, [str(c) for c in columns])[1]
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkLevels:
+    """What the levels pass collects (``chunk_levels``); ``a + b`` merges two (associative, so a tree reduction
+    works; the levels are a union, the sample is the first non-empty operand's: merge in chunk order).
+
+    values: {column: frozenset of level values} of the grouping factors and categorical columns; categories:
+    {column: frozenset of the chunks' (categorical categories, ordered), None for a non-categorical chunk};
+    categorical: the columns formulaic encodes as categorical; n_rows: rows seen; sample: the first ≤ SAMPLE_ROWS
+    rows (used columns only) of the first non-empty chunk, or None."""
+    values: dict
+    categories: dict
+    categorical: frozenset
+    n_rows: int
+    sample: pd.DataFrame | None
+
+    def __add__(self, other: "ChunkLevels") -> "ChunkLevels":
+        if not isinstance(other, ChunkLevels):
+            return NotImplemented
+        values = {c: self.values.get(c, frozenset()) | other.values.get(c, frozenset())
+                  for c in dict.fromkeys(list(self.values) + list(other.values))}
+        cats = {c: self.categories.get(c, frozenset()) | other.categories.get(c, frozenset())
+                for c in dict.fromkeys(list(self.categories) + list(other.categories))}
+        return ChunkLevels(values, cats, self.categorical | other.categorical, self.n_rows + other.n_rows,
+                           self.sample if self.sample is not None else other.sample)
+
+    def __radd__(self, other):
+        return self if isinstance(other, int) and other == 0 else NotImplemented   # sum([...]) starts at 0
+
+    def category_order(self) -> dict:
+        """{column: the categorical categories ordering its levels when every chunk has the same ones, else None}."""
+        return {c: (next(iter(k))[0] if len(k) == 1 and None not in k else None) for c, k in self.categories.items()}
+
+    def levels(self) -> dict:
+        """{column: tuple of levels} in ``lmmarg.design``'s order (the categorical order, else sorted)."""
+        order = self.category_order()
+        return {c: _ordered(v, order.get(c)) for c, v in self.values.items()}
+
+
+_NO_LEVELS = ChunkLevels({}, {}, frozenset(), 0, None)
+
+
+def chunk_levels(formula, chunk, index=0) -> ChunkLevels:
+    """The levels pass over one chunk (a DataFrame, pyarrow Table/RecordBatch or dict of columns): pure, no state
+    between chunks. ``index`` names the chunk in errors (missing columns, missing values)."""
+    df = _frame(chunk, index)
+    spec, used, factors = _parsed(formula, df.columns)
+    df = _check_chunk(df, used, index)
+    if len(df) == 0:
+        return _NO_LEVELS
+    sample = df.iloc[:SAMPLE_ROWS][list(used)].copy()
+    categorical = frozenset(_categorical_columns(spec, sample, used))
+    values, cats = {}, {}
+    for col in dict.fromkeys(factors + tuple(sorted(categorical))):
+        v, c = _distinct(df[col])
+        values[col], cats[col] = frozenset(v), frozenset([c])
+    return ChunkLevels(values, cats, categorical, len(df), sample)
+
+
+def _check_family(family: str) -> None:
+    if family not in ("gaussian", "lognormal"):
+        raise ValueError(f"sufficient statistics serve the Gaussian families 'gaussian' and 'lognormal', not "
+                         f"{family!r}")
 
 
 def collect_levels(formula, chunks) -> dict:
     """{column: tuple of levels}: every grouping factor's and categorical column's levels over all ``chunks``
     (an iterable of DataFrames / pyarrow tables), in ``lmmarg.design``'s order (the categorical order when every
     chunk has the same categories, else sorted), independent of the chunk order."""
-    return _first_pass(formula, chunks)[2]
+    return sum((chunk_levels(formula, c, i) for i, c in enumerate(chunks)), _NO_LEVELS).levels()
 
 
-def design_spec(formula, chunks, family: str = "gaussian") -> DesignSpec:
-    """The :class:`DesignSpec` of ``formula`` over all ``chunks`` (one pass over them; see the module docstring).
+def _prototype(spec: DesignSpec) -> dict:
+    """What rebuilds the formulaic specs of ``spec`` without rows (``design_spec_from_meta``): the used columns and
+    the levels of the categorical columns that are not grouping factors (JSON-able)."""
+    return {"used": list(spec.used),
+            "levels": {c: [_py(v) for v in lv] for c, lv in spec.levels.items() if c not in spec.factors},
+            "categories": {c: (None if k is None else [_py(v) for v in k]) for c, k in spec.categories.items()
+                           if c not in spec.factors}}
 
-    family: "gaussian" or "lognormal" (the sums are then those of log y)."""
-    if family not in ("gaussian", "lognormal"):
-        raise ValueError(f"sufficient statistics serve the Gaussian families 'gaussian' and 'lognormal', not "
-                         f"{family!r}")
-    spec, used, levels, categories, sample, categorical = _first_pass(formula, chunks)
-    proto = sample.copy()   # one chunk with every collected level: the formulaic specs see all of them
-    for col in categorical:
-        proto[col] = pd.Categorical(proto[col].astype(object), categories=list(levels[col]))
+
+def design_spec_from_levels(formula, levels: ChunkLevels, family: str = "gaussian") -> DesignSpec:
+    """The :class:`DesignSpec` of ``formula`` from the merged levels pass (``levels.sample`` fixes the formulaic
+    specs, with every collected level, and its OLS β is the provisional centre β_c). family: "gaussian" or
+    "lognormal" (the sums are then those of log y)."""
+    _check_family(family)
+    if levels.sample is None:
+        raise DesignError("the chunks hold no rows")
+    sample = levels.sample
+    spec, used, _ = _parsed(formula, sample.columns)
+    all_levels, categories = levels.levels(), levels.category_order()
+    proto = sample.copy()   # the sample with every collected level: the formulaic specs see all of them
+    for col in levels.categorical:
+        proto[col] = pd.Categorical(proto[col].astype(object), categories=list(all_levels[col]))
     fixed_spec = _model_spec(spec.fixed, proto, "the fixed effects")
     offsets = tuple(_model_spec(f"0 + I({e})", proto, f"offset({e})") for e in spec.offsets)
     terms, seen = [], {}
@@ -260,11 +375,115 @@ def design_spec(formula, chunks, family: str = "gaussian") -> DesignSpec:
     p = len(fixed_spec.column_names)
     ds = DesignSpec(spec=spec, family=family, fixed_spec=fixed_spec, fixed_names=tuple(fixed_spec.column_names),
                     offset_specs=offsets, terms=tuple(terms),
-                    factors=tuple(dict.fromkeys(f for t in terms for f in t.factors)), levels=levels,
+                    factors=tuple(dict.fromkeys(f for t in terms for f in t.factors)), levels=all_levels,
                     categories=categories, used=used, centre=np.zeros(p))
-    X, y, _, _, _ = _evaluate(ds, sample, 0)
+    X, y, _, _, _ = _evaluate(ds, sample, "sample")
     centre = np.linalg.lstsq(X, y, rcond=None)[0] if p else np.zeros(0)
     return dataclasses.replace(ds, centre=centre)
+
+
+def design_spec(formula, chunks, family: str = "gaussian") -> DesignSpec:
+    """The :class:`DesignSpec` of ``formula`` over all ``chunks`` (one pass over them; see the module docstring).
+
+    family: "gaussian" or "lognormal" (the sums are then those of log y)."""
+    _check_family(family)
+    levels = sum((chunk_levels(formula, c, i) for i, c in enumerate(chunks)), _NO_LEVELS)
+    return design_spec_from_levels(formula, levels, family)
+
+
+# --------------------------------------------------------------------------- column moments
+
+
+@dataclass(frozen=True, eq=False)
+class ColumnMoments:
+    """Moments of k columns over rows (arrays (k,)): n rows, nnz non-zero rows, min, max (+inf / −inf with no rows),
+    mean, m2 = Σ (x − mean)², and mean_lo: what the mean holds below mean's last digit (mean + mean_lo is the mean
+    to about twice double precision; it keeps every digit of m2 when chunks with a large common mean and a small
+    spread are merged). ``a + b``: the moments of the union of the rows (Chan, Golub & LeVeque's pairwise update),
+    associative and commutative up to rounding."""
+    n: np.ndarray
+    nnz: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+    mean_lo: np.ndarray
+
+    FIELDS = ("n", "nnz", "min", "max", "mean", "m2", "mean_lo")
+
+    @classmethod
+    def empty(cls, k: int) -> "ColumnMoments":
+        z = np.zeros(k)
+        return cls(np.zeros(k, np.int64), np.zeros(k, np.int64), np.full(k, np.inf), np.full(k, -np.inf), z, z, z)
+
+    @classmethod
+    def of(cls, values) -> "ColumnMoments":
+        """The moments of the columns of ``values`` (n, k): two passes (mean, then deviations), compensated."""
+        values = np.asarray(values, dtype=float)
+        n, k = values.shape
+        if n == 0:
+            return cls.empty(k)
+        hi = values.mean(0)
+        dev = values - hi       # exact where x and the mean are within a factor 2 (a large common mean)
+        lo = dev.mean(0)
+        return cls(np.full(k, n, np.int64), np.count_nonzero(values, axis=0).astype(np.int64), values.min(0),
+                   values.max(0), hi, ((dev - lo) ** 2).sum(0), lo)
+
+    @property
+    def var(self) -> np.ndarray:
+        """(k,) the variance with ddof=1 (NaN with fewer than 2 rows)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.n > 1, self.m2 / np.maximum(self.n - 1, 1), np.nan)
+
+    def __add__(self, other: "ColumnMoments") -> "ColumnMoments":
+        if not isinstance(other, ColumnMoments):
+            return NotImplemented
+        a, b = self, other
+        if a.n.shape != b.n.shape:
+            raise ValueError(f"cannot add the moments of {a.n.shape[0]} and {b.n.shape[0]} columns")
+        n = a.n + b.n
+        fb = b.n / np.maximum(n, 1)
+        delta = (b.mean - a.mean) + (b.mean_lo - a.mean_lo)
+        t = a.mean_lo + delta * fb
+        hi = a.mean + t
+        bt = hi - a.mean    # Knuth's two-sum: hi + lo == a.mean + t exactly
+        lo = (a.mean - (hi - bt)) + (t - bt)
+        m2 = a.m2 + b.m2 + delta ** 2 * a.n * fb
+        a_empty, b_empty = a.n == 0, b.n == 0
+
+        def pick(x, xa, xb):
+            return np.where(a_empty, xb, np.where(b_empty, xa, x))
+
+        return ColumnMoments(n, a.nnz + b.nnz, np.minimum(a.min, b.min), np.maximum(a.max, b.max),
+                             pick(hi, a.mean, b.mean), pick(m2, a.m2, b.m2), pick(lo, a.mean_lo, b.mean_lo))
+
+
+@dataclass(frozen=True, eq=False)
+class DataMoments:
+    """:class:`ColumnMoments` of the fixed-effect columns X (p), of every term's Z columns (D, formula term order,
+    the column order of S_zz) and of the working response y (1 column: y, or log y for lognormal, minus the
+    offsets); ``a + b`` merges them."""
+    X: ColumnMoments
+    Z: ColumnMoments
+    y: ColumnMoments
+
+    def __add__(self, other: "DataMoments") -> "DataMoments":
+        if not isinstance(other, DataMoments):
+            return NotImplemented
+        return DataMoments(self.X + other.X, self.Z + other.Z, self.y + other.y)
+
+    def arrays(self) -> dict:
+        """{"moments_X_mean": (p,), ...}: every array, for an .npz."""
+        return {f"moments_{part}_{f}": getattr(getattr(self, part), f) for part in ("X", "Z", "y")
+                for f in ColumnMoments.FIELDS}
+
+    @classmethod
+    def from_arrays(cls, z) -> "DataMoments | None":
+        """What :meth:`arrays` wrote (a mapping), or None when it holds no moments (a file saved before them)."""
+        if "moments_y_n" not in z:
+            return None
+        return cls(*(ColumnMoments(*(np.asarray(z[f"moments_{part}_{f}"]) for f in ColumnMoments.FIELDS))
+                     for part in ("X", "Z", "y")))
 
 
 # --------------------------------------------------------------------------- one chunk
@@ -356,19 +575,22 @@ def chunk_statistics(spec: DesignSpec, chunk, index=0) -> "SufficientStatistics"
     p, D = len(spec.fixed_names), sum(len(t.columns) for t in spec.terms)
     levels = tuple(spec.levels[f] for f in spec.factors)
     cats = tuple(spec.categories.get(f) for f in spec.factors)
+    meta = dict(spec.signature, formula=spec.spec.formula, prototype=_prototype(spec))
     if len(df) == 0:
-        return SufficientStatistics(spec.signature, levels, cats, spec.centre.copy(), 0, np.zeros((p, p)),
+        moments = DataMoments(ColumnMoments.empty(p), ColumnMoments.empty(D), ColumnMoments.empty(1))
+        return SufficientStatistics(meta, levels, cats, spec.centre.copy(), 0, np.zeros((p, p)),
                                     np.zeros(p), 0.0, 0.0, np.zeros((0, len(levels)), np.int64), np.zeros(0, np.int64),
-                                    np.zeros((0, D, D)), np.zeros((0, D)), np.zeros((0, D, p)))
+                                    np.zeros((0, D, D)), np.zeros((0, D)), np.zeros((0, D, p)), moments, spec)
     X, y, Zt, codes, sum_log_y = _evaluate(spec, df, index)
     if X.shape[1] != p:
         raise DesignError(f"chunk {index}: the fixed effects have {X.shape[1]} columns, the spec {p}")
     r = y - X @ spec.centre
     uniq, cell = _cells(codes, [len(v) for v in levels])
     S_zz, S_zr, S_zX = cell_statistics(cell, uniq.shape[0], Zt, X, r)
-    return SufficientStatistics(spec.signature, levels, cats, spec.centre.copy(), len(df), X.T @ X, X.T @ r,
+    moments = DataMoments(ColumnMoments.of(X), ColumnMoments.of(Zt), ColumnMoments.of(y[:, None]))
+    return SufficientStatistics(meta, levels, cats, spec.centre.copy(), len(df), X.T @ X, X.T @ r,
                                 float(r @ r), sum_log_y, uniq, np.bincount(cell, minlength=uniq.shape[0]),
-                                S_zz, S_zr, S_zX)
+                                S_zz, S_zr, S_zX, moments, spec)
 
 
 def statistics(spec: DesignSpec, chunks) -> "SufficientStatistics":
@@ -394,7 +616,11 @@ class SufficientStatistics:
     factor_categories: per factor the categorical categories ordering them, or None; n_obs; XtX (p, p),
     Xtr (p,), rr (): Xᵀr, rᵀr; sum_log_y: Σ log y (lognormal's Jacobian, else 0); cell_factors (n_cells,
     n_factors) codes into factor_levels; cell_n (n_cells,); S_zz (n_cells, D, D), S_zr (n_cells, D), S_zX
-    (n_cells, D, p) with D the columns of every term in formula order."""
+    (n_cells, D, p) with D the columns of every term in formula order; moments: the :class:`DataMoments` of X, Z
+    and the working response, or None (a file saved before them); design_spec: the :class:`DesignSpec` the sums
+    were computed with (its formulaic specs evaluate new data), or None (not saved: None after ``load``);
+    source_summary: what ``lmmarg.sources.sufficient_statistics`` read, e.g. "read 2,000,000 rows from 8 files:
+    3 terms, 10,050 groups, 412,300 cells" ("" otherwise; :meth:`describe` gives the part after the colon)."""
     meta: dict
     factor_levels: tuple
     factor_categories: tuple
@@ -409,10 +635,29 @@ class SufficientStatistics:
     S_zz: np.ndarray
     S_zr: np.ndarray
     S_zX: np.ndarray
+    moments: DataMoments | None = None
+    design_spec: DesignSpec | None = None
+    source_summary: str = ""
 
     @property
     def n_cells(self) -> int:
         return int(self.cell_factors.shape[0])
+
+    @property
+    def formula(self) -> str | None:
+        """The formula the statistics were computed for (None for files saved without it)."""
+        return self.meta.get("formula")
+
+    def describe(self) -> str:
+        """"3 terms, 10,050 groups, 412,300 cells": the terms, the observed groups (over distinct grouping
+        factors: terms on one group count its groups once) and the cells."""
+        groups, seen = 0, set()
+        for name, group, *_ in self.terms:
+            if group not in seen:
+                seen.add(group)
+                groups += len(self.term_levels(name)[1])
+        t = len(self.terms)
+        return f"{t} term{'s' * (t != 1)}, {groups:,} groups, {self.n_cells:,} cells"
 
     @property
     def terms(self) -> tuple:
@@ -495,8 +740,8 @@ class SufficientStatistics:
     def __radd__(self, other):
         return self if isinstance(other, int) and other == 0 else merge(other, self)   # sum([...]) starts at 0
 
-    def save(self, path) -> None:
-        """Write an .npz (no pickles), atomically: a temporary file in the same directory, then os.replace."""
+    def _write(self, f) -> None:
+        """The .npz (meta as JSON text, arrays; no pickles) to the binary file object ``f``."""
         meta = dict(self.meta, format=FORMAT, n_obs=int(self.n_obs), rr=float(self.rr), sum_log_y=float(self.sum_log_y),
                     factor_levels=[list(v) for v in self.factor_levels],
                     factor_categories=[None if c is None else list(c) for c in self.factor_categories])
@@ -505,13 +750,17 @@ class SufficientStatistics:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"cannot save levels that are not str/int/float/bool ({exc}); convert the grouping "
                              "columns to str") from None
+        np.savez(f, meta=np.array(text), centre=self.centre, XtX=self.XtX, Xtr=self.Xtr, cell_factors=self.cell_factors,
+                 cell_n=self.cell_n, S_zz=self.S_zz, S_zr=self.S_zr, S_zX=self.S_zX,
+                 **(self.moments.arrays() if self.moments is not None else {}))
+
+    def save(self, path) -> None:
+        """Write an .npz (no pickles), atomically: a temporary file in the same directory, then os.replace."""
         path = os.fspath(path)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(text), centre=self.centre, XtX=self.XtX, Xtr=self.Xtr,
-                         cell_factors=self.cell_factors, cell_n=self.cell_n, S_zz=self.S_zz, S_zr=self.S_zr,
-                         S_zX=self.S_zX)
+                self._write(f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -519,6 +768,17 @@ class SufficientStatistics:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
+
+    def to_bytes(self) -> bytes:
+        """The .npz that :meth:`save` writes, as bytes (``from_bytes`` reads them; saved fits embed them)."""
+        buf = io.BytesIO()
+        self._write(buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "SufficientStatistics":
+        """Read what :meth:`to_bytes` returned."""
+        return cls.load(io.BytesIO(bytes(data)))
 
     @classmethod
     def load(cls, path) -> "SufficientStatistics":
@@ -528,12 +788,13 @@ class SufficientStatistics:
             if meta.pop("format", None) != FORMAT:
                 raise ValueError(f"{path} is not a file of lmmarg sufficient statistics ({FORMAT})")
             arrays = {k: z[k] for k in ("centre", "XtX", "Xtr", "cell_factors", "cell_n", "S_zz", "S_zr", "S_zX")}
+            moments = DataMoments.from_arrays(z)
         levels = tuple(tuple(v) for v in meta.pop("factor_levels"))
         cats = tuple(None if c is None else tuple(c) for c in meta.pop("factor_categories"))
         n_obs, rr, sum_log_y = int(meta.pop("n_obs")), float(meta.pop("rr")), float(meta.pop("sum_log_y"))
         return cls(meta, levels, cats, arrays["centre"], n_obs, arrays["XtX"], arrays["Xtr"], rr, sum_log_y,
                    arrays["cell_factors"].astype(np.int64), arrays["cell_n"].astype(np.int64), arrays["S_zz"],
-                   arrays["S_zr"], arrays["S_zX"])
+                   arrays["S_zr"], arrays["S_zX"], moments)
 
 
 PartialStatistics = SufficientStatistics   # one chunk's statistics are merged statistics of one chunk
@@ -541,46 +802,70 @@ PartialStatistics = SufficientStatistics   # one chunk's statistics are merged s
 load_statistics = SufficientStatistics.load
 
 
-def _union_levels(j: int, a: SufficientStatistics, b: SufficientStatistics):
-    """(levels, categories, remap of a's codes, remap of b's codes) of grouping factor j."""
-    la, lb = a.factor_levels[j], b.factor_levels[j]
-    ca, cb = a.factor_categories[j], b.factor_categories[j]
-    if la == lb and ca == cb:
-        idx = np.arange(len(la))
-        return la, ca, idx, idx
-    if ca != cb:
-        raise ValueError(f"cannot add statistics whose grouping factor {a.meta['factors'][j]!r} is ordered by "
-                         f"different categorical categories ({ca} vs {cb}); give the column one dtype")
-    levels = _ordered(set(la) | set(lb), ca)
+def _union_levels(j: int, items) -> tuple:
+    """(levels, categories, [remap of each item's codes into the levels]) of grouping factor j over ``items``."""
+    levels, cats = items[0].factor_levels[j], items[0].factor_categories[j]
+    for x in items[1:]:
+        if x.factor_categories[j] != cats:
+            raise ValueError(f"cannot add statistics whose grouping factor {items[0].meta['factors'][j]!r} is ordered "
+                             f"by different categorical categories ({cats} vs {x.factor_categories[j]}); give the "
+                             "column one dtype")
+    if all(x.factor_levels[j] == levels for x in items[1:]):
+        idx = np.arange(len(levels))
+        return levels, cats, [idx] * len(items)
+    levels = _ordered(set().union(*(x.factor_levels[j] for x in items)), cats)
     index = pd.Index(list(levels), dtype=object)
-    return (levels, ca, index.get_indexer(pd.Index(list(la), dtype=object)),
-            index.get_indexer(pd.Index(list(lb), dtype=object)))
+    return levels, cats, [index.get_indexer(pd.Index(list(x.factor_levels[j]), dtype=object)) for x in items]
 
 
 def merge(a: SufficientStatistics, b: SufficientStatistics) -> SufficientStatistics:
     """a + b: the statistics of the union of their rows, around a's centre (b is re-centred if needed).
-    Associative and commutative up to rounding; cells matched by level values. Raises ValueError naming what
-    differs when a and b are statistics of different models."""
-    if not isinstance(a, SufficientStatistics) or not isinstance(b, SufficientStatistics):
-        raise TypeError(f"cannot add {type(a).__name__} and {type(b).__name__}")
-    for key in ("family", "response", "fixed_names", "offsets", "factors", "terms"):
-        if a.meta.get(key) != b.meta.get(key):
-            raise ValueError(f"cannot add statistics of different models: their {key} differ: "
-                             f"{a.meta.get(key)!r} vs {b.meta.get(key)!r}")
-    b = b.recentred(a.centre)
+    Associative and commutative up to rounding; cells matched by level values; the moments are merged (None when
+    either lacks them), the design_spec is a's (else b's), the source_summary is dropped. Raises ValueError naming
+    what differs when a and b are statistics of different models."""
+    return merge_many([a, b])
+
+
+def merge_many(items) -> SufficientStatistics:
+    """The merge of a list of statistics in one pass (``merge`` of two is the special case): one union of the
+    level sets, one factorization of the concatenated cell keys and one weighted bincount per summed column, so
+    that a stream of k batches merged in groups costs O(total cells), not O(k × cells) as pairwise merges into a
+    growing total would."""
+    items = list(items)
+    if not items:
+        raise ValueError("merge_many needs at least one SufficientStatistics")
+    for x in items:
+        if not isinstance(x, SufficientStatistics):
+            raise TypeError(f"cannot add {type(items[0]).__name__} and {type(x).__name__}")
+    a = items[0]
+    for b in items[1:]:
+        for key in ("family", "response", "fixed_names", "offsets", "factors", "terms"):
+            if a.meta.get(key) != b.meta.get(key):
+                raise ValueError(f"cannot add statistics of different models: their {key} differ: "
+                                 f"{a.meta.get(key)!r} vs {b.meta.get(key)!r}")
+    if len(items) == 1:
+        return a
+    items = [a] + [b.recentred(a.centre) for b in items[1:]]
     nf = len(a.factor_levels)
-    union = [_union_levels(j, a, b) for j in range(nf)]
-    keys = np.concatenate([
-        np.stack([u[2][a.cell_factors[:, j]] for j, u in enumerate(union)], 1) if nf else a.cell_factors,
-        np.stack([u[3][b.cell_factors[:, j]] for j, u in enumerate(union)], 1) if nf else b.cell_factors])
+    union = [_union_levels(j, items) for j in range(nf)]
+    keys = np.concatenate([np.stack([u[2][k][x.cell_factors[:, j]] for j, u in enumerate(union)], 1) if nf
+                           else x.cell_factors for k, x in enumerate(items)])
     uniq, inv = _cells(keys, [len(u[0]) for u in union])
     n, D, p = uniq.shape[0], a.S_zz.shape[1], a.XtX.shape[0]
 
-    def agg(x, y, shape):
-        return aggregate(inv, n, np.concatenate([x, y]).reshape(len(inv), int(np.prod(shape)))).reshape((n,) + shape)
+    def agg(name, shape):
+        cat = np.concatenate([getattr(x, name) for x in items])
+        return aggregate(inv, n, cat.reshape(len(inv), int(np.prod(shape)))).reshape((n,) + shape)
 
+    moments = None
+    if all(x.moments is not None for x in items):
+        moments = items[0].moments
+        for x in items[1:]:
+            moments = moments + x.moments
     return SufficientStatistics(
-        a.meta, tuple(u[0] for u in union), tuple(u[1] for u in union), a.centre, a.n_obs + b.n_obs,
-        a.XtX + b.XtX, a.Xtr + b.Xtr, a.rr + b.rr, a.sum_log_y + b.sum_log_y, uniq,
-        np.bincount(inv, weights=np.concatenate([a.cell_n, b.cell_n]), minlength=n).astype(np.int64),
-        agg(a.S_zz, b.S_zz, (D, D)), agg(a.S_zr, b.S_zr, (D,)), agg(a.S_zX, b.S_zX, (D, p)))
+        a.meta, tuple(u[0] for u in union), tuple(u[1] for u in union), a.centre, sum(x.n_obs for x in items),
+        sum(x.XtX for x in items), sum(x.Xtr for x in items), float(sum(x.rr for x in items)),
+        float(sum(x.sum_log_y for x in items)), uniq,
+        np.bincount(inv, weights=np.concatenate([x.cell_n for x in items]), minlength=n).astype(np.int64),
+        agg("S_zz", (D, D)), agg("S_zr", (D,)), agg("S_zX", (D, p)), moments,
+        next((x.design_spec for x in items if x.design_spec is not None), None))

@@ -91,7 +91,8 @@ def test_chunk_orders_and_partitions_agree(data, formula):
     whole = su.chunk_statistics(spec, data)
     beta0 = whole.ols_beta()
     ref = whole.engine_arrays(beta0=beta0)
-    for s in (seq, tree, other, sum(reversed(parts))):
+    many = su.merge_many([parts[3], parts[0], parts[4], parts[1], parts[2]])   # one n-ary merge
+    for s in (seq, tree, other, sum(reversed(parts)), many):
         assert s.n_obs == 2000 and s.n_cells == whole.n_cells
         assert_same(s.engine_arrays(beta0=beta0), ref)
     # the levels do not depend on the chunk order; another provisional centre gives the same statistics
@@ -224,3 +225,46 @@ def test_subset_of_terms(data):
     for k in ("S_zz", "S_zr", "S_zX"):
         A = np.asarray(getattr(plan.stats, k))
         np.testing.assert_allclose(getattr(ea, k), A, rtol=0, atol=1e-11 * np.max(np.abs(A)), err_msg=k)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1e6])
+def test_column_moments(mean):
+    """Moments merged over chunks (in any order) equal NumPy's over all rows, for a column with mean 1e6 and SD
+    1e-2 too (the mean carried in two doubles keeps the digits of m2 that Chan's update alone would lose)."""
+    df = make_data(seed=5, mean=mean)
+    df["big"] = 1e6 + 1e-2 * np.random.default_rng(6).normal(size=len(df))
+    df.loc[df.index[::7], "x"] = 0.0    # non-zeros differ from rows
+    formula = "y ~ x + big + c + offset(t) + (x | a) + (1 | b)"
+    spec = su.design_spec(formula, chunks_of(df))
+    parts = [su.chunk_statistics(spec, c, i) for i, c in enumerate(chunks_of(df, [0, 1, 300, 301, 1000, 2000]))]
+    X = np.asarray(spec.fixed_spec.get_model_matrix(df), dtype=float)
+    Z = np.column_stack([np.ones(len(df)), df.x, np.ones(len(df))])
+    y = (df.y - df.t).to_numpy()[:, None]
+    for stats in (sum(parts), sum(reversed(parts)), (parts[3] + parts[1]) + (parts[0] + (parts[4] + parts[2]))):
+        m = stats.moments
+        for cm, full in ((m.X, X), (m.Z, Z), (m.y, y)):
+            k = full.shape[1]
+            assert list(cm.n) == [len(df)] * k and list(cm.nnz) == list(np.count_nonzero(full, axis=0))
+            np.testing.assert_array_equal(cm.min, full.min(0))
+            np.testing.assert_array_equal(cm.max, full.max(0))
+            np.testing.assert_allclose(cm.mean, full.mean(0), rtol=1e-12, atol=0)
+            var = full.var(0, ddof=1)
+            np.testing.assert_allclose(cm.var, var, rtol=1e-12, atol=1e-300)
+            np.testing.assert_allclose(cm.m2, var * (len(df) - 1), rtol=1e-12, atol=1e-300)
+    assert spec.fixed_names[2] == "big" and 0 < m.X.var[2] < 2e-4
+
+
+def test_moments_lognormal_and_old_files(data, tmp_path):
+    """The response moments are those of log y minus the offsets; a file saved without moments loads with None."""
+    spec = su.design_spec("y ~ x + offset(log(t)) + (1 | a)", chunks_of(data), family="lognormal")
+    stats = su.statistics(spec, chunks_of(data))
+    w = np.log(data.y) - np.log(data.t)
+    np.testing.assert_allclose([stats.moments.y.mean[0], stats.moments.y.var[0]], [w.mean(), w.var()], rtol=1e-12)
+    stats.save(tmp_path / "new.npz")
+    assert su.load_statistics(tmp_path / "new.npz").moments.y.n[0] == 2000
+    with np.load(tmp_path / "new.npz") as z:
+        old = {k: z[k] for k in z.files if not k.startswith("moments_")}
+    np.savez(tmp_path / "old.npz", **old)
+    back = su.load_statistics(tmp_path / "old.npz")
+    assert back.moments is None and back.n_obs == 2000
+    assert (back + stats).moments is None and (stats + stats).moments.y.n[0] == 4000

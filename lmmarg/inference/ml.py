@@ -30,17 +30,19 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 
 from .._warnings import warn_user
 from ..degenerate import check_residual, check_separation
 from ..dense_warning import warn_large_dense
 from ..design import column_standardizer
+from ..statdesign import standardizer
 from ..families import glm_fit
 from ..compile import persistent
 from ..compile import xla
 from ..compile.limits import check_address_space, note_compiled_structure
-from ..marginal import ClassSpec, build_plan, kernels, laplace
+from ..marginal import ClassSpec, build_plan, kernels, laplace, plan_from_statistics
 from ..results.ml import ConvergenceChecks, MLFit
 from .blas import blas_threads
 from .derivatives import hessian_from_gradients
@@ -146,9 +148,42 @@ class _Coordinates(NamedTuple):
 
 def _coordinates(model) -> _Coordinates:
     layout, _ = _theta_layout(model)
+    if model.statistics is not None:   # the same coordinates from the column moments of the statistics
+        mom = model.statistics.moments
+        offs = np.concatenate([[0], np.cumsum([t.d for t in model.terms])]).astype(int)
+        return _Coordinates(tuple(standardizer(mom.Z, np.arange(offs[h], offs[h + 1]))
+                                  for h in range(len(model.terms))),
+                            standardizer(mom.X), layout, [t.d for t in model.terms])
     X = np.asarray(model.design.X, dtype=np.float64)
     return _Coordinates(tuple(column_standardizer(np.asarray(t.Z, dtype=np.float64)) for t in model.terms),
                         column_standardizer(X), layout, [t.d for t in model.terms])
+
+
+def _standardized_plan(model, coords: _Coordinates):
+    """(plan on X̃ = X S_X and Z̃_l = Z_l S_l, raw Gram [X̃ r0]ᵀ[X̃ r0] (p+1, p+1) with r0 = y − X̃ β0 at the plan's
+    OLS β0), from the rows or, for a model from sufficient statistics, by transforming the sums."""
+    S_X = coords.S_X
+    if model.statistics is not None:
+        cs = model.statistics.cell_sums()
+        S_Z = scipy.linalg.block_diag(*coords.S_terms) if coords.S_terms else np.zeros((0, 0))
+        cs = cs._replace(S_zz=np.einsum("ad,cab,be->cde", S_Z, cs.S_zz, S_Z, optimize=True),
+                         S_zr=cs.S_zr @ S_Z, S_zX=np.einsum("ad,cab,be->cde", S_Z, cs.S_zX, S_X, optimize=True),
+                         XtX=S_X.T @ cs.XtX @ S_X, Xtr=S_X.T @ cs.Xtr, beta0=np.linalg.solve(S_X, cs.beta0))
+        plan = plan_from_statistics(cs, dense_limit=model.dense_limit, dtype=model.dtype)
+        p = S_X.shape[0]
+        raw = np.zeros((p + 1, p + 1))
+        raw[:p, :p] = np.asarray(plan.stats.XtX, np.float64)
+        raw[:p, p] = raw[p, :p] = np.asarray(plan.stats.Xtr, np.float64)
+        raw[p, p] = float(plan.stats.rr)
+        return plan, raw
+    X = np.asarray(model.design.X, dtype=np.float64) @ S_X
+    specs = [ClassSpec(name=t.name, Z=np.asarray(t.Z, dtype=np.float64) @ S, codes=t.codes, n_groups=t.n_groups)
+             for t, S in zip(model.terms, coords.S_terms)]
+    plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=model.dtype,
+                      dense_limit=model.dense_limit)
+    r0 = np.asarray(model.y, dtype=np.float64) - X @ np.asarray(plan.beta0, dtype=np.float64)
+    Vraw = np.column_stack([X, r0])                        # (N, p+1) standardized X and the start residual
+    return plan, Vraw.T @ Vraw
 
 
 # --------------------------------------------------------------------------------------------- criterion
@@ -161,18 +196,12 @@ def _build(model):
     dt = model.dtype
     # The criterion's own plan is built on the standardized model matrices X̃ = X S_X and Z̃_l = Z_l S_l, so that
     # its sufficient statistics carry no cancellation from the units or offsets of the covariates (Days + 1e4).
-    X = np.asarray(model.design.X, dtype=np.float64) @ S_X
-    specs = [ClassSpec(name=t.name, Z=np.asarray(t.Z, dtype=np.float64) @ S, codes=t.codes, n_groups=t.n_groups)
-             for t, S in zip(model.terms, coords.S_terms)]
-    plan = build_plan(X, model.y, specs, list(range(len(specs))), scalar_sigma=True, dtype=dt,
-                      dense_limit=model.dense_limit)
+    plan, raw_gram = _standardized_plan(model, coords)
     warn_large_dense(plan)
     beta0 = np.asarray(plan.beta0, dtype=np.float64)      # OLS on X̃
-    r0 = np.asarray(model.y, dtype=np.float64) - X @ beta0
-    Vraw = np.column_stack([X, r0])                        # (N, p+1) standardized X and the start residual
     npdt = np.dtype(jnp.dtype(dt).name)
     put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
-    consts = dict(beta0=put(beta0), raw_gram=put(Vraw.T @ Vraw), c_rhs=put(np.eye(p + 1)))
+    consts = dict(beta0=put(beta0), raw_gram=put(raw_gram), c_rhs=put(np.eye(p + 1)))
 
     def stats(plan, phi, c):
         lams = _lambdas(phi, layout, dims)                                   # Λ̃ per term (standardized)

@@ -21,6 +21,7 @@ from .. import parameters
 from .. import saving
 from .._warnings import warn_user
 from ..families import pointwise_log_lik
+from ..statdesign import require_rows
 from . import loo as loo_module
 from . import plots
 from . import predict as prediction
@@ -238,6 +239,7 @@ class Fit:
         log p(y_i | β, u, σ) given the recovered random effects (cheaper; PSIS-LOO on it is unreliable because each
         observation moves its own group's effect). For lognormal both are densities of the original y (Jacobian
         −log y_i included)."""
+        require_rows(self.model, "Fit.log_likelihood (pointwise log-likelihoods of the training rows)")
         if kind == "integrated":
             return loo_module.pointwise_loglik(self)
         if kind != "conditional":
@@ -258,6 +260,7 @@ class Fit:
         """Xβ + Σ Z u on the fitted rows, (chain, draw, N), without any offset (it compares with model.y, the
         working response)."""
         m, s = self.model, self.samples
+        require_rows(m, "fitted values on the training rows")
         mu = s["beta"] @ np.asarray(m.design.X).T
         for t in m.terms:
             mu = mu + np.sum(t.Z * s[parameters.effects_site(t.name)][..., t.codes, :], -1)
@@ -297,6 +300,9 @@ class Fit:
 
         post, dims, coords, const = self._posterior_vars()
         kw = {}
+        if self.model.statistics is not None:   # no rows: no observed data, pointwise likelihood or predictions
+            return az.from_dict(posterior=post, sample_stats=self.sample_stats or None, coords=coords, dims=dims,
+                                **({"constant_data": const} if const else {}))
         if log_likelihood is True:
             log_likelihood = "integrated"
         if log_likelihood:
@@ -362,6 +368,7 @@ class Fit:
         """Bayesian R² (Gelman, Goodrich, Gabry & Vehtari 2019; brms's ``bayes_R2``): per draw
         var(ŷ) / (var(ŷ) + var(y − ŷ)) with ŷ = E[y | β, u, σ] on the fitted rows (random effects included).
         Returns a one-row DataFrame (row "R2") with Estimate, Est.Error, Q2.5, Q97.5."""
+        require_rows(self.model, "Fit.bayes_R2")
         yhat = self.predict(kind="mean")  # (S, N) on the response scale
         y = np.asarray(self.model.design.y, float)
         vf, ve = yhat.var(1, ddof=1), (y[None] - yhat).var(1, ddof=1)
@@ -388,6 +395,7 @@ class Fit:
         False: never. Each refit costs about one fit; results are kept on the fit. progress: progress bars for
         computations longer than a few seconds (the log-likelihood, the refits).
         """
+        require_rows(self.model, "Fit.loo")
         import arviz as az
 
         if reloo not in (None, True, False):
@@ -472,6 +480,7 @@ class Fit:
         value (brms's stat_grouped). Replicates are ``predict()`` draws for the fitted rows (existing groups keep
         their effects), on the original response scale.
         """
+        require_rows(self.model, "Fit.pp_check")
         return plots.pp_check(self, kind=kind, ndraws=ndraws, stat=stat, group=group, prob=prob, ax=ax, seed=seed)
 
     def conditional_effects(self, var: str, resolution: int = 100, prob: float = 0.95, kind: str = "mean",
@@ -487,6 +496,7 @@ class Fit:
         (equal-tailed ``prob`` interval). plot=True also draws it (line and band, or points and intervals) on
         ``ax`` (new axes by default), stored in ``result.attrs["ax"]``.
         """
+        require_rows(self.model, "Fit.conditional_effects")
         out, categorical = prediction.conditional_effects(self, var, resolution=resolution, prob=prob, kind=kind,
                                                           conditions=conditions)
         if plot:

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy.stats import norm
 
 from ..families import mean as family_mean
+from ..statdesign import require_rows
 
 __all__ = ["MLFit", "ConvergenceChecks"]
 
@@ -113,6 +114,7 @@ class MLFit:
         """(N,) Xβ̂ + Σ_l Z_l b̂_l + offset (conditional fitted values, Gaussian scale: log y for lognormal; the
         linear predictor η̂ on the link scale for a GLMM family)."""
         m = self.model
+        require_rows(m, "MLFit.fitted")
         f = m.design.X @ self.beta
         for t in m.terms:
             f = f + np.einsum("nd,nd->n", t.Z, self.ranef[t.name][t.codes])
@@ -122,6 +124,7 @@ class MLFit:
         """(N,) response minus fitted values (Gaussian scale), divided by σ̂ if ``scaled``. For a GLMM family the
         Pearson residuals (y - n μ̂) / sqrt(Var), as glmer's residuals(type = "pearson")."""
         m = self.model
+        require_rows(m, "MLFit.residuals")
         if m.family_spec.is_glmm:
             mu = family_mean(m.family_spec, self.fitted())
             n = m.trials
@@ -166,7 +169,7 @@ def _format(fit: MLFit, full: bool) -> str:
                 str(m.n_obs - fit.n_par)]
         w = [max(len(h), len(v)) + 1 for h, v in zip(hdr, vals)]
         lines += ["", " ".join(h.rjust(k) for h, k in zip(hdr, w)), " ".join(v.rjust(k) for v, k in zip(vals, w))]
-    if full:
+    if full and m.statistics is None:   # a model from sufficient statistics has no rows to take residuals of
         q = np.quantile(fit.residuals(scaled=True), [0, 0.25, 0.5, 0.75, 1])
         names = ["Min", "1Q", "Median", "3Q", "Max"]
         vals = [f"{v:.4f}" for v in q]

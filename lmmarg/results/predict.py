@@ -23,6 +23,7 @@ from formulaic.errors import DataMismatchWarning
 from .. import families
 from .. import parameters
 from ..design import DesignError, normalize_dtypes
+from ..statdesign import require_rows
 
 __all__ = ["predict", "conditional_effects", "offset", "categorical_levels", "model_matrix"]
 
@@ -121,6 +122,8 @@ def predict(fit, new_data=None, draws: int | None = None, new_levels: str = "sam
     if kind not in ("response", "mean", "linpred"):
         raise ValueError(f"kind must be 'response', 'mean' or 'linpred', got {kind!r}")
     m = fit.model
+    if new_data is None:
+        require_rows(m, "predict() on the training rows (pass new_data)")
     new = m.design.data if new_data is None else (pd.DataFrame(new_data) if isinstance(new_data, dict)
                                                   else new_data)
     if not isinstance(new, pd.DataFrame):

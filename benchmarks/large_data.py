@@ -278,7 +278,7 @@ def child_duckdb(args, data_dir) -> dict:
 def child_dask(args, data_dir) -> dict:
     import lmmarg
 
-    cluster, client = dask_cluster()
+    cluster, client = dask_cluster(processes=not args.dask_threads)
     try:
         t0 = time.perf_counter()
         m = lmmarg.Model(FORMULA, read_dask(data_dir))
@@ -312,7 +312,8 @@ CHILDREN = dict(file=child_file, duckdb=child_duckdb, dask=child_dask, sample=ch
 def run_child(args, mode, data_dir) -> dict:
     """Run one scale mode in a fresh interpreter; its result (a JSON line) plus its peak RSS, or an error."""
     cmd = [sys.executable, "-m", "benchmarks.large_data", "--child", mode, "--data-dir", str(data_dir),
-           "--warmup", str(args.warmup), "--draws", str(args.draws), "--seed", str(args.seed)]
+           "--warmup", str(args.warmup), "--draws", str(args.draws), "--seed", str(args.seed)] \
+        + (["--dask-threads"] if args.quick else [])   # the smoke test: no worker processes importing lmmarg
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
@@ -423,6 +424,7 @@ def parse(argv=None):
     ap.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     ap.add_argument("--sample", action="store_true", help="scale: also sample(chains=2, ...) on the file model")
     ap.add_argument("--no-sample", action="store_true", help="--quick without the sample mode")
+    ap.add_argument("--dask-threads", action="store_true", help="the dask child's workers as threads (--quick)")
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--draws", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=720.0, help="seconds before a scale mode is given up")

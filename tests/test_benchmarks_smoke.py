@@ -92,7 +92,7 @@ def test_time_budget_gives_a_timeout_row_and_report_merges(tmp_path, monkeypatch
     row = df.iloc[0]
     assert row["error"].startswith("timeout") and row["iterations_done"] == 5 and row["leapfrog_steps"] >= 5
     paper.main(["--quick", "--experiments", "dutch", "--methods", "none", "--draws", "10", "--warmup", "10",
-                "--tag", "_sweepB", "--no-plots"])
+                "--chunk", "5", "--tag", "_sweepB", "--no-plots"])   # the program above: from the compilation cache
     report.main(["--sources", "paper_sweepA.csv,paper_sweepB.csv", "--tag", "_sweep"])
     merged = pd.read_csv(tmp_path / "paper_sweep.csv")
     assert len(merged) == 1 and merged["source"].iloc[0] == "paper_sweepB.csv"

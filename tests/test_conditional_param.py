@@ -57,11 +57,16 @@ def test_residual_precision_matches_dense(marg, scalar):
         Zf = _dense_Z(Zs[i], codes[i], G[i])
         V = V + Zf @ np.kron(np.eye(G[i]), Ls[i] @ Ls[i].T) @ Zf.T
     e = rng.normal(size=(N, 3))
-    apply, ok = kernels.residual_precision(plan, sig, tuple(Ls[i] for i in marg))
     want = np.linalg.solve(V, e)
+
+    @jax.jit   # as the sampler runs it: called eagerly, every primitive would be compiled on its own
+    def solve(s, lams, rhs):
+        apply, ok = kernels.residual_precision(plan, s, lams)
+        return apply(rhs), apply(rhs[:, 0]), ok
+    many, one, ok = solve(sig, tuple(Ls[i] for i in marg), e)
     assert bool(ok)
-    np.testing.assert_allclose(np.asarray(apply(e)), want, atol=1e-10)
-    np.testing.assert_allclose(np.asarray(apply(e[:, 0])), want[:, 0], atol=1e-10)
+    np.testing.assert_allclose(np.asarray(many), want, atol=1e-10)
+    np.testing.assert_allclose(np.asarray(one), want[:, 0], atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------- (a) exactness
@@ -81,7 +86,8 @@ def test_log_density_is_the_centred_one_plus_the_jacobian(formula, marginalize, 
     pu = m.potential(marginalize, {n: "centered" for n in cond})
     assert all(f"z_{n}" in pc.sites and f"u_{n}" in pc.output_keys for n in cond)
     vals = pc.to_constrained(pc.init_params(jax.random.PRNGKey(3), num_chains=None))
-    us = {n: _u_of(pc, vals, n) for n in cond}
+    # jitted, as the sampler runs the model: called eagerly, every primitive would be compiled on its own
+    us = jax.jit(lambda v: {n: _u_of(pc, v, n) for n in cond})(vals)
     centred = {k: v for k, v in vals.items() if not k.startswith("z_")}
     centred.update({f"u_{n}": u for n, u in us.items()})
 
@@ -96,8 +102,8 @@ def test_log_density_is_the_centred_one_plus_the_jacobian(formula, marginalize, 
     z0 = jnp.concatenate([vals[f"z_{n}"].reshape(-1) for n in cond])
     sign, logdet = np.linalg.slogdet(np.asarray(jax.jit(jax.jacfwd(u_flat))(z0)))
     assert sign != 0
-    lhs = float(pc.log_density(vals))
-    rhs = float(pu.log_density(centred)) + logdet
+    lhs = float(jax.jit(pc.log_density)(vals))
+    rhs = float(jax.jit(pu.log_density)(centred)) + logdet
     assert np.isfinite(lhs)
     np.testing.assert_allclose(lhs, rhs, rtol=0, atol=1e-8 * max(1.0, abs(lhs)))
     # the deterministic u_<term> is what constrain returns

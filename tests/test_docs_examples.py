@@ -1,9 +1,12 @@
 """Every Python example of the README and docs/ runs as written (guide section 10 runs in test_workflow.py).
 
-Sampling calls are capped at 2 chains x (50 warmup + 100 draws) iterations, and at 30 + 30 on data of more than
-10,000 rows (the guide's crossed N = 20,000 example, whose 200 capped iterations would take a third of this module's
-time): the examples' arguments are accepted unchanged, only the run is shorter, so the suite stays fast; everything
-else executes exactly as printed (100 draws per chain: guide section 7 predicts 200 draws of 2 chains).
+Sampling calls are capped at 2 chains x (50 warmup + 100 draws) iterations, and at 5 + 5 on data of more than
+10,000 rows (the guide's crossed N = 20,000 example: early-warmup trajectories there are hundreds of gradients of
+20,000 rows each, so even 30 + 30 iterations took a fifth of this module's time): the examples' arguments are accepted
+unchanged, only the run is shorter, so the suite stays fast; everything else executes exactly as printed (100 draws per
+chain: guide section 7 predicts 200 draws of 2 chains). NumPyro's own ``MCMC`` (the guide's drop-in example) gets the
+same caps on warmup and draws, without a progress bar; an example that must start a fresh interpreter
+(``use_cores``) runs with the same ``sample()`` caps, set before its code.
 
 The examples fit a dozen model structures, some several times (sleepstudy in the README and guide sections 1, 7 and
 8): this module keeps the compiled programs of every structure (``_keep_programs``) instead of lmmarg's bounded
@@ -22,7 +25,7 @@ from lmmarg.compile import limits, programs
 matplotlib.use("Agg")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_CHAINS, MAX_WARMUP, MAX_DRAWS = 2, 50, 100     # the caps of every sample() call (module docstring)
-LARGE_ROWS, LARGE_CAP = 10_000, 30                 # ... and of warmup and draws on data of more rows
+LARGE_ROWS, LARGE_CAP = 10_000, 5                  # ... and of warmup and draws on data of more rows
 
 
 def _blocks(path: pathlib.Path, stop: str | None = None) -> list[str]:
@@ -44,18 +47,36 @@ def _keep_programs():
     patch.undo()
 
 
+# The caps as code: run here (``short_sampling``) and before an example that starts a fresh interpreter (``_run_fresh``)
+CAPS = f"""
+import lmmarg as _lmmarg
+
+
+def _capped(sample):
+    def capped(self, *args, **kwargs):
+        large = self.n_obs > {LARGE_ROWS}
+        kwargs.update(draws=min(kwargs.get("draws", 1000), {LARGE_CAP} if large else {MAX_DRAWS}),
+                      warmup=min(kwargs.get("warmup", 1000), {LARGE_CAP} if large else {MAX_WARMUP}),
+                      chains=min(kwargs.get("chains", 4), {MAX_CHAINS}), progress_bar=False)
+        return sample(self, *args, **kwargs)
+    return capped
+"""
+
+
 @pytest.fixture
 def short_sampling(monkeypatch):
-    original = lmmarg.Model.sample
+    import numpyro.infer
 
-    def capped(self, *args, **kwargs):
-        large = self.n_obs > LARGE_ROWS
-        kwargs.update(draws=min(kwargs.get("draws", 1000), LARGE_CAP if large else MAX_DRAWS),
-                      warmup=min(kwargs.get("warmup", 1000), LARGE_CAP if large else MAX_WARMUP),
-                      chains=min(kwargs.get("chains", 4), MAX_CHAINS), progress_bar=False)
-        return original(self, *args, **kwargs)
+    caps: dict = {}
+    exec(CAPS, caps)
+    monkeypatch.setattr(lmmarg.Model, "sample", caps["_capped"](lmmarg.Model.sample))
 
-    monkeypatch.setattr(lmmarg.Model, "sample", capped)
+    class CappedMCMC(numpyro.infer.MCMC):
+        def __init__(self, sampler, *, num_warmup, num_samples, **kwargs):
+            super().__init__(sampler, num_warmup=min(num_warmup, MAX_WARMUP), num_samples=min(num_samples, MAX_DRAWS),
+                             **{**kwargs, "progress_bar": False})
+
+    monkeypatch.setattr(numpyro.infer, "MCMC", CappedMCMC)
 
 
 def _run(blocks, where, tmp_path, monkeypatch):
@@ -74,7 +95,8 @@ def _run(blocks, where, tmp_path, monkeypatch):
 def _run_fresh(code: str, where: str):
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    capped = f"{CAPS}\n_lmmarg.Model.sample = _capped(_lmmarg.Model.sample)\n"   # imports lmmarg, starts no JAX
+    p = subprocess.run([sys.executable, "-c", capped + code], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, f"{where}: {p.stderr[-2000:]}"
     expected = re.findall(r"print\(.*\)\s+#\s*(\S+)", code)   # the values the comments promise
     assert p.stdout.split() == expected, (where, p.stdout, expected)

@@ -313,16 +313,19 @@ def test_laplace_centred_density_identities():
     L = np.array([[24.0, 0.0], [1.0, 5.0]])
     t = m.terms[0]
     rng = np.random.default_rng(0)
+    # jitted, as the sampler runs them: called eagerly, every primitive would be compiled on its own
+    gaussian_centred = jax.jit(lambda b, s, lams, e: pt.gaussian_centred(pot.plan, b, s, lams, e, tuple(pot.parts.Z),
+                                                                         tuple(pot.parts.codes)))
     for scale in (0.0, 1.0, 3.0):
         eps = (jnp.asarray(scale * rng.normal(size=(t.n_groups, 2))),)
-        val, _ = pt.gaussian_centred(pot.plan, jnp.asarray(beta), sigma, (jnp.asarray(L),), eps,
-                                      tuple(pot.parts.Z), tuple(pot.parts.codes))
+        val, _ = gaussian_centred(jnp.asarray(beta), sigma, (jnp.asarray(L),), eps)
         assert float(val) == pytest.approx(m.log_marginal(beta, sigma, {"Subject": L @ L.T}), rel=1e-11)
     g = _model("y ~ x + (x | a) + (1 | b)", "crossed", "poisson", "log", 1, seed=7)
     cov = _covs(g)
     lams = tuple(jnp.asarray(np.linalg.cholesky(cov[t.name])) for t in g.terms)
     zeros = tuple(jnp.zeros((t.n_groups, t.d)) for t in g.terms)
-    val, us = laplace.laplace_centred(g.laplace_plan(), jnp.array([0.1, 0.4]), lams, zeros)
+    lplan = g.laplace_plan()
+    val, us = jax.jit(lambda b, lam, z: laplace.laplace_centred(lplan, b, lam, z))(jnp.array([0.1, 0.4]), lams, zeros)
     assert float(val) == pytest.approx(g.log_marginal([0.1, 0.4], None, cov), rel=1e-11)
     modes = g.ranef_mean([0.1, 0.4], None, cov)
     np.testing.assert_allclose(np.asarray(us[0]), modes["a"], atol=1e-9)

@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import numpyro  # noqa: E402
+import numpyro.distributions as dist  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import lmmarg  # noqa: E402
+from lmmarg.priors import LKJ  # noqa: E402
 
 
 def sim(n=240, G=12, seed=0, positive=False):
@@ -30,21 +32,25 @@ def half_t(v, scale):
 
 
 def test_potential_contract_runs_as_written():
+    """docs/guide.md's NumPyro example (its model of section 3), run as tests/test_docs_examples.py runs it: 50
+    warmup iterations and 100 draws, no progress bar. The same program, so one of the two loads it from the shared
+    compilation cache (tests/conftest.py)."""
     data = lmmarg.datasets.load("sleepstudy")
-    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", data)
+    model = lmmarg.Model("Reaction ~ Days + (Days | Subject)", data, priors={
+        "b_Days": dist.Normal(0, 20), "sd": dist.HalfNormal(50), "cor": LKJ(2.0), "sigma": dist.Exponential(0.05)})
     key = jax.random.PRNGKey(0)
     pot = model.potential(marginalize="all")
     kernel = numpyro.infer.NUTS(potential_fn=pot.potential_fn)
-    mcmc = numpyro.infer.MCMC(kernel, num_warmup=60, num_samples=40, num_chains=4, chain_method="vectorized",
+    mcmc = numpyro.infer.MCMC(kernel, num_warmup=50, num_samples=100, num_chains=4, chain_method="vectorized",
                               progress_bar=False)
     mcmc.run(key, init_params=pot.init_params(key, num_chains=4))
     draws = pot.constrain(mcmc.get_samples(group_by_chain=True))
     effects = pot.recover(draws, key)
     assert set(draws) == {"beta", "sigma", "sd_Subject", "corr_Subject"}
-    assert draws["beta"].shape == (4, 40, 2) and draws["sigma"].shape == (4, 40)
-    assert draws["sd_Subject"].shape == (4, 40, 2) and draws["corr_Subject"].shape == (4, 40, 2, 2)
+    assert draws["beta"].shape == (4, 100, 2) and draws["sigma"].shape == (4, 100)
+    assert draws["sd_Subject"].shape == (4, 100, 2) and draws["corr_Subject"].shape == (4, 100, 2, 2)
     np.testing.assert_allclose(draws["corr_Subject"][..., 0, 0], 1.0)
-    assert effects["u_Subject"].shape == (4, 40, 18, 2)
+    assert effects["u_Subject"].shape == (4, 100, 18, 2)
     assert np.isfinite(effects["u_Subject"]).all()
     # sane posterior location even after a short run
     assert 230 < draws["beta"][..., 0].mean() < 275 and 5 < draws["beta"][..., 1].mean() < 16
@@ -222,5 +228,6 @@ def test_unrolled_corr_cholesky_and_lkj_equal_numpyro(d):
         return lambda x: jnp.sum(lkj.log_prob(tr(x)) + tr.log_abs_det_jacobian(x, tr(x)))
     np.testing.assert_allclose(jax.jit(jax.grad(total(ours, lmd.LKJCholesky(d, 1.7))))(x),
                                jax.jit(jax.grad(total(ref, dist.LKJCholesky(d, 1.7))))(x), rtol=1e-9, atol=1e-11)
-    assert ours(x.astype(jnp.float32)).dtype == jnp.float32
-    assert not np.isfinite(float(lmd.LKJCholesky(d, 1.7).log_prob(2.0 * jnp.eye(d))))   # NumPyro's validation kept
+    assert jax.jit(lambda v: ours(v))(x.astype(jnp.float32)).dtype == jnp.float32
+    # NumPyro's validation kept (its mask gives -inf under jit too; jitted for the reason above)
+    assert not np.isfinite(float(jax.jit(lmd.LKJCholesky(d, 1.7).log_prob)(2.0 * jnp.eye(d))))

@@ -51,6 +51,7 @@ __all__ = ["sufficient_statistics", "is_source", "SPLIT_EVERY"]
 
 SPLIT_EVERY = 8   # operands per merge task of the Dask tree reduction
 MERGE_CELLS = 1_000_000   # batches' cells that wait for one n-ary merge (at least the merged total's)
+DENSE_CELL_BYTES = 1.5e9  # largest array over every possible cell that the sums pass accumulates into
 _SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".csv.gz": "csv"}
 _ACCEPTED = ("a pandas DataFrame, a path to a Parquet (.parquet, .pq) or CSV (.csv, .csv.gz) file, a directory of "
              "them, a glob string, a list/tuple of these, a pyarrow.dataset.Dataset or a dask.dataframe.DataFrame")
@@ -289,6 +290,60 @@ def _merge_parts(*parts):
     return merged, sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
+class _CellAccumulator:
+    """The sums pass's total in one array over every possible cell (the mixed-radix key of the grouping factors'
+    codes, all levels known after the levels pass): each batch's cells are scatter-added once, where merging
+    batches into a growing total re-sums the total at every merge (at ~10 rows per cell a batch barely compresses).
+    Used when the possible cells fit in ``DENSE_CELL_BYTES``; batches of one DesignSpec share the factor levels and
+    the centre, so their sums add as they are. Columns per cell: rows, S_zz (D²), S_zr (D), S_zX (D p), so that a
+    batch is one fancy-index add."""
+
+    def __init__(self, first: SufficientStatistics):
+        self.sizes = [len(v) for v in first.factor_levels]
+        self.strides = (np.cumprod([1] + self.sizes[::-1][:-1])[::-1].astype(np.int64) if self.sizes
+                        else np.zeros(0, np.int64))
+        self.D, self.p = first.S_zz.shape[1], first.XtX.shape[0]
+        n = int(np.prod(self.sizes)) if self.sizes else 1
+        self.first, self.parts = first, []
+        self.acc = np.zeros((n, _CellAccumulator.width(first)))
+
+    @staticmethod
+    def width(first: SufficientStatistics) -> int:
+        D, p = first.S_zz.shape[1], first.XtX.shape[0]
+        return 1 + D * D + D + D * p
+
+    @staticmethod
+    def bytes_needed(first: SufficientStatistics) -> float:
+        n = float(np.prod([float(len(v)) for v in first.factor_levels])) if first.factor_levels else 1.0
+        return n * 8.0 * _CellAccumulator.width(first)
+
+    def add(self, s: SufficientStatistics) -> None:
+        if s.factor_levels != self.first.factor_levels:   # one DesignSpec: never; a guard, not a merge
+            raise ValueError("batches of one sums pass have different grouping levels")
+        m = s.n_cells
+        key = s.cell_factors @ self.strides if self.sizes else np.zeros(m, np.int64)
+        block = np.concatenate([s.cell_n[:, None].astype(float), s.S_zz.reshape(m, -1), s.S_zr,
+                                s.S_zX.reshape(m, -1)], axis=1)
+        self.acc[key] += block             # a batch's cells are unique: a plain fancy-index add is exact
+        # the global sums and moments: the batch itself without its cells (merged at the end)
+        self.parts.append(dataclasses.replace(s, cell_factors=s.cell_factors[:0], cell_n=s.cell_n[:0],
+                                              S_zz=s.S_zz[:0], S_zr=s.S_zr[:0], S_zX=s.S_zX[:0]))
+        if len(self.parts) >= 64:
+            self.parts = [merge_many(self.parts)]
+
+    def result(self) -> SufficientStatistics:
+        total = merge_many(self.parts)
+        obs = np.flatnonzero(self.acc[:, 0] > 0)
+        rows = self.acc[obs]
+        D, p, n = self.D, self.p, len(obs)
+        codes = (np.stack(np.unravel_index(obs, self.sizes), 1).astype(np.int64) if self.sizes
+                 else np.zeros((n, 0), np.int64))
+        a, b, c = 1 + D * D, 1 + D * D + D, 1 + D * D + D + D * p
+        return dataclasses.replace(total, cell_factors=codes, cell_n=np.rint(rows[:, 0]).astype(np.int64),
+                                   S_zz=rows[:, 1:a].reshape(n, D, D), S_zr=rows[:, a:b].copy(),
+                                   S_zX=rows[:, b:c].reshape(n, D, p))
+
+
 # --------------------------------------------------------------------------- progress
 
 
@@ -328,7 +383,8 @@ class _Progress:
 def _local(formula, parts, family, na_action, batch_rows, show, total_rows, total_bytes):
     """(statistics, rows read, rows dropped) of parts read here, batch by batch."""
     def run(label, task):
-        bar, out = _Progress(show, label, total_rows, total_bytes), None
+        bar, out, acc = _Progress(show, label, total_rows, total_bytes), None, None
+        rows = dropped = 0
         try:
             pending, cells = [], 0   # batches' results not merged yet, and their cells
             for part in parts:
@@ -337,6 +393,13 @@ def _local(formula, parts, family, na_action, batch_rows, show, total_rows, tota
                         bar.update(0, b.nbytes)
                         continue
                     r = task(b)
+                    if isinstance(r[0], SufficientStatistics) and (
+                            acc is not None or _CellAccumulator.bytes_needed(r[0]) <= DENSE_CELL_BYTES):
+                        acc = acc or _CellAccumulator(r[0])
+                        acc.add(r[0])
+                        rows, dropped = rows + r[1], dropped + r[2]
+                        bar.update(r[1], b.nbytes)
+                        continue
                     pending.append(r)
                     cells += getattr(r[0], "n_cells", 0)
                     # merge when the pending cells reach the merged total's (amortized O(total cells), memory at
@@ -347,6 +410,8 @@ def _local(formula, parts, family, na_action, batch_rows, show, total_rows, tota
                     bar.update(r[1], b.nbytes)
             if pending:
                 out = _merge_parts(*([out] if out is not None else []), *pending)
+            if acc is not None:
+                out = (acc.result(), rows, dropped)
         finally:
             bar.close()
         if out is None:

@@ -107,6 +107,17 @@ def test_parquet_sources_agree(files, data, reference, how):
                                         f"cells") == f"read 5,000 rows from 4 files: {stats.describe()}"
 
 
+@pytest.mark.parametrize("dense_bytes", [0.0, 1e12])
+def test_merged_and_dense_accumulation_agree(files, reference, monkeypatch, dense_bytes):
+    """The sums pass adds batches into an array over every possible cell when it fits (DENSE_CELL_BYTES), else by
+    n-ary merges of batches (MERGE_CELLS at a time): both give the reference statistics."""
+    from lmmarg import sources
+    monkeypatch.setattr(sources, "DENSE_CELL_BYTES", dense_bytes)
+    monkeypatch.setattr(sources, "MERGE_CELLS", 50)   # many merges of small groups of batches
+    stats = sufficient_statistics(F, files["parquet"][0].parent, batch_rows=300)
+    assert_same(stats, reference["cat"])
+
+
 @pytest.mark.parametrize("kind", ["csv", "csv.gz"])
 def test_csv_and_mixed_sources(files, reference, kind):
     paths = files[kind]

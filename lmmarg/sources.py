@@ -28,7 +28,11 @@ Progress: a tqdm bar per pass ("levels", "sums") over rows, with the bytes read 
 per batch; CSV: per file), then one summary line on stderr, e.g. "read 2,000,000 rows from 8 files: 3 terms,
 10,050 groups, 412,300 cells"; the same line is the result's ``source_summary``.
 
-Public: sufficient_statistics, is_source, SPLIT_EVERY.
+Memory and merging: the sums pass adds each batch's cells into one array over every possible cell (the product of
+the grouping factors' levels) when that array fits in ``DENSE_CELL_BYTES``, else it merges batches ``MERGE_CELLS``
+cells at a time (``lmmarg.sufficient.merge_many``); either way the result is the same statistics.
+
+Public: sufficient_statistics, is_source, SPLIT_EVERY, MERGE_CELLS, DENSE_CELL_BYTES.
 """
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ from .design import DesignError, normalize_dtypes
 from .sufficient import (SufficientStatistics, chunk_levels, chunk_statistics, design_spec_from_levels, merge_many,
                          formula_columns)
 
-__all__ = ["sufficient_statistics", "is_source", "SPLIT_EVERY"]
+__all__ = ["sufficient_statistics", "is_source", "SPLIT_EVERY", "MERGE_CELLS", "DENSE_CELL_BYTES"]
 
 SPLIT_EVERY = 8   # operands per merge task of the Dask tree reduction
 MERGE_CELLS = 1_000_000   # batches' cells that wait for one n-ary merge (at least the merged total's)

@@ -5,7 +5,7 @@
   response, or y = Xb), so the likelihood grows without bound as σ -> 0. No estimate exists, and no posterior
   either (∫ σ^-N p(σ) dσ diverges at 0 for every prior with a positive density there): every method refuses
   (``check_residual``).
-* **Separation** (bernoulli, binomial, poisson): a direction d of the fixed effects with x_i·d ≥ 0 wherever
+* **Separation** (bernoulli, binomial, poisson, negbinomial): a direction d of the fixed effects with x_i·d ≥ 0 wherever
   y_i = n_i (all successes), x_i·d ≤ 0 wherever y_i = 0 and x_i·d = 0 elsewhere (strict somewhere). The
   likelihood then increases along d for ever: the ML estimates are infinite (an all-zero response is the case
   d = -intercept). ``fit_ml`` refuses; ``sample`` warns (a proper prior keeps the posterior proper, but those
@@ -91,8 +91,8 @@ def separation(model) -> Separation | None:
     Gaussian family). Cost: one GLM fit; the linear program (p variables, N constraints) only when the GLM fit
     runs to its bound (SCREEN_TOL)."""
     fam = model.family_spec
-    if not fam.is_glmm or not model.fixed_names:
-        return None
+    if not fam.is_glmm or not model.fixed_names or fam.name in ("gamma", "beta"):
+        return None   # gamma and beta responses lie strictly inside their range: no mean at its bound
     X = np.asarray(model.design.X, dtype=np.float64)
     y = np.asarray(model.y, dtype=np.float64)
     n = np.asarray(model.trials, dtype=np.float64)
@@ -101,7 +101,7 @@ def separation(model) -> Separation | None:
         beta = glm_fit(fam, X, y, n, off)
         mu = family_mean(fam, X @ beta + (0.0 if off is None else np.asarray(off, np.float64)))
     # the fitted mean's distance to its bound, per trial (poisson: the rate itself)
-    near = mu < SCREEN_TOL if fam.name == "poisson" else (mu < SCREEN_TOL) | (mu > 1 - SCREEN_TOL)
+    near = mu < SCREEN_TOL if fam.name in ("poisson", "negbinomial") else (mu < SCREEN_TOL) | (mu > 1 - SCREEN_TOL)
     if not np.any(near | ~np.isfinite(mu)):
         return None
     return _separating_direction(fam.name, X, y, n, list(model.fixed_names))
@@ -112,7 +112,7 @@ def _separating_direction(family: str, X, y, n, names) -> Separation | None:
     none), x_i·d = 0 (y_i inside), Σ s_i x_i·d ≥ 1; None when no such d exists (the LP is infeasible)."""
     informative = n > 0
     X, y, n = X[informative], y[informative], n[informative]
-    if family == "poisson":
+    if family in ("poisson", "negbinomial"):
         s = np.where(y == 0, -1.0, 0.0)
     else:
         s = np.where(y == 0, -1.0, np.where(y == n, 1.0, 0.0))

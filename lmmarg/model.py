@@ -333,7 +333,7 @@ class Model:
         self.log_jacobian = float(-np.log(self.design.y).sum()) if fam.name == "lognormal" else 0.0
         self.cache = ModelCache()
         self.sigma_spec = build_sigma_spec(self.design, sigma_by=sigma_by, sigma=sigma, na_action=na_action,
-                                           has_sigma=not fam.is_glmm)
+                                           has_sigma=not fam.is_glmm, dispersion=fam.dispersion)
         if self.sigma_spec.kind == "formula" and self.sigma_spec.design.spec.offsets:
             raise ValueError(f"the sigma formula {sigma!r} cannot have an offset() term")
         self._priors = build_priors(self, priors)
@@ -543,39 +543,57 @@ class Model:
         if not self.family_spec.is_glmm and sigma is None:
             raise ValueError("sigma (the residual SD) is required for a Gaussian family")
 
-    def log_marginal(self, beta, sigma, cov) -> float:
+    def _dispersion(self, dispersion):
+        """The dispersion argument of the Laplace kernels: required by negbinomial / gamma / beta, refused else."""
+        site = self.family_spec.dispersion
+        if site is None:
+            if dispersion is not None:
+                raise ValueError(f"family {self.family!r} has no dispersion parameter: pass dispersion=None")
+            return None
+        if dispersion is None or not np.ndim(dispersion) == 0 or not float(dispersion) > 0:
+            raise ValueError(f"family {self.family!r} needs dispersion= (its {site!r}, a number > 0), got "
+                             f"{dispersion!r}")
+        return jnp.asarray(float(dispersion), self.dtype)
+
+    def log_marginal(self, beta, sigma, cov, *, dispersion=None) -> float:
         """log p(y | β, σ, Σ) with every random-effect term integrated out (lme4's ML logLik at its estimates).
 
         beta: (p,) in `fixed_names` order; sigma: residual SD (None for a GLMM family); cov: {term.name: (d, d)
         covariance}. For family="lognormal" the density is of y itself (Jacobian of log y included). For a GLMM
-        family it is the Laplace approximation at the conditional mode (glmer's nAGQ = 1 logLik).
+        family it is the Laplace approximation at the conditional mode (glmer's nAGQ = 1 logLik); dispersion: the
+        shape (negbinomial, gamma) or phi (beta) of the families that have one (glmmTMB's sigma(fit) for
+        nbinom2, 1 / sigma(fit)^2 for Gamma, sigma(fit) for beta_family).
         Returns -inf for a covariance that is not positive semi-definite.
         """
         self._check_sigma(sigma)
+        disp = self._dispersion(dispersion)
         scales = self._scales(cov)
         if scales is None:
             return -np.inf
         beta = self._beta(beta)
         lams = tuple(jnp.asarray(L, self.dtype) for L in scales)
         if self.family_spec.is_glmm:
-            return float(self.kernel("log_marginal")(self.laplace_plan(), beta, lams))
+            return float(self.kernel("log_marginal")(self.laplace_plan(), beta, lams, dispersion=disp))
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         val = self.kernel("log_marginal")(plan, beta, jnp.asarray(sigma, self.dtype),
                                           tuple(jnp.asarray(L, self.dtype) for L in scales))
         return float(val) + self.log_jacobian
 
-    def ranef_mean(self, beta, sigma, cov) -> dict:
+    def ranef_mean(self, beta, sigma, cov, *, dispersion=None) -> dict:
         """Conditional means E[u | y, β, σ, Σ] (lme4's conditional modes): {term.name: (n_groups, d)}.
 
-        For a GLMM family (sigma=None): the conditional modes û (lme4's ranef), the mean of the Laplace Gaussian."""
+        For a GLMM family (sigma=None): the conditional modes û (lme4's ranef), the mean of the Laplace Gaussian;
+        dispersion= as in ``log_marginal``."""
         self._check_sigma(sigma)
+        disp = self._dispersion(dispersion)
         scales = self._scales(cov)
         if scales is None:
             raise ValueError("cov is not positive semi-definite")
         beta = self._beta(beta)
         if self.family_spec.is_glmm:
             modes = self.kernel("conditional_modes")(self.laplace_plan(), beta,
-                                                     tuple(jnp.asarray(L, self.dtype) for L in scales))
+                                                     tuple(jnp.asarray(L, self.dtype) for L in scales),
+                                                     dispersion=disp)
             return {t.name: np.asarray(m) for t, m in zip(self.terms, modes)}
         plan = self.plan("all", per_obs_sigma=np.ndim(sigma) > 0)
         means = self.kernel("conditional_mean")(plan, beta, jnp.asarray(sigma, self.dtype),

@@ -88,11 +88,14 @@ class ModelParts:
         return off
 
     def sigma_obs(self, c: dict, a: dict | None = None):
-        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula; None for a GLMM family.
+        """Residual SD for the likelihood: scalar, or (N,) for sigma_by / a sigma formula; None for a GLMM family;
+        the dispersion () (shape / phi) for a GLMM family that has one (the Laplace kernels' ``dispersion``).
         a: the arrays (``arrays()``; default this model's)."""
         k = self.sspec.kind
         if k == "none":
             return None
+        if k == "dispersion":
+            return c[self.sspec.dispersion]
         if k == "constant":
             return c["sigma"]
         a = self.arrays() if a is None else a
@@ -135,9 +138,9 @@ _gaussian_centred_jit = jax.jit(gaussian_centred)
 
 def _likelihood(plan, beta, sigma, scales, offset, beta_prior=None):
     """The marginal log-likelihood: exact (Gaussian families, a Plan; beta integrated out against beta_prior when
-    the plan marginalizes it) or Laplace (GLMM families, a LaplacePlan)."""
+    the plan marginalizes it) or Laplace (GLMM families, a LaplacePlan; sigma is then the dispersion or None)."""
     if isinstance(plan, laplace.LaplacePlan):
-        return _laplace_jit(plan, beta, scales, offset)
+        return _laplace_jit(plan, beta, scales, offset, sigma)
     return _log_marginal_jit(plan, beta, sigma, scales, offset, beta_prior)
 
 
@@ -246,7 +249,12 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: ModelParts | None =
         def sigma_sites():
             c = {}
             sk = parts.sspec.kind
-            if sk in ("constant", "by"):
+            if sk == "dispersion":
+                p = pri[parts.sspec.dispersion]
+                c[p.site] = site(p)
+                if p.is_fixed:
+                    numpyro.deterministic(p.site, c[p.site])
+            elif sk in ("constant", "by"):
                 p = pri["sigma"]
                 if sk == "constant":
                     c["sigma"] = site(p)
@@ -280,7 +288,7 @@ def make_model_fn(model, marg: tuple, centered: dict, parts: ModelParts | None =
                                        dist.Normal(jnp.zeros((t.n_groups, t.d), dt), 1.0).to_event(2))
                         for t in model.terms)
             if isinstance(plan, laplace.LaplacePlan):
-                val, us = _laplace_centred_jit(plan, beta, scales, eps)
+                val, us = _laplace_centred_jit(plan, beta, scales, eps, None, sigma_sites())
             else:
                 val, us = _gaussian_centred_jit(plan, beta, sigma_sites(), scales, eps, arrays["Z"],
                                                 arrays["codes"])

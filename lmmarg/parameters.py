@@ -9,6 +9,7 @@ key                   shape (one draw)    meaning
 ====================  ==================  =====================================================================
 ``beta``              (p,)                fixed effects, in ``Model.fixed_names`` order
 ``sigma``             () or (K,)          residual SD (K levels of ``sigma_by``)
+``shape`` / ``phi``   ()                  dispersion of negbinomial / gamma (shape) and beta (phi)
 ``b_sigma``           (p_σ,)              fixed effects of a ``sigma=`` formula (log scale)
 ``sd_<term>``         (d,)                SDs of a random-effect term's columns
 ``corr_<term>``       (d, d)              its correlation matrix (d > 1)
@@ -98,8 +99,9 @@ def relative_factor_any(sd: np.ndarray, corr: np.ndarray | None) -> np.ndarray:
 class KernelArgs(NamedTuple):
     """What the marginal engine takes besides its plan (one draw, no leading dimensions).
 
-    beta (p,); sigma () or (N,) (None for a GLMM family); scales: Λ_l (d_l, d_l) per marginalized term in the
-    potential's ``marg`` order; offset (N,) of the terms left to HMC, or None."""
+    beta (p,); sigma () or (N,) (None for a GLMM family; the dispersion () for negbinomial / gamma / beta);
+    scales: Λ_l (d_l, d_l) per marginalized term in the potential's ``marg`` order; offset (N,) of the terms left
+    to HMC, or None."""
     beta: object
     sigma: object
     scales: tuple

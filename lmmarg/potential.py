@@ -40,7 +40,8 @@ from .compile.limits import TRACE_LOCK
 from .compile.programs import Programs
 from .design import column_standardizer
 from .statdesign import standardizer
-from .families import glm_fit
+from .families import dispersion_start, glm_fit
+from .families import mean as family_mean
 from .marginal import blocks, kernels, laplace
 from .numpyro_model import ModelParts, beta_prior, make_model_fn, model_data
 
@@ -209,7 +210,7 @@ class Potential:
         center, width = self._center()
         self.data["std"] = self._standardization(center, width)
         self.data["start"] = {"center": center, "width": width}
-        public = ["beta", "sigma", "b_sigma"]
+        public = ["beta", "sigma", "b_sigma"] + [d for d in (model.family_spec.dispersion,) if d]
         for sigma_part, terms in self._term_parts():
             for t in terms:
                 public += [parameters.sd_site(t.name, sigma_part=sigma_part), parameters.corr_site(t.name, sigma_part),
@@ -449,6 +450,9 @@ class Potential:
                 v, w = ols[j], 0.1 * sy / (float(sx[j]) if sx[j] > 0 else 1.0)
             elif kind == "sigma":
                 v, w = rsd, 0.5
+            elif kind == "dispersion":   # the moment estimate at the GLM fit's means
+                mu = family_mean(m.family_spec, X @ ols + (0.0 if m.design.offset is None else m.design.offset))
+                v, w = dispersion_start(m.family_spec, y, mu), 0.5
             elif kind == "sd_sigma":
                 v, w = 0.3, 0.5
             elif kind == "sd":
@@ -540,7 +544,7 @@ class Potential:
         of the Laplace Gaussian): (G_l, d_l) per term in ``self.marg`` order. Jit-friendly."""
         beta, sigma, scales, offset = self.kernel_args(c)
         if isinstance(self.plan, laplace.LaplacePlan):
-            return laplace.conditional_modes(self.plan, beta, scales, offset)
+            return laplace.conditional_modes(self.plan, beta, scales, offset, sigma)   # sigma: the dispersion
         return kernels.conditional_mean(self.plan.with_dense_form(blocks.ScaledForm()), beta, sigma, scales, offset,
                                         self.beta_prior())[:len(self.marg)]
 
@@ -552,7 +556,7 @@ class Potential:
         beta, sigma, scales, offset = self.kernel_args(c, data)
         plan = data["plan"]
         if isinstance(plan, laplace.LaplacePlan):  # the Laplace Gaussian at the mode (approximate)
-            draws = laplace.conditional_sample(plan, key, beta, scales, offset)
+            draws = laplace.conditional_sample(plan, key, beta, scales, offset, sigma)   # sigma: the dispersion
         else:                                       # exact, in the scaled form (valid for any Lambda)
             scaled = plan.with_dense_form(blocks.ScaledForm())
             draws = kernels.conditional_sample(scaled, key, beta, sigma, scales, offset, self.beta_prior(data))

@@ -14,18 +14,22 @@ Default priors (weakly informative, scaled to the Gaussian-scale response y; y =
   sigma, sd            half-student_t(3, 0, max(2.5, mad(y)))               (brms)
   cor                  lkj(1)                                               (brms)
   sigma formula:       Intercept student_t(3, 0, 2.5); b normal(0, 1 / sd(x)); sd half-student_t(3, 0, 2.5).
-GLMM families (bernoulli, binomial, poisson; no sigma), on the scale of the link:
-  Intercept            student_t(3, 0, 2.5) (logit/probit), student_t(3, log(mean rate), 2.5) (log)   (brms)
+GLMM families (bernoulli, binomial, poisson, negbinomial, gamma, beta; no sigma), on the scale of the link:
+  Intercept            student_t(3, 0, 2.5) (logit/probit), student_t(3, log(mean rate), 2.5) (log),
+                       student_t(3, logit(mean y), 2.5) (beta)                              (brms)
   b_<x>                normal(0, 2.5 / sd(x))                                              (rstanarm)
   sd                   half-student_t(3, 0, 2.5)                                            (brms)
+  shape                gamma(0.01, 0.01) (negbinomial, gamma)                               (brms)
+  phi                  gamma(0.01, 0.01) (beta)                                             (brms)
 Note the intercept prior is on the raw intercept (brms puts it on the intercept of centred predictors).
 
 Override by name (``priors={...}``): "Intercept", "b", "b_<name>", "sigma", "sd", "sd_<term>",
-"sd_<term>__<col>", "cor", "cor_<term>", and for a sigma formula "Intercept_sigma", "b_sigma", "b_sigma_<name>",
-"sd_sigma", "sd_sigma_<term>", "sd_sigma_<term>__<col>", "cor_sigma", "cor_sigma_<term>". The most specific name
-wins. Names are matched ignoring whitespace and backticks, with R's ``^`` read as ``**``: ``"b_I(age^2)"`` names
-the column formulaic writes ``I(age ** 2)``. A value is a NumPyro distribution (scalar), ``LKJ(eta)`` / a NumPyro
-LKJ(Cholesky) for correlations, or a number (or array, for cor) that fixes the parameter.
+"sd_<term>__<col>", "cor", "cor_<term>", "shape" / "phi" (the dispersion), and for a sigma formula
+"Intercept_sigma", "b_sigma", "b_sigma_<name>", "sd_sigma", "sd_sigma_<term>", "sd_sigma_<term>__<col>",
+"cor_sigma", "cor_sigma_<term>". The most specific name wins. Names are matched ignoring whitespace and
+backticks, with R's ``^`` read as ``**``: ``"b_I(age^2)"`` names the column formulaic writes ``I(age ** 2)``.
+A value is a NumPyro distribution (scalar), ``LKJ(eta)`` / a NumPyro LKJ(Cholesky) for correlations, or a number
+(or array, for cor) that fixes the parameter.
 """
 from __future__ import annotations
 
@@ -75,7 +79,7 @@ class Prior:
 
     site: str
     label: str  # brms-like name shown in tables (e.g. sd_Subject__Days)
-    kind: str  # "b" | "sigma" | "sd" | "cor" | "b_sigma" | "sd_sigma" | "cor_sigma"
+    kind: str  # "b" | "sigma" | "sd" | "cor" | "b_sigma" | "sd_sigma" | "cor_sigma" | "dispersion"
     dist: object = None  # numpyro distribution (None if fixed)
     fixed: object = None  # number / array if fixed
     source: str = "default"
@@ -90,7 +94,8 @@ class Prior:
 @dataclass
 class SigmaSpec:
     """Residual scale: kind "constant" | "by" (codes (N,), levels) | "formula" (design of log sigma) | "none"
-    (a GLMM family: no residual SD)."""
+    (a GLMM family: no residual SD) | "dispersion" (a GLMM family with a dispersion parameter, its site name in
+    ``dispersion``: "shape", "phi"; no residual SD)."""
 
     kind: str = "constant"
     by: str | None = None
@@ -99,6 +104,7 @@ class SigmaSpec:
     level_keys: list = field(default_factory=list)
     design: object = None  # lmmarg.design.Design of the sigma formula (dummy response)
     formula: str | None = None
+    dispersion: str | None = None
 
 
 class PriorSet:
@@ -186,14 +192,16 @@ def sigma_columns(sigma_by=None, sigma=None) -> dict[str, str]:
     return {}
 
 
-def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise", has_sigma: bool = True) -> SigmaSpec:
+def build_sigma_spec(design, sigma_by=None, sigma=None, na_action: str = "raise", has_sigma: bool = True,
+                     dispersion: str | None = None) -> SigmaSpec:
     """Residual-SD structure from ``sigma_by`` (grouping column(s), "a" or "a:b") or ``sigma`` (formula);
-    kind "none" without a residual SD (``has_sigma=False``: GLMM families)."""
+    kind "none" without a residual SD (``has_sigma=False``: GLMM families), "dispersion" for a GLMM family with a
+    dispersion parameter (``dispersion``: its site name)."""
     if not has_sigma:
         if sigma_by is not None or sigma is not None:
             raise ValueError("sigma_by= and sigma= model a residual SD, which this family has not; they apply to "
                              "family='gaussian' or 'lognormal'")
-        return SigmaSpec(kind="none")
+        return SigmaSpec(kind="none") if dispersion is None else SigmaSpec(kind="dispersion", dispersion=dispersion)
     if sigma_by is not None and sigma is not None:
         raise ValueError("give at most one of sigma_by= and sigma= (a sigma formula can contain the grouping)")
     if sigma_by is not None:
@@ -285,6 +293,8 @@ def _check_value(v, kind: str, name: str):
             raise ValueError(f"prior {name!r}: a fixed standard deviation must be >= 0, got {v}")
         if kind == "sigma" and v == 0:
             raise ValueError(f"prior {name!r}: the residual SD cannot be fixed at 0")
+        if kind == "dispersion" and v <= 0:
+            raise ValueError(f"prior {name!r}: a fixed dispersion must be > 0, got {v}")
         return None, v
     if not isinstance(v, dist.Distribution):
         raise TypeError(f"prior {name!r} must be a NumPyro distribution or a number, got {type(v).__name__}")
@@ -292,11 +302,12 @@ def _check_value(v, kind: str, name: str):
         raise ValueError(f"prior {name!r} must be a scalar distribution, got batch shape {v.batch_shape} and "
                          f"event shape {v.event_shape}")
     _check_params(v, name)
-    if kind in ("sigma", "sd", "sd_sigma"):
+    if kind in ("sigma", "sd", "sd_sigma", "dispersion"):
         sup = v.support
         if sup not in (constraints.positive, constraints.nonnegative) and not isinstance(
                 sup, (constraints.greater_than, type(constraints.positive))):
-            raise ValueError(f"prior {name!r} is for a standard deviation: use a distribution on (0, inf) "
+            what = "a dispersion parameter" if kind == "dispersion" else "a standard deviation"
+            raise ValueError(f"prior {name!r} is for {what}: use a distribution on (0, inf) "
                              f"such as dist.HalfNormal or dist.Exponential, not {type(v).__name__}")
     return v, None
 
@@ -344,7 +355,9 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
     if model.family_spec.is_glmm:  # priors on the link scale (brms / rstanarm defaults)
         sy, s_mad = 1.0, 2.5
         rate = float(np.sum(y) / np.sum(model.trials))
-        intercept_loc = float(np.log(rate)) if model.family == "poisson" and rate > 0 else 0.0
+        intercept_loc = float(np.log(rate)) if model.link == "log" and rate > 0 else 0.0
+        if model.family == "beta":
+            intercept_loc = float(np.log(rate / (1.0 - rate)))
     X = model.design.X
     entries: list[tuple[Prior, list[str]]] = []  # (prior, candidate keys most specific first)
 
@@ -374,6 +387,9 @@ def build_priors(model, user: dict | None = None) -> PriorSet:
     elif sspec.kind == "by":
         label = f"sigma[{sspec.by}: {len(sspec.levels)} levels]"
         entries.append((Prior(site="sigma", label=label, kind="sigma", dist=half_student_t(3.0, s_mad)), ["sigma"]))
+    elif sspec.kind == "dispersion":   # brms's default: gamma(0.01, 0.01) for shape and phi
+        entries.append((Prior(site=sspec.dispersion, label=sspec.dispersion, kind="dispersion",
+                              dist=dist.Gamma(0.01, 0.01)), [sspec.dispersion]))
 
     def add_terms(terms, sigma_part: bool, sd_dist):
         # sigma_part: False for the mean part, True for the sigma formula

@@ -38,7 +38,8 @@ from ..degenerate import check_residual, check_separation
 from ..dense_warning import warn_large_dense
 from ..design import column_standardizer
 from ..statdesign import standardizer
-from ..families import glm_fit
+from ..families import dispersion_start, glm_fit
+from ..families import mean as family_mean
 from ..compile import persistent
 from ..compile import xla
 from ..compile.limits import check_address_space, note_compiled_structure
@@ -582,7 +583,9 @@ def _build_laplace(model):
     """Jitted (plan, x, consts, flag) -> ((deviance, aux), gradient) of the Laplace criterion over x = [φ, δ]:
     φ standardized θ (Λ_l = S_l Λ̃_l), β = β_glm + S_β δ. glmer's nAGQ = 1 optimizes θ and β jointly, as here.
 
-    S_β = S_X diag(c) is set per fit (``_beta_scales``; consts["S_X"] holds it)."""
+    S_β = S_X diag(c) is set per fit (``_beta_scales``; consts["S_X"] holds it). A family with a dispersion
+    (negbinomial, gamma, beta) appends its log, relative to the moment start: dispersion = d0 exp(x[-1]); it is
+    optimized jointly with θ and β, as glmmTMB does."""
     coords = _coordinates(model)
     layout, dims = coords.layout, coords.dims
     n_theta = sum(len(r) for r, _ in layout)
@@ -591,18 +594,25 @@ def _build_laplace(model):
     beta_glm = glm_fit(model.family_spec, X, np.asarray(model.y, float), model.trials, model.design.offset)
     npdt = np.dtype(jnp.dtype(model.dtype).name)
     put = lambda a: jax.device_put(np.asarray(a, dtype=npdt))  # noqa: E731
-    consts = dict(beta0=put(beta_glm), S_X=put(coords.S_X), S_terms=tuple(put(S) for S in coords.S_terms))
+    has_disp = model.family_spec.dispersion is not None
+    p = X.shape[1]
+    eta_glm = X @ beta_glm + (0.0 if model.design.offset is None else model.design.offset)
+    disp0 = dispersion_start(model.family_spec, model.y, family_mean(model.family_spec, eta_glm)) if has_disp else 1.0
+    consts = dict(beta0=put(beta_glm), S_X=put(coords.S_X), S_terms=tuple(put(S) for S in coords.S_terms),
+                  log_disp0=put(np.log(disp0)))
 
     def criterion(plan, x, c, flag):
         lams = _lambdas(x[:n_theta], layout, dims)
         lams = tuple(S @ L for S, L in zip(c["S_terms"], lams))
         lams = tuple(lams[h] for h in plan.gauss.marginalized)
-        beta = c["beta0"] + c["S_X"] @ x[n_theta:]
-        ll, mode = laplace.log_marginal_warm(plan, beta, lams, flag)
+        beta = c["beta0"] + c["S_X"] @ x[n_theta:n_theta + p]
+        disp = jnp.exp(c["log_disp0"] + x[n_theta + p]) if has_disp else None
+        ll, mode = laplace.log_marginal_warm(plan, beta, lams, flag, dispersion=disp)
         dev = -2.0 * ll
         return jnp.where(jnp.isfinite(dev), dev, jnp.inf), (beta, mode)
 
     return {"plan": lp, "consts": consts, "coords": coords, "beta_glm": beta_glm, "n_theta": n_theta,
+            "n_disp": int(has_disp),
             "v0": tuple(put(np.zeros((t.n_groups, t.d))) for t in model.terms),
             "fn": xla.jit(jax.value_and_grad(criterion, argnums=1, has_aux=True), data=lp),
             "compile_s": None}
@@ -663,21 +673,23 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
     coords, n_theta, plan = cache["coords"], cache["n_theta"], cache["plan"]
     layout, lower_t = _theta_layout(model)
     p = len(model.fixed_names)
-    lower = np.concatenate([lower_t, np.full(p, -np.inf)])
+    nd = cache["n_disp"]
+    lower = np.concatenate([lower_t, np.full(p + nd, -np.inf)])
     npdt = np.dtype(jnp.dtype(model.dtype).name)
     obj = _WarmObjective(cache["fn"], plan, cache["consts"], cache["v0"], npdt, verbose)
     eye = np.concatenate([np.where(r == c, 1.0, 0.0) for r, c in layout])
-    compile_s = _compile(obj, cache, np.concatenate([eye, np.zeros(p)]))
+    compile_s = _compile(obj, cache, np.concatenate([eye, np.zeros(p + nd)]))
     t1 = time.perf_counter()
-    names = _theta_names(model) + [f"beta.{n}" for n in model.fixed_names]
+    names = _theta_names(model) + [f"beta.{n}" for n in model.fixed_names] + \
+        ([f"log({model.family_spec.dispersion})"] if nd else [])
     with blas_threads(plan.dense_size):
         if theta0 is not None:
             theta0 = np.asarray(theta0, dtype=float).reshape(-1)
             if theta0.shape != lower_t.shape:
                 raise ValueError(f"theta0 must have {lower_t.size} entries {_theta_names(model)}, got {theta0.size}")
-            x0 = np.concatenate([coords.phi_from_theta(theta0), np.zeros(p)])
+            x0 = np.concatenate([coords.phi_from_theta(theta0), np.zeros(p + nd)])
         else:
-            cands = [np.concatenate([s * eye, np.zeros(p)]) for s in START_SCALES]
+            cands = [np.concatenate([s * eye, np.zeros(p + nd)]) for s in START_SCALES]
             x0 = cands[int(np.argmin([obj.value(q) for q in cands]))]
         S_beta = _beta_scales(obj, x0, n_theta, coords.S_X, model.n_obs, npdt)
         x, fval, grad, res, restarts, checks = _minimize(
@@ -691,7 +703,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
         try:
             cov_x = np.full((x.size, x.size), np.nan)
             cov_x[np.ix_(free, free)] = 2.0 * np.linalg.inv(Hf)
-            vcov, se = _vcov_se(S_beta, cov_x[n_theta:, n_theta:])
+            vcov, se = _vcov_se(S_beta, cov_x[n_theta:n_theta + p, n_theta:n_theta + p])
         except np.linalg.LinAlgError:
             vcov, se = np.full((p, p), np.nan), np.full(p, np.nan)
     opt_s = time.perf_counter() - t1
@@ -715,6 +727,7 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
     ranef = {t.name: np.asarray(v, dtype=float) @ (S @ L).T
              for t, v, S, L in zip(model.terms, mode, coords.S_terms, lams_std)}
     loglik = -0.5 * fval
+    dispersion = float(np.exp(float(cache["consts"]["log_disp0"]) + x[-1])) if nd else None
     is_singular = bool(np.any(theta[lower_t == 0.0] < _SINGULAR_TOL))
     if is_singular:
         warn_user("boundary (singular) fit: see help('isSingular')")
@@ -725,4 +738,4 @@ def _fit_laplace(model, *, theta0=None, maxiter: int = 2000, verbose: bool = Fal
                  loglik_ml=float(loglik), deviance=float(fval), reml_criterion=None, is_singular=is_singular,
                  converged=checks.ok, message=str(res.message), n_iter=int(res.nit), n_eval=obj.n_eval,
                  time_compile_s=float(compile_s), time_optimize_s=float(opt_s), vcov=vcov, checks=checks,
-                 n_restarts=restarts)
+                 n_restarts=restarts, dispersion=dispersion)

@@ -1,4 +1,5 @@
-r"""Laplace-marginalized GLMMs: bernoulli, binomial and poisson responses on the Gaussian engine.
+r"""Laplace-marginalized GLMMs: bernoulli, binomial, poisson, negbinomial, gamma and beta responses on the Gaussian
+engine.
 
 Model (marginalized classes l, standardized effects v_l ~ N(0, I), u_l = Lambda_l v_l):
 
@@ -11,7 +12,13 @@ The Laplace approximation at the conditional mode v^ of f(v) = sum_i log p(y_i |
 with W^ the Fisher weights at eta(v^): glmer's nAGQ = 1 criterion (its logLik, binomial coefficients included).
 
 (For probit, glmer's determinant uses the Fisher weights, not the observed information; so do we. The Newton
-steps and the Laplace Gaussian of the draws use the observed information, the true curvature at the mode.)
+steps and the Laplace Gaussian of the draws use the observed information, the true curvature at the mode.
+The families with a dispersion parameter (negbinomial, gamma, beta) use the observed information in the
+determinant too: glmmTMB's definition, ``families.OBSERVED_LAPLACE``.)
+
+**The dispersion** (negbinomial's shape, gamma's shape, beta's phi) is an argument of every kernel,
+``dispersion=`` (a traced scalar > 0, differentiable like beta and the scales; None for the families without one).
+It is stored in the plan's ``dispersion`` leaf (``with_dispersion``) for the per-observation pieces.
 
 **The mode** (PIRLS): a Newton step from v is the Gaussian conditional mean of v given the
 working residual r = Zt v + s / w with per-observation precisions w (s the score): exactly the engine's
@@ -26,6 +33,7 @@ criterion. Cost per value-and-gradient: the loop's factorizations (forward only)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -41,6 +49,7 @@ from .plan import Plan
 
 __all__ = ["LaplacePlan", "build_laplace_plan", "conditional_mode", "log_marginal", "conditional_sample",
            "conditional_modes", "laplace_centred", "log_marginal_warm", "predictive_pieces", "ModeInfo",
+           "with_dispersion",
            "MAX_NEWTON", "MAX_HALVINGS"]
 
 MAX_NEWTON = 100        # Newton/PIRLS iterations per mode (typically 4-8 from v = 0)
@@ -61,7 +70,8 @@ class LaplacePlan:
     Z: per marginalized class (N, d_l) and codes (N,) int32 in ``gauss.marginalized`` order; offset (N,) the
     formula's offset or None; ref (N,) a reference linear predictor per observation (log y for a poisson count
     y > 0, else 0); log_norm () the constant of log p (log C(n, y), -log y!) plus sum_i log p(y_i | ref_i) without
-    it, so that log p = ``_log_lik_rel`` + log_norm.
+    it, so that log p = ``_log_lik_rel`` + log_norm; dispersion () the family's dispersion (1 until
+    ``with_dispersion`` sets it; unused by the families without one).
     Static: family (Family).
 
     Why the reference: for large counts (y ~ 1e9) y eta and exp(eta) are each ~2e10 per observation and cancel
@@ -79,6 +89,7 @@ class LaplacePlan:
     offset: Optional[jax.Array]
     ref: jax.Array
     log_norm: jax.Array
+    dispersion: jax.Array
     family: Family = Family("bernoulli", "logit")
 
     @property
@@ -95,7 +106,23 @@ class LaplacePlan:
 
 
 jax.tree_util.register_dataclass(LaplacePlan, data_fields=["gauss", "X", "y", "trials", "Z", "codes", "offset",
-                                                           "ref", "log_norm"], meta_fields=["family"])
+                                                           "ref", "log_norm", "dispersion"],
+                                 meta_fields=["family"])
+
+
+def with_dispersion(lp: LaplacePlan, dispersion) -> tuple[LaplacePlan, jax.Array]:
+    """(lp with its dispersion leaf set, ok ()): a family with a dispersion needs a finite value > 0 (an invalid
+    one is replaced by 1 and reported by ok = False, so the kernels return -inf / NaN); None is refused for such a
+    family (a ValueError while tracing) and ignored for the others."""
+    ok = jnp.ones((), bool)
+    if lp.family.dispersion is None:
+        return lp, ok
+    if dispersion is None:
+        raise ValueError(f"family {lp.family.name!r} needs its dispersion: pass dispersion= "
+                         f"(its {lp.family.dispersion!r})")
+    d = jnp.asarray(dispersion, lp.dtype).reshape(())
+    ok = jnp.isfinite(d) & (d > 0)
+    return dataclasses.replace(lp, dispersion=jnp.where(ok, d, 1.0)), ok
 
 
 def build_laplace_plan(gauss: Plan, family: Family, X, y, trials, classes, offset=None) -> LaplacePlan:
@@ -110,7 +137,7 @@ def build_laplace_plan(gauss: Plan, family: Family, X, y, trials, classes, offse
         Z=tuple(jnp.asarray(classes[h].Z, dt).reshape(len(y), -1) for h in marg),
         codes=tuple(jnp.asarray(classes[h].codes, jnp.int32) for h in marg),
         offset=None if offset is None else jnp.asarray(offset, dt), ref=jnp.asarray(ref, dt),
-        log_norm=jnp.asarray(ref_const, dt), family=family)
+        log_norm=jnp.asarray(ref_const, dt), dispersion=jnp.ones((), dt), family=family)
 
 
 # Above this count, -log y! + y log y - y is Stirling's series (error < 1e-14); gammaln itself would cancel away
@@ -137,7 +164,7 @@ def _log_lik_rel(lp: LaplacePlan, eta):
     """(N,) log p(y_i | eta_i) - log p(y_i | ref_i), both without log_norm (``LaplacePlan``). Poisson:
     y ((eta - ref) - expm1(eta - ref)) for y > 0, -exp(eta) for y = 0; other families: ``families.log_lik``."""
     if lp.family.name != "poisson":
-        return families.log_lik(lp.family, lp.y, lp.trials, eta)
+        return families.log_lik(lp.family, lp.y, lp.trials, eta, lp.dispersion)
     d = eta - lp.ref
     return jnp.where(lp.y > 0, lp.y * (d - jnp.expm1(d)), -jnp.exp(eta))
 
@@ -151,6 +178,11 @@ class ModeInfo(NamedTuple):
 
 
 # --------------------------------------------------------------------------- pieces
+
+
+def _sw(lp: LaplacePlan, eta, observed: bool = False):
+    """families.score_weight for the plan's data and dispersion."""
+    return families.score_weight(lp.family, lp.y, lp.trials, eta, observed=observed, disp=lp.dispersion)
 
 
 def _prepare(lp: LaplacePlan, beta, scales, offset):
@@ -191,7 +223,7 @@ def _objective(lp: LaplacePlan, eta, vs):
 def _newton(lp: LaplacePlan, lams, eta0, vs):
     """One Newton step from vs (observed-information weights): (new vs, log|F| at those weights, ok)."""
     zu = _random_part(lp, lams, vs)
-    s, w = families.score_weight(lp.family, lp.y, lp.trials, eta0 + zu, observed=True)
+    s, w = _sw(lp, eta0 + zu, observed=True)
     return weighted_solve(lp.gauss, zu + s / w, w, lams)
 
 
@@ -241,32 +273,38 @@ def _halved_step(f_at, cur, cand, f, slack):
 # --------------------------------------------------------------------------- public kernels
 
 
-def conditional_mode(lp: LaplacePlan, beta, scales, offset=None):
+def conditional_mode(lp: LaplacePlan, beta, scales, offset=None, dispersion=None):
     """The conditional mode: (v^ per marginalized class (G_l, d_l), standardized, u_l = v_l Lambda_l^T;
     ModeInfo).  No derivatives (use :func:`log_marginal` for those)."""
+    lp, _ = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
     lams, eta0 = lax.stop_gradient(lams), lax.stop_gradient(eta0)
     v_star, info = _mode_loop(lp, lams, eta0, _zeros(lp))
     return _newton(lp, lams, eta0, v_star)[0], info      # polished (see _TOLS)
 
 
-def log_marginal(lp: LaplacePlan, beta, scales, offset=None):
+def log_marginal(lp: LaplacePlan, beta, scales, offset=None, dispersion=None):
     """Laplace approximation of log p(y | beta, Sigma) (glmer's nAGQ = 1 logLik) -> scalar; -inf if invalid.
 
     beta (p,); scales: Lambda_l (d_l, d_l) per marginalized class (Sigma_l = Lambda_l Lambda_l^T); offset (N,) of
-    terms left to HMC or None.  Differentiable (implicitly through the mode, see the module docstring).
+    terms left to HMC or None; dispersion () the family's shape / phi (None for the families without one).
+    Differentiable (implicitly through the mode, see the module docstring), in the dispersion too.
     """
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
+    ok = ok & okd
     if not lp.Z:  # nothing marginalized: the plain likelihood (every term's effects are in the offset)
         val = jnp.sum(_log_lik_rel(lp, eta0)) + lp.log_norm
         return jnp.where(ok & jnp.isfinite(val), val, -jnp.inf)
     return _laplace_value(lp, lams, eta0, ok, _zeros(lp))[0]
 
 
-def log_marginal_warm(lp: LaplacePlan, beta, scales, v0):
+def log_marginal_warm(lp: LaplacePlan, beta, scales, v0, dispersion=None):
     """:func:`log_marginal` with the mode search started at v0 (standardized, per class), e.g. the mode of the
     previous call of a sequential optimizer: (value, mode v^ per class, no derivatives)."""
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, None)
+    ok = ok & okd
     val, v_star = _laplace_value(lp, lams, eta0, ok, tuple(lax.stop_gradient(v) for v in v0))
     return val, v_star
 
@@ -277,7 +315,7 @@ def _laplace_value(lp: LaplacePlan, lams, eta0, ok, v0):
     v_star = lax.stop_gradient(v_star)
     v_hat, _, ok1 = _newton(lp, lams, eta0, v_star)        # = v_star in value; carries dv^/dtheta
     eta = eta0 + _random_part(lp, lams, v_hat)
-    _, w = families.score_weight(lp.family, lp.y, lp.trials, eta)
+    _, w = _sw(lp, eta, observed=lp.family.name in families.OBSERVED_LAPLACE)
     zero = jnp.zeros_like(eta)
     _, logdet, ok2 = weighted_solve(lp.gauss, zero, w, lams)
     val = _objective(lp, eta, v_hat) + lp.log_norm - 0.5 * logdet
@@ -285,28 +323,32 @@ def _laplace_value(lp: LaplacePlan, lams, eta0, ok, v0):
     return jnp.where(good, val, -jnp.inf), v_star
 
 
-def conditional_sample(lp: LaplacePlan, key, beta, scales, offset=None):
+def conditional_sample(lp: LaplacePlan, key, beta, scales, offset=None, dispersion=None):
     """One draw of u from the Laplace Gaussian N(u^, Lambda F^-1 Lambda^T) at the mode: per marginalized class
     (G_l, d_l) in caller order (NaN if the mode search failed)."""
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
+    ok = ok & okd
     v_star, info = _mode_loop(lp, lams, eta0, _zeros(lp))
     zu = _random_part(lp, lams, v_star)
-    s, w = families.score_weight(lp.family, lp.y, lp.trials, eta0 + zu, observed=True)
+    s, w = _sw(lp, eta0 + zu, observed=True)
     draws = weighted_sample(lp.gauss, key, zu + s / w, w, lams)
     good = ok & info.converged
     return tuple(jnp.where(good, u, jnp.nan) for u in draws)
 
 
-def conditional_modes(lp: LaplacePlan, beta, scales, offset=None):
+def conditional_modes(lp: LaplacePlan, beta, scales, offset=None, dispersion=None):
     """u^ per marginalized class (G_l, d_l) (lme4's ranef for a GLMM), NaN if the mode search failed."""
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
+    ok = ok & okd
     v_star, info = _mode_loop(lp, lams, eta0, _zeros(lp))
     v_star = _newton(lp, lams, eta0, v_star)[0]          # polish (see _TOLS)
     good = ok & info.converged
     return tuple(jnp.where(good, v @ L.T, jnp.nan) for v, L in zip(v_star, lams))
 
 
-def laplace_centred(lp: LaplacePlan, beta, scales, eps, offset=None):
+def laplace_centred(lp: LaplacePlan, beta, scales, eps, offset=None, dispersion=None):
     """The exact joint model in Laplace-centred coordinates (``parameterization="laplace"``).
 
     The random effects are v = m(theta) + L(theta)^{-T} eps with m the conditional mode (one differentiable Newton
@@ -316,11 +358,13 @@ def laplace_centred(lp: LaplacePlan, beta, scales, eps, offset=None):
     the log joint of (y, v) with the Jacobian of eps -> v, less eps's own N(0, I) log density (the sampler's
     prior on eps); u per class (G_l, d_l) = v_l Lambda_l^T). -inf for invalid inputs or a failed mode search.
     """
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
+    ok = ok & okd
     v_star, info = _mode_loop(lp, lax.stop_gradient(lams), lax.stop_gradient(eta0), _zeros(lp))
     v_hat = _newton(lp, lams, eta0, lax.stop_gradient(v_star))[0]
     zu = _random_part(lp, lams, v_hat)
-    s, w = families.score_weight(lp.family, lp.y, lp.trials, eta0 + zu, observed=True)
+    s, w = _sw(lp, eta0 + zu, observed=True)
     vs, logdet, ok2 = weighted_transform(lp.gauss, zu + s / w, w, lams, eps)
     eta = eta0 + _random_part(lp, lams, vs)
     e2 = sum((jnp.sum(jnp.asarray(e) ** 2) for e in eps), jnp.zeros((), lp.dtype))
@@ -329,20 +373,22 @@ def laplace_centred(lp: LaplacePlan, beta, scales, eps, offset=None):
     return jnp.where(good, val, -jnp.inf), tuple(v @ L.T for v, L in zip(vs, lams))
 
 
-def predictive_pieces(lp: LaplacePlan, beta, scales, offset=None):
+def predictive_pieces(lp: LaplacePlan, beta, scales, offset=None, dispersion=None):
     """Per observation, what the integrated leave-one-out density needs (lmmarg.loo): (eta^ (N,) the linear
     predictor at the mode, h (N,) its Laplace posterior variance z~_i^T F^{-1} z~_i, s (N,) the score and
     w (N,) the Newton weight there), F with the Newton weights.  h is the gradient of log|F| in w (one reverse
     pass: d log|F| / d w_i = z~_i^T F^{-1} z~_i), so no F^{-1} is formed."""
+    lp, okd = with_dispersion(lp, dispersion)
     beta, lams, eta0, ok = _prepare(lp, beta, scales, offset)
+    ok = ok & okd
     if not lp.Z:
         eta = eta0
-        s, w = families.score_weight(lp.family, lp.y, lp.trials, eta, observed=True)
+        s, w = _sw(lp, eta, observed=True)
         return eta, jnp.zeros_like(eta), s, w
     v_star, info = _mode_loop(lp, lams, eta0, _zeros(lp))
     v_star = _newton(lp, lams, eta0, v_star)[0]          # polished (see _TOLS)
     eta = eta0 + _random_part(lp, lams, v_star)
-    s, w = families.score_weight(lp.family, lp.y, lp.trials, eta, observed=True)
+    s, w = _sw(lp, eta, observed=True)
     zero = jnp.zeros_like(eta)
     h = jax.grad(lambda w_: weighted_solve(lp.gauss, zero, w_, lams)[1])(w)
     bad = ~(ok & info.converged)

@@ -124,6 +124,8 @@ class Fit:
                     for a in range(t.d):
                         for b in range(a + 1, t.d):
                             out[f"cor_{g}__{pre}{t.columns[a]}__{pre}{t.columns[b]}"] = corr[..., a, b]
+        if sspec.kind == "dispersion" and sspec.dispersion in s:
+            out[sspec.dispersion] = s[sspec.dispersion]
         if "sigma" in s:
             if s["sigma"].ndim == 2:
                 out["sigma"] = s["sigma"]
@@ -247,8 +249,10 @@ class Fit:
         m = self.model
         mu = self._linpred_train()
         if m.family_spec.is_glmm:
+            site = m.family_spec.dispersion   # shape / phi per draw (chain, draw) -> (chain, draw, 1)
             return pointwise_log_lik(m.family_spec, np.asarray(m.y, float), m.trials,
-                                     mu + (0.0 if m.design.offset is None else m.design.offset))
+                                     mu + (0.0 if m.design.offset is None else m.design.offset),
+                                     None if site is None else np.asarray(self.samples[site], float)[..., None])
         sig = self._sigma_train()
         y = np.asarray(m.y, float)
         ll = -0.5 * np.log(2 * np.pi) - np.log(sig) - 0.5 * ((y - mu) / sig) ** 2
@@ -273,8 +277,9 @@ class Fit:
     def _sigma_train(self):
         m, s = self.model, self.samples
         sspec = m.sigma_spec
-        if sspec.kind == "none":
-            raise ValueError(f"family {m.family!r} has no residual SD")
+        if sspec.kind in ("none", "dispersion"):
+            raise ValueError(f"family {m.family!r} has no residual SD"
+                             + (f" (its dispersion is {sspec.dispersion!r})" if sspec.dispersion else ""))
         if sspec.kind == "constant":
             return s["sigma"][..., None]
         if sspec.kind == "by":

@@ -471,9 +471,16 @@ def _glmm_pointwise(fit, progress: bool = True) -> np.ndarray:
     lp = m.laplace_plan("all")
     dt = m.dtype
     chunk = max(1, min(256, int(_CHUNK_FLOATS // (8 * max(m.n_obs, 1)))))
-    eta, h, sc, w = _map_draws(fit, ("glmm",), lambda a: laplace.predictive_pieces(lp, a[0], a[1]),
-                               (jnp.asarray(beta, dt), tuple(jnp.asarray(L, dt) for L in lams)), S, chunk, "LOO",
-                               progress)
+    site = m.family_spec.dispersion       # the dispersion draws (S,) of negbinomial / gamma / beta, else None
+    disp = None if site is None else np.asarray(s[site], float).reshape(S)
+    args = (jnp.asarray(beta, dt), tuple(jnp.asarray(L, dt) for L in lams))
+    if disp is None:
+        eta, h, sc, w = _map_draws(fit, ("glmm",), lambda a: laplace.predictive_pieces(lp, a[0], a[1]),
+                                   args, S, chunk, "LOO", progress)
+    else:
+        eta, h, sc, w = _map_draws(fit, ("glmm", site),
+                                   lambda a: laplace.predictive_pieces(lp, a[0], a[1], None, a[2]),
+                                   args + (jnp.asarray(disp, dt),), S, chunk, "LOO", progress)
     with np.errstate(divide="ignore", invalid="ignore"):
         tau = np.where(h > 0, 1.0 / h - w, np.inf)
         tau = np.maximum(tau, 1e-12)
@@ -488,7 +495,8 @@ def _glmm_pointwise(fit, progress: bool = True) -> np.ndarray:
     for k in range(0, S, step):
         sl = slice(k, min(S, k + step))
         nodes = mean[sl, :, None] + sd[sl, :, None] * x
-        ll = families.pointwise_log_lik(m.family_spec, y[None, :, None], n[None, :, None], nodes)
+        ll = families.pointwise_log_lik(m.family_spec, y[None, :, None], n[None, :, None], nodes,
+                                        None if disp is None else disp[sl, None, None])
         a = ll + logw
         amax = a.max(-1, keepdims=True)
         out[sl] = (amax + np.log(np.exp(a - amax).sum(-1, keepdims=True)))[..., 0]

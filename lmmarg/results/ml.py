@@ -46,7 +46,8 @@ class ConvergenceChecks(NamedTuple):
 @dataclass
 class MLFit:
     """ML / REML estimates. Arrays: beta, se (p,) in ``fixed_names`` order; cov/sd/corr/ranef keyed by term name
-    ((d,d), (d,), (d,d), (G,d)); theta (n_theta,) lme4's relative Cholesky factors, column-wise per term."""
+    ((d,d), (d,), (d,d), (G,d)); theta (n_theta,) lme4's relative Cholesky factors, column-wise per term;
+    dispersion: the shape (negbinomial, gamma) or phi (beta) of a family that has one, else None."""
 
     model: object = field(repr=False)
     reml: bool
@@ -73,6 +74,7 @@ class MLFit:
     vcov: np.ndarray = field(repr=False, default=None)
     checks: ConvergenceChecks = field(repr=False, default=None)
     n_restarts: int = 0
+    dispersion: float | None = None
 
     @property
     def fixed_names(self):
@@ -86,7 +88,8 @@ class MLFit:
 
     @property
     def n_par(self) -> int:
-        return len(self.beta) + len(self.theta) + (0 if self.model.family_spec.is_glmm else 1)
+        return len(self.beta) + len(self.theta) + (0 if self.model.family_spec.is_glmm else 1) \
+            + (self.dispersion is not None)
 
     @property
     def aic(self) -> float:
@@ -128,7 +131,9 @@ class MLFit:
         if m.family_spec.is_glmm:
             mu = family_mean(m.family_spec, self.fitted())
             n = m.trials
-            var = n * mu if m.family == "poisson" else n * mu * (1 - mu)
+            k = self.dispersion
+            var = {"poisson": n * mu, "negbinomial": mu + mu**2 / (k or 1.0), "gamma": mu**2 / (k or 1.0),
+                   "beta": mu * (1 - mu) / (1.0 + (k or 1.0))}.get(m.family, n * mu * (1 - mu))
             return (m.y - n * mu) / np.sqrt(np.maximum(var, 1e-300))
         y = m.y if m.design.offset is None else m.y + m.design.offset   # model.y has the offset taken out
         r = y - self.fitted()
@@ -153,6 +158,15 @@ def _col(name: str) -> str:
     return "(Intercept)" if name == "Intercept" else name
 
 
+def _family_label(family: str, dispersion) -> str:
+    """The family as glmer.nb prints it, "Negative Binomial(3.215)"; gamma and beta name their parameter."""
+    if dispersion is None:
+        return family
+    if family == "negbinomial":
+        return f"Negative Binomial({dispersion:.4g})"
+    return f"{family}({'phi' if family == 'beta' else 'shape'} = {dispersion:.4g})"
+
+
 def _format(fit: MLFit, full: bool) -> str:
     m = fit.model
     how = "REML" if fit.reml else "maximum likelihood "
@@ -160,7 +174,7 @@ def _format(fit: MLFit, full: bool) -> str:
     lines = [f"Linear mixed model fit by {how} ['lmerMod']", f"Formula: {m.formula}"]
     if glmm:
         lines = ["Generalized linear mixed model fit by maximum likelihood (Laplace Approximation) ['glmerMod']",
-                 f" Family: {m.family}  ( {m.link} )", f"Formula: {m.formula}"]
+                 f" Family: {_family_label(m.family, fit.dispersion)}  ( {m.link} )", f"Formula: {m.formula}"]
     if fit.reml:
         lines += ["", f"REML criterion at convergence: {fit.reml_criterion:.1f}"]
     else:

@@ -158,7 +158,9 @@ def predict(fit, new_data=None, draws: int | None = None, new_levels: str = "sam
 
     mu = mu + effects(m.terms, False)
     if m.family_spec.is_glmm:
-        return _glmm_predict(m, mu, None if new_data is None else new, kind, rng, trials)
+        site = m.family_spec.dispersion
+        return _glmm_predict(m, mu, None if new_data is None else new, kind, rng, trials,
+                             None if site is None else np.asarray(fl[site], float)[:, None])
     sspec = m.sigma_spec
     if sspec.kind == "constant":
         sig = fl["sigma"][:, None]
@@ -187,8 +189,9 @@ def predict(fit, new_data=None, draws: int | None = None, new_levels: str = "sam
     return np.exp(y) if m.family == "lognormal" else y
 
 
-def _glmm_predict(m, eta, new, kind: str, rng, trials=None) -> np.ndarray:
-    """predict() of a GLMM family from the linear predictor eta (S, n)."""
+def _glmm_predict(m, eta, new, kind: str, rng, trials=None, disp=None) -> np.ndarray:
+    """predict() of a GLMM family from the linear predictor eta (S, n); disp (S, 1): the dispersion draws of
+    negbinomial / gamma (shape) and beta (phi)."""
     if kind == "linpred":
         return eta
     if trials is not None:
@@ -204,6 +207,12 @@ def _glmm_predict(m, eta, new, kind: str, rng, trials=None) -> np.ndarray:
         return p * n
     if m.family == "poisson":
         return rng.poisson(p).astype(float)
+    if m.family == "negbinomial":   # a gamma-Poisson mixture: Var = μ + μ² / shape
+        return rng.poisson(rng.gamma(np.broadcast_to(disp, p.shape), p / disp)).astype(float)
+    if m.family == "gamma":
+        return rng.gamma(np.broadcast_to(disp, p.shape), p / disp)
+    if m.family == "beta":
+        return rng.beta(p * disp, (1.0 - p) * disp)
     return rng.binomial(np.broadcast_to(n, p.shape).astype(np.int64), np.clip(p, 0.0, 1.0)).astype(float)
 
 

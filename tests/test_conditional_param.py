@@ -5,6 +5,7 @@ computed by JAX), and a short NUTS run matches marginalize="all"; (b) m is the e
 small error and S Sᵀ matches the exact conditional covariance; (c) bad inputs are refused with clear errors. The
 V⁻¹ products it is built on (kernels.residual_precision) are checked against a dense V.
 """
+import functools
 import warnings
 
 import jax
@@ -143,19 +144,30 @@ def _easy():
     return m, t_a, t_b, plan_b, ct, beta, sigma, La, Lb
 
 
+def _transform(plan_b, ct):
+    """conditional_transform of the one conditional term ct, jitted as the sampler runs it (called eagerly, every
+    primitive would be compiled on its own): (beta, sigma, Lb, La, eps, sweeps=, coarse=) -> (v per term, log|J|).
+    ct is closed over (its n_groups is static)."""
+    @functools.partial(jax.jit, static_argnames=("sweeps", "coarse"))
+    def transform(plan, beta, sigma, Lb, La, eps, sweeps=None, coarse=True):
+        return conditional_transform(plan, beta, sigma, (Lb,), None, [ct], [La], [eps], sweeps=sweeps, coarse=coarse)
+    return functools.partial(transform, plan_b)
+
+
 def test_mean_is_close_to_the_exact_conditional_mean():
     m, t_a, t_b, plan_b, ct, beta, sigma, La, Lb = _easy()
-    exact = np.asarray(kernels.conditional_mean(m.plan("all"), beta, sigma, (La, Lb))[0])[:, 0]
+    exact = np.asarray(jax.jit(kernels.conditional_mean)(m.plan("all"), beta, sigma, (La, Lb))[0])[:, 0]
     # conditional SD of each effect (for the error in units of the sampler's ε)
     A_diag = 1.0 + 0.49 * np.bincount(t_a.codes, minlength=t_a.n_groups) / sigma**2
     sd = 0.7 / np.sqrt(A_diag)
-    zero = [jnp.zeros((t_a.n_groups, 1))]
+    zero = jnp.asarray(np.zeros((t_a.n_groups, 1)))
+    transform = _transform(plan_b, ct)
     for sweeps, tol in ((None, 0.4), (2, 0.02), (3, 1e-3)):   # the default (one sweep), then converging
-        v, _ = conditional_transform(plan_b, beta, sigma, (Lb,), None, [ct], [La], zero, sweeps=sweeps)
+        v, _ = transform(beta, sigma, Lb, La, zero, sweeps=sweeps)
         err = (np.asarray(v[0])[:, 0] * 0.7 - exact) / sd
         assert np.max(np.abs(err)) < tol, (sweeps, np.max(np.abs(err)))
     # without the coarse space a few sweeps leave the common shift of all levels behind
-    v, _ = conditional_transform(plan_b, beta, sigma, (Lb,), None, [ct], [La], zero, sweeps=3, coarse=False)
+    v, _ = transform(beta, sigma, Lb, La, zero, sweeps=3, coarse=False)
     err_nc = (np.asarray(v[0])[:, 0] * 0.7 - exact) / sd
     assert np.max(np.abs(err_nc)) > 1.0
 
@@ -173,8 +185,7 @@ def test_scale_matches_the_exact_conditional_covariance():
                                          coarse=coarse)[0][0].reshape(-1)
 
         S = np.asarray(jax.jit(jax.jacfwd(v_of))(jnp.zeros(G)))
-        logjac = float(conditional_transform(plan_b, beta, sigma, (Lb,), None, [ct], [La],
-                                             [jnp.zeros((G, 1))], coarse=coarse)[1])
+        logjac = float(_transform(plan_b, ct)(beta, sigma, Lb, La, jnp.zeros((G, 1)), coarse=coarse)[1])
         np.testing.assert_allclose(np.linalg.slogdet(S)[1], logjac, atol=1e-9)
         ratio = np.diag(S @ S.T) / np.diag(np.linalg.inv(P))
         # covariance of ε given θ: S⁻¹ P⁻¹ S⁻ᵀ (N(0, I) for an exact S)

@@ -39,6 +39,12 @@ else:  # older jax
 
 log_marginal = _jit(_log_marginal)
 conditional_mean = _jit(_cond_mean)
+# the small linear-algebra helpers, jitted once for the module (eagerly, each primitive would compile on its own)
+spd_inv_logdet = _jit(linalg.spd_inv_logdet)
+small_precision = _jit(linalg.small_precision)
+small_mm = _jit(linalg.small_mm)
+matmul = _jit(jnp.matmul)
+dense_logdet_gram = _jit(kernels.dense_logdet_gram)
 
 # ----------------------------------------------------------------------------- designs
 
@@ -538,13 +544,13 @@ def test_dense_logdet_gram_value_and_gradient():
         return 0.7 * ld + jnp.sum(W * G)
 
     plain = lambda F, B: (jnp.linalg.slogdet(F)[1], B.T @ jnp.linalg.solve(F, B))  # noqa: E731
-    ld, G = kernels.dense_logdet_gram(F, B)
-    ld0, G0 = plain(F, B)
+    ld, G = dense_logdet_gram(F, B)
+    ld0, G0 = _jit(plain)(F, B)
     assert abs(float(ld - ld0)) < 1e-12
     np.testing.assert_allclose(G, G0, rtol=1e-12)
     # compare along symmetric perturbations of F (the function is defined on symmetric matrices)
-    gF, gB = jax.grad(loss, argnums=(1, 2))(kernels.dense_logdet_gram, F, B)
-    gF0, gB0 = jax.grad(loss, argnums=(1, 2))(plain, F, B)
+    gF, gB = _jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(kernels.dense_logdet_gram, F, B)
+    gF0, gB0 = _jit(jax.grad(loss, argnums=(1, 2)), static_argnums=0)(plain, F, B)
     np.testing.assert_allclose(gF + gF.T, gF0 + gF0.T, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(gB, gB0, rtol=1e-10, atol=1e-12)
 
@@ -841,13 +847,13 @@ def test_gather_only_reverse_passes_match_autodiff():
     tri[ju, iu] = np.arange(iu.size)
     t = jnp.asarray(rng.normal(size=iu.size))
     W = jnp.asarray(rng.normal(size=(n, n)))
-    g1 = jax.grad(lambda t: jnp.sum(W * linalg.unpack_symmetric(t, jnp.asarray(tri)) ** 2))(t)
-    g0 = jax.grad(lambda t: jnp.sum(W * t[tri] ** 2))(t)
+    g1 = _jit(jax.grad(lambda t: jnp.sum(W * linalg.unpack_symmetric(t, jnp.asarray(tri)) ** 2)))(t)
+    g0 = _jit(jax.grad(lambda t: jnp.sum(W * t[tri] ** 2)))(t)
     np.testing.assert_allclose(g1, g0, rtol=1e-12)
     P = jnp.asarray(rng.normal(size=(d, d)))
     W2 = jnp.asarray(rng.normal(size=(G * d, G * d)))
-    v1, h1 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(linalg.eye_kron(P, G))))(P)
-    v0, h0 = jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(jnp.kron(jnp.eye(G), P))))(P)
+    v1, h1 = _jit(jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(linalg.eye_kron(P, G)))))(P)
+    v0, h0 = _jit(jax.value_and_grad(lambda P: jnp.sum(W2 * jnp.sin(jnp.kron(jnp.eye(G), P)))))(P)
     assert abs(float(v1 - v0)) < 1e-12
     np.testing.assert_allclose(h1, h0, rtol=1e-12)
 
@@ -858,10 +864,10 @@ def test_small_mm_equals_matmul(shapes):
     gradients."""
     rng = np.random.default_rng(len(shapes[0]))
     A, B = (jnp.asarray(rng.normal(size=s)) for s in shapes)
-    np.testing.assert_allclose(linalg.small_mm(A, B), jnp.matmul(A, B), rtol=1e-13, atol=1e-14)
-    W = jnp.asarray(rng.normal(size=jnp.matmul(A, B).shape))
-    g1 = jax.grad(lambda A, B: jnp.sum(W * linalg.small_mm(A, B)), argnums=(0, 1))(A, B)
-    g0 = jax.grad(lambda A, B: jnp.sum(W * jnp.matmul(A, B)), argnums=(0, 1))(A, B)
+    np.testing.assert_allclose(small_mm(A, B), matmul(A, B), rtol=1e-13, atol=1e-14)
+    W = jnp.asarray(rng.normal(size=matmul(A, B).shape))
+    g1 = _jit(jax.grad(lambda A, B: jnp.sum(W * linalg.small_mm(A, B)), argnums=(0, 1)))(A, B)
+    g0 = _jit(jax.grad(lambda A, B: jnp.sum(W * jnp.matmul(A, B)), argnums=(0, 1)))(A, B)
     for a, b in zip(g1, g0):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-14)
 
@@ -874,22 +880,23 @@ def test_small_spd_inverse_and_precision(d):
     rng = np.random.default_rng(d)
     B = rng.normal(size=(5, d, d))
     A = B @ np.swapaxes(B, 1, 2) + 0.5 * np.eye(d)
-    inv, logdet = linalg.spd_inv_logdet(jnp.asarray(A))
+    inv, logdet = spd_inv_logdet(jnp.asarray(A))
     np.testing.assert_allclose(inv, np.linalg.inv(A), rtol=1e-11)
     np.testing.assert_allclose(logdet, np.linalg.slogdet(A)[1], rtol=1e-12)
     bad = -np.eye(d)[None] if d == 1 else np.diag([1.0, -1.0] + [1.0] * (d - 2))[None]
-    assert np.isnan(np.asarray(linalg.spd_inv_logdet(jnp.asarray(bad))[1])).all()
+    assert np.isnan(np.asarray(spd_inv_logdet(jnp.asarray(bad))[1])).all()
     for lam in (np.tril(rng.normal(size=(d, d))) + 2 * np.eye(d), rng.normal(size=(d, d)) + 2 * np.eye(d)):
-        P, ld, ok = linalg.small_precision(jnp.asarray(lam))
+        P, ld, ok = small_precision(jnp.asarray(lam))
         S = lam @ lam.T
         np.testing.assert_allclose(P, np.linalg.inv(S), rtol=1e-10)
         np.testing.assert_allclose(ld, np.linalg.slogdet(S)[1], rtol=1e-12)
         assert bool(ok)
     sing = np.zeros((d, d))
     sing[0, 0] = 1.0 if d > 1 else 0.0   # rank d - 1
-    P, ld, ok = linalg.small_precision(jnp.asarray(sing))
+    P, ld, ok = small_precision(jnp.asarray(sing))
     assert not bool(ok) and np.isfinite(np.asarray(P)).all() and np.isfinite(float(ld))
-    g = jax.grad(lambda m: jnp.sum(linalg.small_precision(m)[0]) + linalg.small_precision(m)[1])(jnp.asarray(sing))
+    g = _jit(jax.grad(lambda m: jnp.sum(linalg.small_precision(m)[0]) + linalg.small_precision(m)[1]))(
+        jnp.asarray(sing))
     assert np.isfinite(np.asarray(g)).all()
 
 
@@ -899,5 +906,5 @@ def test_small_sandwich_both_paths(G):
     rng = np.random.default_rng(G)
     A, B = jnp.asarray(rng.normal(size=(2, 2))), jnp.asarray(rng.normal(size=(2, 2)))
     X = jnp.asarray(rng.normal(size=(G, 2, 2)))
-    np.testing.assert_allclose(linalg.small_sandwich(A, X, B), jnp.einsum("ia,gab,bj->gij", A, X, B),
-                               rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(_jit(linalg.small_sandwich)(A, X, B),
+                               _jit(functools.partial(jnp.einsum, "ia,gab,bj->gij"))(A, X, B), rtol=1e-12, atol=1e-13)

@@ -11,6 +11,11 @@ import pytest  # noqa: E402
 
 from lmmarg.marginal import CellSums, ClassSpec, build_plan, kernels, plan_from_statistics  # noqa: E402
 
+# the kernels jitted once for the module, plans as pytree arguments (called eagerly, every primitive would be
+# compiled on its own)
+log_marginal = jax.jit(kernels.log_marginal)
+conditional_mean = jax.jit(kernels.conditional_mean)
+
 
 def _design(kind: str, seed: int, N: int = 300):
     rng = np.random.default_rng(seed)
@@ -76,7 +81,7 @@ def test_plan_from_statistics_equals_plan_from_rows(kind, seed):
     assert abs(float(v1 - v0)) < 1e-9 * abs(float(v0))
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g0)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-9)
-    for a, b in zip(kernels.conditional_mean(stats, beta, sigma, sc), kernels.conditional_mean(rows, beta, sigma, sc)):
+    for a, b in zip(conditional_mean(stats, beta, sigma, sc), conditional_mean(rows, beta, sigma, sc)):
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10)
 
 
@@ -87,8 +92,8 @@ def test_plan_from_statistics_integrates_beta_last():
     stats = plan_from_statistics(_cell_sums(X, y, classes, 2, np.random.default_rng(5)), marginalize_beta=True)
     assert stats.beta_block == rows.beta_block == "last"
     sc = tuple(jnp.asarray(L) for L in lams)
-    v0 = kernels.log_marginal(rows, None, 1.1, sc, None, prior)
-    v1 = kernels.log_marginal(stats, None, 1.1, sc, None, prior)
+    v0 = log_marginal(rows, None, 1.1, sc, None, prior)
+    v1 = log_marginal(stats, None, 1.1, sc, None, prior)
     assert abs(float(v1 - v0)) < 1e-9 * abs(float(v0))
     with pytest.raises(ValueError, match="beta_block='last'"):
         plan_from_statistics(_cell_sums(X, y, classes, 2, np.random.default_rng(5)), marginalize_beta=True,
@@ -117,7 +122,7 @@ def test_chunked_statistics_of_a_model_give_its_ml_criterion():
     beta = np.array([100.0, 1.0, 0.1, -0.2])
     want = m.log_marginal(beta, 0.9, cov)
     scales = [np.linalg.cholesky(cov[t.name]) for t in m.terms]
-    got = float(kernels.log_marginal(plan, beta, 0.9, tuple(scales)))
+    got = float(log_marginal(plan, beta, 0.9, tuple(scales)))
     assert plan.X is None and plan.n_obs == n
     assert abs(got - want) < 1e-9 * abs(want)
 

@@ -65,7 +65,7 @@ def test_init_params_shapes_and_finite():
     assert set(init) == set(pot.sites)
     for k, v in init.items():
         assert v.shape == (3,) + pot.unc_shapes[k]
-    pe = jax.vmap(pot.potential_fn)(init)
+    pe = jax.jit(jax.vmap(pot.potential_fn))(init)
     assert np.isfinite(np.asarray(pe)).all()
     one = pot.init_params(jax.random.PRNGKey(1), num_chains=None)
     assert one["b_x"].shape == ()
@@ -74,17 +74,24 @@ def test_init_params_shapes_and_finite():
 def test_numpyro_model_with_initialize_model_and_predictive():
     model = lmmarg.Model("y ~ x + (x | g)", sim())
     fn = model.numpyro_model()
+    # initialize_model eagerly, as NumPyro's MCMC calls it; the potential and Predictive jitted, as samplers and
+    # users run them (called eagerly, every primitive would be compiled on its own)
     info, potential_fn, postprocess_fn, _ = numpyro.infer.util.initialize_model(jax.random.PRNGKey(0), fn)
-    assert np.isfinite(potential_fn(info.z))
-    prior = numpyro.infer.Predictive(fn, num_samples=5)(jax.random.PRNGKey(1))
+    assert np.isfinite(jax.jit(potential_fn)(info.z))
+    prior = jax.jit(numpyro.infer.Predictive(fn, num_samples=5))(jax.random.PRNGKey(1))
     assert prior["beta"].shape == (5, 2) and prior["corr_g"].shape == (5, 2, 2)
 
 
 def _check_jacobian(pot, values):
-    unc = pot.unconstrain(values)
-    logJ = sum(jnp.sum(pot.transforms[n].log_abs_det_jacobian(unc[n], jnp.asarray(values[n]))) for n in pot.sites)
-    np.testing.assert_allclose(float(pot.potential_fn(unc)), -(float(pot.log_density(values)) + float(logJ)),
-                               rtol=1e-9, atol=1e-8)
+    @jax.jit   # as the sampler runs it: called eagerly, every primitive would be compiled on its own
+    def terms(values):
+        unc = pot.unconstrain(values)
+        logJ = sum(jnp.sum(pot.transforms[n].log_abs_det_jacobian(unc[n], jnp.asarray(values[n])))
+                   for n in pot.sites)
+        return pot.potential_fn(unc), pot.log_density(values), logJ
+
+    pe, ld, logJ = terms(values)
+    np.testing.assert_allclose(float(pe), -(float(ld) + float(logJ)), rtol=1e-9, atol=1e-8)
 
 
 def _lkj2(r):
@@ -98,7 +105,7 @@ def test_lognormal_sigma_by_density_matches_dense():
     sig = np.array([0.3, 0.5, 0.7])
     vals = {"b_Intercept": 0.9, "b_x": 0.45, "sigma": sig, "sd_g__Intercept": 0.5, "sd_g__x": 0.25, **_lkj2(0.3)}
     vals = {k: np.asarray(v, float) for k, v in vals.items()}
-    got = float(pot.log_density(vals))
+    got = float(jax.jit(pot.log_density)(vals))
     # dense
     ly = np.log(data["y"].to_numpy())
     X = np.column_stack([np.ones(len(ly)), data["x"]])
@@ -146,20 +153,20 @@ def test_distributional_sigma_density_matches_dense_and_none_marginalization():
     Z[np.arange(len(ly)), gi] = 1.0
     cov = 0.36 * Z @ Z.T + np.diag(sig**2)
     dense = stats.multivariate_normal(X @ [1.1, 0.4], cov).logpdf(ly) + lp
-    np.testing.assert_allclose(float(pot.log_density(vals)), dense, rtol=1e-9)
+    np.testing.assert_allclose(float(jax.jit(pot.log_density)(vals)), dense, rtol=1e-9)
     _check_jacobian(pot, vals)
     # nothing marginalized, centered: u is a site
     pot2 = model.potential("none", parameterization="centered")
     assert "u_g" in pot2.sites and "z_g" not in pot2.sites
     vals2 = dict(vals, u_g=u)
     cond = stats.norm.logpdf(ly, X @ [1.1, 0.4] + u[gi, 0], sig).sum() + stats.norm.logpdf(u, 0, 0.6).sum()
-    np.testing.assert_allclose(float(pot2.log_density(vals2)), cond + lp, rtol=1e-9)
+    np.testing.assert_allclose(float(jax.jit(pot2.log_density)(vals2)), cond + lp, rtol=1e-9)
     # noncentered (default): z_g site, u = sd * z
     pot3 = model.potential("none")
     assert "z_g" in pot3.sites
     vals3 = dict(vals, z_g=u / 0.6)
     cond3 = stats.norm.logpdf(ly, X @ [1.1, 0.4] + u[gi, 0], sig).sum() + stats.norm.logpdf(u / 0.6).sum()
-    np.testing.assert_allclose(float(pot3.log_density(vals3)), cond3 + lp, rtol=1e-9)
+    np.testing.assert_allclose(float(jax.jit(pot3.log_density)(vals3)), cond3 + lp, rtol=1e-9)
 
 
 def test_recover_matches_exact_conditional_moments():

@@ -4,6 +4,7 @@ agree with the pandas DataFrame fit, and the scale modes (file, DuckDB, Dask, ea
 their row. Results go to tmp_path. Timings are never asserted.
 
 The package ``benchmarks`` is imported from the repository root (pyproject.toml: pytest's ``pythonpath = ["."]``)."""
+import importlib.util
 import json
 
 import numpy as np
@@ -11,8 +12,8 @@ import pandas as pd
 import pytest
 
 pytest.importorskip("pyarrow")
-pytest.importorskip("duckdb")
 pytest.importorskip("distributed")
+HAS_DUCKDB = importlib.util.find_spec("duckdb") is not None   # the bench extra; the test extra runs without it
 
 from benchmarks import large_data  # noqa: E402
 
@@ -26,9 +27,12 @@ def test_quick_runs_every_mode_and_agrees(tmp_path):
              "dask"}
     assert set(csv["mode"]) == modes
     assert (csv["rows"] == 20_000).all() and (csv["files"] == 4).all()
-    # every mode ran (a failed scale child leaves NaN and its error in the notes)
-    assert csv["wall_s"].notna().all() and (csv["wall_s"] > 0).all(), csv[["mode", "notes"]].to_string()
-    assert (csv["peak_rss_mb"] > 0).all()
+    # every mode ran (a failed scale child leaves NaN and its error in the notes); without duckdb its row says so
+    ran = csv if HAS_DUCKDB else csv[csv["mode"] != "duckdb"]
+    assert ran["wall_s"].notna().all() and (ran["wall_s"] > 0).all(), csv[["mode", "notes"]].to_string()
+    assert (ran["peak_rss_mb"] > 0).all()
+    if not HAS_DUCKDB:
+        assert "duckdb" in csv.loc[csv["mode"] == "duckdb", "notes"].iloc[0]
 
     corr = df[df["mode"].str.startswith("correctness-")]
     assert (corr["rel_loglik"] <= 1e-8).all(), corr[["mode", "rel_loglik"]]
@@ -38,7 +42,8 @@ def test_quick_runs_every_mode_and_agrees(tmp_path):
     ref = float(csv.loc[csv["mode"] == "correctness-pandas", "loglik"].iloc[0])
     for mode in ("file", "dask"):   # the scale children fit the same files
         assert float(csv.loc[csv["mode"] == mode, "loglik"].iloc[0]) == pytest.approx(ref, rel=1e-8)
-    assert "groups" in csv.loc[csv["mode"] == "duckdb", "notes"].iloc[0]
+    if HAS_DUCKDB:
+        assert "groups" in csv.loc[csv["mode"] == "duckdb", "notes"].iloc[0]
 
     # the data directory is reused when its manifest matches, and regenerated when the parameters change
     manifest = json.loads((data / large_data.MANIFEST).read_text())

@@ -172,3 +172,23 @@ def test_guide_section_11_runs_as_written(capsys):
     out = capsys.readouterr().out
     assert out.count("True") == 2 and "False" not in out
     assert "from sufficient statistics" in out
+
+
+def test_no_random_terms_and_beta_integrated_out():
+    """A model without random-effect terms from statistics: its density from the sums alone, and with β integrated
+    out (normal priors) the potential's density equals the DataFrame model's."""
+    import jax
+    import numpyro.distributions as dist
+    df = make_data(seed=7, N=400)
+    pri = {"Intercept": dist.Normal(10.0, 5.0), "b": dist.Normal(0.0, 2.0), "sigma": dist.HalfNormal(2.0)}
+    for f in ("y ~ x + c", "y ~ x + (1 | a)"):
+        m = lmmarg.Model(f, df, priors=pri)
+        s = lmmarg.Model(f, stats_of(df, f, cuts=(0, 150)), priors=pri)
+        beta = np.linspace(9.0, 11.0, len(m.fixed_names))
+        cov = {"a": np.array([[0.7]])} if "a)" in f else {}
+        a, b = m.log_marginal(beta, 0.8, cov), s.log_marginal(beta, 0.8, cov)
+        assert abs(a - b) <= 1e-9 * abs(a)
+        pa, pb = m.potential(marginalize_beta=True), s.potential(marginalize_beta=True)
+        values = pa.to_constrained(pa.init_params(jax.random.PRNGKey(1), num_chains=None))
+        la, lb = float(pa.log_density(values)), float(pb.log_density(values))
+        assert np.isfinite(la) and abs(la - lb) <= 1e-9 * abs(la)

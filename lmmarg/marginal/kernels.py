@@ -379,6 +379,10 @@ def _eliminate_prepared(plan: Plan, prepared):
     beta, sigma, lams, offset, mu, ok = prepared
     dt = plan.dtype
     zero = jnp.zeros((), dt)
+    if st.D == 0 and plan.stats.X is None:   # no terms, a plan from statistics (scalar σ, no offset): the sums
+        s2 = sigma**2
+        rWr = _residual_ss(plan, beta - plan.stats.beta0) / s2
+        return Factor((), None, None, lams, mu, zero, zero, rWr, st.n_obs * (LOG2PI + jnp.log(s2)), ok), None, None
     if st.D == 0:
         r = plan.stats.y - plan.stats.X @ beta - (0.0 if offset is None else offset)
         w = 1.0 / jnp.broadcast_to(sigma, (st.n_obs,)) ** 2
@@ -419,6 +423,9 @@ def logdet_gram(plan: Plan, lams, sigma, c):
     Every quantity comes from the plan's sufficient statistics: no pass over the N observations.
     """
     s2 = sigma**2
+    if plan.structure.D == 0:   # no random effects: F = I (0 x 0), h empty
+        k = c.shape[1]
+        return jnp.zeros((), c.dtype), jnp.zeros((k, k), c.dtype)
     if _one_level(plan, sigma):
         R, F, logdet = _one_level_matrix(plan, lams, s2)
         gram, xt = plan.blocks.level1.rhs(plan, plan.blocks.one_level, lams, s2, R, c)

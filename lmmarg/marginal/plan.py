@@ -523,6 +523,8 @@ def plan_from_statistics(cells: CellSums, *, marginalize_beta: bool = False, den
     β0 = argmin |y − Xβ|² from the global sums: with δ = β0 − β_c, r0ᵀr0 = rr − 2δᵀXtr + δᵀXᵀXδ (exact; in
     floating point it keeps its digits when β_c is near β0, e.g. a first chunk's OLS)."""
     beta_block = option(BetaBlock, beta_block, "beta_block")
+    if beta_block is BetaBlock.AUTO:   # the only placement the statistics serve (see below)
+        beta_block = BetaBlock.LAST
     if marginalize_beta and beta_block is BetaBlock.UNIT:
         raise ValueError("a plan from statistics integrates beta out last (beta_block='last'): beta as an "
                          "elimination unit needs the per-cell sums of X Xᵀ, which the statistics do not hold")
@@ -543,10 +545,11 @@ def plan_from_statistics(cells: CellSums, *, marginalize_beta: bool = False, den
     marg = tuple(range(n_terms))
     beta_marg = bool(marginalize_beta and p)
     chain, dense, placement, units, K, ds, dense_limit = _structure(
-        classes, marg, np.zeros((n_cells, p)), beta_block, beta_marg, n_terms > 0, dense_limit, dtype)
+        classes, marg, np.zeros((n_cells, p)), beta_block, beta_marg, True, dense_limit, dtype)
     cell_codes, cell = _cells(units, n_cells)
     # unit column order: each unit stacks its terms' columns (Structure.unit_src)
-    cols = np.concatenate([np.arange(offsets[h], offsets[h + 1]) for u in units for h in u.src]).astype(int)
+    cols = np.concatenate([np.arange(offsets[h], offsets[h + 1]) for u in units for h in u.src]
+                          + [np.zeros(0, int)]).astype(int)   # no terms: no columns
     n_plan = cell_codes.shape[0]
     S_zz = stats_mod.aggregate(cell, n_plan, cells.S_zz[:, cols][:, :, cols].reshape(n_cells, -1)).reshape(n_plan, D, D)
     S_zr = stats_mod.aggregate(cell, n_plan, cells.S_zr[:, cols])

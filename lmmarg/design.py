@@ -27,7 +27,8 @@ from .codes import nested, unique_rows
 from .formula import FormulaError, FormulaSpec, dotted_names, parse_formula, quote_columns, strip_ansi
 
 __all__ = ["DesignError", "RandomTerm", "Structure", "Design", "build_design", "normalize_dtypes", "grouping_codes",
-           "level_label", "used_columns", "qr_r", "clearly_full_rank", "aliased_columns"]
+           "level_label", "used_columns", "qr_r", "clearly_full_rank", "aliased_columns", "column_standardizer",
+           "standardizer_from_moments", "design_summary", "structure_of"]
 
 
 def _group_sum(codes: np.ndarray, n_groups: int, w: np.ndarray) -> np.ndarray:
@@ -219,22 +220,25 @@ class Design:
     def summary(self, title: str = "Linear mixed model") -> str:
         """Compact lme4-like description: N, fixed columns, each term with d and groups, structure; ``title`` names
         the kind of model (the Model passes its family)."""
-        lines = [
-            f"{title}: {self.spec.formula}",
-            f"  observations: {self.n_obs}",
-            f"  fixed effects ({len(self.fixed_names)}): {', '.join(self.fixed_names)}",
-            "  random effects:",
-        ]
-        width = max([len(t.name) for t in self.terms] + [4])
-        for t in self.terms:
-            corr = "" if t.d == 1 else (" correlated" if t.correlated else "")
-            lines.append(f"    {t.name:<{width}}  groups {t.n_groups:>6}  d={t.d}  [{', '.join(t.columns)}]{corr}")
-        if not self.terms:
-            lines.append("    (none)")
-        lines.extend("  " + s for s in str(self.structure).splitlines())
-        return "\n".join(lines)
+        return design_summary(title, self.spec.formula, f"{self.n_obs}", self.fixed_names, self.terms,
+                              self.structure)
 
     __str__ = summary
+
+
+def design_summary(title: str, formula: str, observations: str, fixed_names, terms, structure) -> str:
+    """The lme4-like description of a design (``Design.summary``; ``lmmarg.statdesign.StatisticsDesign.summary``
+    passes its observation line with the cells summarized)."""
+    lines = [f"{title}: {formula}", f"  observations: {observations}",
+             f"  fixed effects ({len(fixed_names)}): {', '.join(fixed_names)}", "  random effects:"]
+    width = max([len(t.name) for t in terms] + [4])
+    for t in terms:
+        corr = "" if t.d == 1 else (" correlated" if t.correlated else "")
+        lines.append(f"    {t.name:<{width}}  groups {t.n_groups:>6}  d={t.d}  [{', '.join(t.columns)}]{corr}")
+    if not terms:
+        lines.append("    (none)")
+    lines.extend("  " + s for s in str(structure).splitlines())
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,11 +604,19 @@ def level_label(key: tuple) -> str:
 
 
 def _structure(terms: list[RandomTerm]) -> Structure:
-    relations = {}
+    return structure_of(terms, [t.codes for t in terms])
 
-    def within(a: RandomTerm, b: RandomTerm) -> bool:
+
+def structure_of(terms, codes) -> Structure:
+    """Relations between ``terms`` (name, group) from their group codes, one (n,) int array per term over the same
+    n rows -- observations, or the cells of sufficient statistics (a relation over rows holds over the cells that
+    hold them)."""
+    relations = {}
+    code_of = {id(t): c for t, c in zip(terms, codes)}
+
+    def within(a, b) -> bool:
         """Every level of a lies in one level of b."""
-        return nested(a.codes, b.codes)
+        return nested(code_of[id(a)], code_of[id(b)])
 
     kinds = set()
     for a in terms:

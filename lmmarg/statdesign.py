@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .codes import nested, unique_rows
-from .design import DesignError, Structure, level_label, standardizer_from_moments
+from .codes import unique_rows
+from .design import (DesignError, Structure, design_summary, level_label, standardizer_from_moments,
+                     structure_of)
 from .formula import FormulaSpec, parse_formula
 from .sufficient import ChunkLevels, design_spec_from_levels
 
@@ -106,45 +107,11 @@ class StatisticsDesign:
 
     def summary(self, title: str = "Linear mixed model") -> str:
         """lme4-like description as ``lmmarg.design.Design.summary``, plus the number of cells summarized."""
-        s = self.statistics
-        lines = [f"{title}: {self.spec.formula}",
-                 f"  observations: {self.n_obs} (from sufficient statistics: {s.n_cells:,} cells)",
-                 f"  fixed effects ({len(self.fixed_names)}): {', '.join(self.fixed_names)}",
-                 "  random effects:"]
-        width = max([len(t.name) for t in self.terms] + [4])
-        for t in self.terms:
-            corr = "" if t.d == 1 else (" correlated" if t.correlated else "")
-            lines.append(f"    {t.name:<{width}}  groups {t.n_groups:>6}  d={t.d}  [{', '.join(t.columns)}]{corr}")
-        if not self.terms:
-            lines.append("    (none)")
-        lines.extend("  " + s for s in str(self.structure).splitlines())
-        return "\n".join(lines)
+        return design_summary(title, self.spec.formula,
+                              f"{self.n_obs} (from sufficient statistics: {self.statistics.n_cells:,} cells)",
+                              self.fixed_names, self.terms, self.structure)
 
     __str__ = summary
-
-
-def _structure(terms: list) -> Structure:
-    """Relations between terms from the cells (a relation over rows holds over the cells that hold them)."""
-    relations, kinds = {}, set()
-    for a in terms:
-        for b in terms:
-            if a is b:
-                continue
-            if a.group == b.group:
-                rel = "same"
-            elif nested(a.cell_codes, b.cell_codes):
-                rel = "nested"
-            elif nested(b.cell_codes, a.cell_codes):
-                rel = "contains"
-            else:
-                rel = "crossed"
-            relations[(a.name, b.name)] = rel
-            if rel in ("nested", "crossed"):
-                kinds.add(rel)
-    groups = {t.group for t in terms}
-    kind = ("none" if not terms else "single" if len(groups) == 1 else
-            "+".join(k for k in ("nested", "crossed") if k in kinds))
-    return Structure(relations=relations, kind=kind)
 
 
 def statistics_design(formula, stats, spec=None) -> StatisticsDesign:
@@ -178,7 +145,8 @@ def statistics_design(formula, stats, spec=None) -> StatisticsDesign:
                                     cell_codes=codes.astype(np.int64), correlated=bool(correlated),
                                     model_spec=None if ts is None else ts.model_spec))
     return StatisticsDesign(spec=fspec, statistics=stats, fixed_names=list(stats.fixed_names), terms=terms,
-                            structure=_structure(terms), fixed_spec=None if spec is None else spec.fixed_spec,
+                            structure=structure_of(terms, [t.cell_codes for t in terms]),
+                            fixed_spec=None if spec is None else spec.fixed_spec,
                             offset_specs=[] if spec is None else list(spec.offset_specs))
 
 
